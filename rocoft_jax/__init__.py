@@ -1,0 +1,38 @@
+"""RoCoFT for JAX: fine-tune r rows or r columns of each attention and MLP kernel.
+
+    mask = rocoft_jax.mask_params(model.params, rank=3, mode="row")
+    trainable, frozen = rocoft_jax.split(model.params, mask)
+    with rocoft_jax.sliced_kernels(trainable, mask):
+        logits = model(**batch, params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
+
+Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
+``kernel[j, :]`` (an input feature).
+"""
+
+from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
+from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_params
+from rocoft_jax.optim import MaskedSlicesState, masked
+from rocoft_jax.selection import activation_norms
+from rocoft_jax.slices import merge, num_params, split, with_trained_leaves
+from rocoft_jax.targets import FAMILIES, detect_family
+
+__all__ = [
+    "FAMILIES",
+    "FROZEN",
+    "KernelSlice",
+    "MaskedSlicesState",
+    "ROCOFT",
+    "RoCoFTMask",
+    "TRAIN",
+    "activation_norms",
+    "detect_family",
+    "intercept_kernels",
+    "mask_params",
+    "masked",
+    "merge",
+    "num_params",
+    "sliced_kernels",
+    "sliced_matmul",
+    "split",
+    "with_trained_leaves",
+]

@@ -1,0 +1,103 @@
+"""Tokenization and deterministic batching, in numpy.
+
+Every batch has the same shape (padding to ``max_length``, dropping the last
+partial train batch, padding the last eval batch) so the jitted step compiles
+once. The train batch of global step ``s`` is a function of ``(seed, s)``
+alone: epoch ``e = s // steps_per_epoch`` is a fixed permutation seeded by
+``[seed, e]``. Resuming at step ``s`` therefore replays exactly the batches an
+uninterrupted run would have seen, with no iterator state to checkpoint.
+Batch sizes are global; each process takes its contiguous share of rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from train.glue import DataError
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def encode(
+    tokenizer, columns: Mapping[str, list], text_keys: Sequence[str], max_length: int, chunk_size: int = 4096
+) -> dict[str, np.ndarray]:
+    """Tokenize a split to fixed-shape int32 arrays plus ``labels``.
+
+    Pairs are truncated longest-first. ``labels`` is float32 when the label
+    column holds floats (STS-B regression), else int32. Tokenizing in chunks
+    bounds peak memory on the large tasks (QQP, MNLI).
+    """
+    texts = [list(columns[k]) for k in text_keys]
+    n = len(texts[0])
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, n, chunk_size):
+        chunk = [t[start : start + chunk_size] for t in texts]
+        enc = tokenizer(*chunk, truncation=True, padding="max_length", max_length=max_length, return_tensors="np")
+        for key in _MODEL_INPUTS:
+            if key in enc:
+                out.setdefault(key, np.empty((n, max_length), np.int32))[start : start + len(chunk[0])] = enc[key]
+    labels = np.asarray(columns["label"])
+    out["labels"] = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32)
+    return out
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full train batches per epoch (the last partial batch is dropped)."""
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise DataError(
+            f"batch size {batch_size} exceeds the {num_examples} training examples; lower --batch-size"
+        )
+    return steps
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """Example order of one epoch; cached since every step of the epoch needs it."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm.flags.writeable = False
+    return perm
+
+
+def train_batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of global train step ``step`` (0-based)."""
+    epoch, i = divmod(step, steps_per_epoch(num_examples, batch_size))
+    return _epoch_permutation(num_examples, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+def shard_for_process(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous, equal share of a global batch's rows."""
+    if len(indices) % process_count:
+        raise DataError(
+            f"global batch size {len(indices)} is not divisible by the {process_count} processes; "
+            "pick a batch size that is"
+        )
+    per = len(indices) // process_count
+    return indices[process_index * per : (process_index + 1) * per]
+
+
+def take(batch: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``indices`` of every array in ``batch``."""
+    return {k: v[indices] for k, v in batch.items()}
+
+
+def eval_batches(
+    encoded: Mapping[str, np.ndarray], batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size eval batches covering each example once across processes.
+
+    The last global batch is filled by repeating the final example; a float32
+    ``weights`` array marks real rows 1 and filler rows 0, so metrics count
+    every example once. All processes yield the same number of batches.
+    """
+    n = len(encoded["labels"])
+    if n == 0:
+        raise DataError("the eval split is empty; check the data directory")
+    for start in range(0, n, batch_size):
+        rows = shard_for_process(np.arange(start, start + batch_size), process_index, process_count)
+        batch = take(encoded, np.minimum(rows, n - 1))
+        batch["weights"] = (rows < n).astype(np.float32)
+        yield batch
