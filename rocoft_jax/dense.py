@@ -88,7 +88,7 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
     """Replaces the ``__call__`` of the layers at the given module paths.
 
     ``calls`` maps a module path (the kernel path without "kernel") to
-    ``fn(module, x) -> y``. Other modules run untouched.
+    ``fn(module, x, original_call) -> y``. Other modules run untouched.
     """
 
     seen: set[tuple[str, ...]] = set()
@@ -99,7 +99,7 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
             fn = calls.get(path)
             if fn is not None:
                 seen.add(path)
-                return fn(context.module, *args, **kwargs)
+                return fn(context.module, *args, lambda x: next_fun(x, **kwargs))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -125,5 +125,5 @@ def sliced_kernels(trainable, mask: RoCoFTMask):
     calls = {}
     for path, spec in mask.slices.items():
         module_path = tuple(path.split("/")[:-1])
-        calls[module_path] = lambda module, x, v=values[path], s=spec: _sliced_call(module, x, v, s)
+        calls[module_path] = lambda module, x, _, v=values[path], s=spec: _sliced_call(module, x, v, s)
     return intercept_kernels(calls)

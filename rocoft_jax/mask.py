@@ -216,3 +216,27 @@ def mask_params(
         num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
         num_trainable=num_trainable,
     )
+
+
+def mask_leaves(params, train: Sequence[str], *, name: str = "full", strict: bool = True) -> RoCoFTMask:
+    """Labels whole leaves only: "train" where a ``train`` regex matches, else "frozen".
+
+    The baselines use it: full fine-tuning is ``train=(".*",)``, BitFit is the
+    biases plus the head. ``name`` is recorded as the mask's mode. With
+    ``strict``, a pattern that matches nothing is an error.
+    """
+    leaves = targets_lib.flat_paths(params)
+    full = set(targets_lib.match_paths(leaves, tuple(train), "train", strict=strict))
+    label_of = {p: TRAIN if p in full else FROZEN for p in leaves}
+    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
+    return RoCoFTMask(
+        labels=labels,
+        slices={},
+        label_of=label_of,
+        mode=name,
+        rank=0,
+        strategy="none",
+        family=None,
+        num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
+        num_trainable=sum(math.prod(np.shape(leaves[p])) for p in full),
+    )

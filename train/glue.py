@@ -102,9 +102,7 @@ _TSV = {
     "mrpc": _TsvLayout("MRPC", ("#1 String", "#2 String"), "Quality"),
     "stsb": _TsvLayout("STS-B", ("sentence1", "sentence2"), "score"),
     "qqp": _TsvLayout("QQP", ("question1", "question2"), "is_duplicate"),
-    "mnli": _TsvLayout(
-        "MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction")
-    ),
+    "mnli": _TsvLayout("MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction")),
     "qnli": _TsvLayout("QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment")),
     "rte": _TsvLayout("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment")),
 }
@@ -158,10 +156,13 @@ def _splits(spec: TaskSpec) -> tuple[str, ...]:
 
 
 def _load_hub(spec: TaskSpec) -> dict[str, dict[str, list]]:
-    """Download with ``datasets``; imported here so offline use never needs it."""
+    """Download with ``datasets``; imported here so offline use never needs it.
+
+    The hub moved ``glue`` to ``nyu-mll/glue``; the bare name now 404s.
+    """
     import datasets
 
-    ds = datasets.load_dataset("glue", spec.name)
+    ds = datasets.load_dataset("nyu-mll/glue", spec.name)
     return {s: {k: list(ds[s][k]) for k in spec.text_keys + ("label",)} for s in _splits(spec)}
 
 
@@ -189,7 +190,7 @@ def _read_tsv(path: Path, spec: TaskSpec, layout: _TsvLayout) -> dict[str, list]
         for row in rows:
             if len(row) <= max(cols):
                 continue
-            for key, c in zip(spec.text_keys, cols):
+            for key, c in zip(spec.text_keys, cols[:-1], strict=True):
                 out[key].append(row[c])
             out["label"].append(_parse_label(row[cols[-1]], spec, layout, path, rows.line_num))
     return out

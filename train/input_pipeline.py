@@ -48,9 +48,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full train batches per epoch (the last partial batch is dropped)."""
     steps = num_examples // batch_size
     if steps == 0:
-        raise DataError(
-            f"batch size {batch_size} exceeds the {num_examples} training examples; lower --batch-size"
-        )
+        raise DataError(f"batch size {batch_size} exceeds the {num_examples} training examples; lower --batch-size")
     return steps
 
 

@@ -1,0 +1,145 @@
+"""Benchmark of the real train steps of `train/`: compiled FLOPs, or time, tokens/s and memory.
+
+    python -m benchmarks.step --model roberta-base --batch-size 8 --seq-len 128 --flops --json
+    python -m benchmarks.step --model roberta-large --batch-size 32 --seq-len 512
+
+Weights are random (shape presets of `train.models`, or any HF config dir), so
+nothing is downloaded. Each timed method runs in its own subprocess, so peak
+memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.flops import useful_step_flops
+from train import methods as methods_lib
+from train import models, step as step_lib
+
+JAX_METHODS = ("rocoft", "full", "lora")
+
+
+def build(args, method_name: str):
+    """Model, method, state, frozen tree, batch and the compiled train step, as `train.run` builds them."""
+    head = "causal-lm" if args.model.startswith("llama") or args.causal else "sequence-classification"
+    config = models.preset_config(args.model, **({} if head == "causal-lm" else {"num_labels": 2}))
+    model, params = models.random_model(config, head, args.dtype)
+    method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode,
+                                      lora_rank=8, lora_alpha=16)
+    trainable, frozen = method.split(params)
+    del params
+    tx, _ = step_lib.make_optimizer(1e-4, 1000, 10)
+    state = step_lib.init_state(trainable, tx, seed=0)
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(3, config.vocab_size, (args.batch_size, args.seq_len)), jnp.int32),
+        "attention_mask": jnp.ones((args.batch_size, args.seq_len), jnp.int32),
+    }
+    loss = "causal-lm" if head == "causal-lm" else "classification"
+    if loss == "classification":
+        batch["labels"] = jnp.asarray(rng.integers(0, 2, (args.batch_size,)), jnp.int32)
+    train_fn, _ = step_lib.compile_steps(model, method, tx, loss)
+    return config, head, method, state, frozen, batch, train_fn
+
+
+def compiled_flops(args, method_name: str) -> float:
+    _, _, _, state, frozen, batch, train_fn = build(args, method_name)
+    cost = train_fn.lower(state, frozen, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def time_method(args, method_name: str) -> dict:
+    config, head, method, state, frozen, batch, train_fn = build(args, method_name)
+    t0 = time.perf_counter()
+    compiled = train_fn.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    stats = jax.devices()[0].memory_stats() or {}
+    useful = useful_step_flops(config, args.batch_size, args.seq_len, head)
+    return {
+        "method": f"jax-{method_name}",
+        "step_ms": 1e3 * median,
+        "tokens_per_s": args.batch_size * args.seq_len / median,
+        "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+        "useful_flop_util": useful / median / args.peak,
+        "compile_s": compile_s,
+        "num_trainable": method.mask.num_trainable,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="roberta-base", help=f"shape preset ({', '.join(models.PRESETS)}) or HF config dir")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--rank", type=int, default=3)
+    p.add_argument("--mode", choices=("row", "column"), default="row")
+    p.add_argument("--causal", action="store_true", help="causal-LM loss for an HF config dir")
+    p.add_argument("--flops", action="store_true", help="report compiled FLOPs of the rocoft and full steps")
+    p.add_argument("--methods", default="rocoft,full", help=f"JAX methods to time, from {','.join(JAX_METHODS)}")
+    p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak", type=float, default=790e12, help="bf16 peak FLOP/s for utilization")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ("method", "step_ms", "tokens_per_s", "peak_gib", "useful_flop_util", "compile_s")
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        lines.append(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(time_method(args, args.worker)))
+        return
+    if args.flops:
+        rocoft, full = compiled_flops(args, "rocoft"), compiled_flops(args, "full")
+        result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                  "rocoft_step_flops": rocoft, "full_step_flops": full, "ratio": rocoft / full}
+        print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+        return
+    rows = []
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name in args.methods.split(","):
+        if name not in JAX_METHODS:
+            raise SystemExit(f"unknown method {name!r}; choose from {', '.join(JAX_METHODS)}")
+        out = subprocess.run([sys.executable, "-m", "benchmarks.step", *argv, "--worker", name],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append({"method": f"jax-{name}", "error": out.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "device": jax.devices()[0].device_kind, "results": rows}
+    print(json.dumps(result) if args.json else _table(rows))
+
+
+if __name__ == "__main__":
+    main()

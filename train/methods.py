@@ -1,0 +1,114 @@
+"""The fine-tuning methods the harness compares: rocoft, full, lora and bitfit.
+
+Each one is a way to split params into a trainable tree and a frozen tree, to
+run the model from the two, and to merge them back for export. The train step
+is the same for all, so comparisons are fair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+import rocoft_jax
+from rocoft_jax import lora as lora_lib
+from rocoft_jax import targets as targets_lib
+
+METHODS = ("rocoft", "full", "lora", "bitfit")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Method:
+    """A fine-tuning method bound to one model's params layout."""
+
+    name: str
+    mask: rocoft_jax.RoCoFTMask
+    lora_paths: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    seed: int = 0
+
+    def split(self, params):
+        """``(trainable, frozen)``; the trainable tree is fp32."""
+        trainable, frozen = rocoft_jax.split(params, self.mask)
+        if self.name == "lora":
+            out_axis = targets_lib.get_family(self.mask.family).out_axis
+            trainable[lora_lib.LORA] = lora_lib.init_lora(
+                params, self.lora_paths, self.lora_rank, jax.random.PRNGKey(self.seed), out_axis)
+        return trainable, frozen
+
+    def layers(self, trainable):
+        """The context that routes the adapted layers through the trainable tree."""
+        if self.name == "rocoft":
+            return rocoft_jax.sliced_kernels(trainable, self.mask)
+        if self.name == "lora":
+            return lora_lib.lora_kernels(trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank)
+        return contextlib.nullcontext()
+
+    def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False):
+        """The model's logits."""
+        params = rocoft_jax.with_trained_leaves(frozen, trainable)
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        with self.layers(trainable):
+            return model(**inputs, params=params, dropout_rng=dropout_rng, train=train).logits
+
+    def merge(self, trainable, frozen):
+        """Full params with everything trained folded in, for export."""
+        params = rocoft_jax.merge(trainable, frozen, self.mask)
+        if self.name == "lora":
+            out_axis = targets_lib.get_family(self.mask.family).out_axis
+            params = lora_lib.merge_lora(params, trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank, out_axis)
+        return params
+
+    def describe(self) -> dict[str, Any]:
+        out = {"method": self.name, **self.mask.describe()}
+        if self.name == "lora":
+            out.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=list(self.lora_paths))
+        return out
+
+
+def build_method(
+    name: str,
+    params,
+    *,
+    rank=3,
+    mode: str = "row",
+    strategy: str = "first",
+    seed: int = 0,
+    train_bias: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    calibrate: Callable[[list[str]], Mapping[str, Any]] | None = None,
+) -> Method:
+    """Builds a method; ``calibrate(kernel_paths)`` supplies Wanda norms when the strategy needs them."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    family = targets_lib.detect_family(targets_lib.flat_paths(params))
+    kernel_paths = targets_lib.match_paths(targets_lib.flat_paths(params), family.targets, "target", strict=False)
+    head = family.head
+    biases = tuple("^" + p[: -len("kernel")] + "bias$" for p in kernel_paths) if train_bias else ()
+    if name == "rocoft":
+        calibration = None
+        if strategy in ("max", "min", "mixed"):
+            if calibrate is None:
+                raise ValueError(f"strategy {strategy!r} needs calibration batches")
+            calibration = calibrate(kernel_paths)
+        mask = rocoft_jax.mask_params(params, rank, mode, strategy=strategy, seed=seed,
+                                      calibration=calibration, train_bias=train_bias)
+        return Method(name, mask, seed=seed)
+    if name == "full":
+        return Method(name, rocoft_jax.mask_leaves(params, (".*",), name="full"), seed=seed)
+    if name == "bitfit":
+        mask = rocoft_jax.mask_leaves(params, head + (r"(^|/)bias$",), name="bitfit", strict=False)
+        return Method(name, mask, seed=seed)
+    mask = rocoft_jax.mask_leaves(params, head + biases, name="lora", strict=False)
+    leaves = targets_lib.flat_paths(params)
+    adapters = sum(int(lora_rank) * sum(jnp.shape(leaves[p])) for p in kernel_paths)
+    mask = dataclasses.replace(mask, family=family.name, rank=int(lora_rank),
+                               num_trainable=mask.num_trainable + adapters)
+    return Method(name, mask, tuple(kernel_paths), int(lora_rank), float(lora_alpha), seed)

@@ -1,0 +1,109 @@
+"""Loading HF Flax models: pretrained from the hub or a local dir, or random from a shape preset.
+
+Presets need no download. ``tiny`` is the offline default's model; the others
+reproduce the shapes of well-known checkpoints for benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import transformers
+from transformers import AutoConfig, BertConfig, LlamaConfig, RobertaConfig
+
+_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2)
+PRESETS = {
+    "tiny": lambda: RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=66, type_vocab_size=1,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    "tiny-llama": lambda: LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
+    "roberta-base": lambda: RobertaConfig(**_ROBERTA),
+    "roberta-large": lambda: RobertaConfig(**_ROBERTA, hidden_size=1024, num_hidden_layers=24,
+                                           num_attention_heads=16, intermediate_size=4096),
+    "bert-base-uncased": lambda: BertConfig(),
+    "llama-2-7b": lambda: LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                      max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-2-13b": lambda: LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                       max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message says how to fix it."""
+
+
+def _auto_class(head: str):
+    if head == "sequence-classification":
+        return transformers.FlaxAutoModelForSequenceClassification
+    if head == "causal-lm":
+        return transformers.FlaxAutoModelForCausalLM
+    raise ValueError(f"unknown head {head!r}")
+
+
+def preset_config(name: str, **overrides):
+    """The config of a shape preset, or of a local HF config dir."""
+    if name in PRESETS:
+        config = PRESETS[name]()
+    elif Path(name, "config.json").is_file():
+        config = AutoConfig.from_pretrained(name)
+    else:
+        raise ModelError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)} or an HF config dir")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def random_model(config, head: str, dtype: str = "fp32", seed: int = 0):
+    """A randomly initialised model and its params, built without host copies of the weights.
+
+    Params are created by a jitted init, so large shapes go straight to the
+    device; with ``dtype="bf16"`` they are cast inside the same program.
+    """
+    cls = _auto_class(head)._model_mapping[type(config)]
+    model = cls(config, dtype=DTYPES[dtype], _do_init=False)
+    shape = (1, min(16, config.max_position_embeddings - 2))
+    init = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(DTYPES[dtype]), model.init_weights(rng, shape)))
+    return model, init(jax.random.PRNGKey(seed))
+
+
+def _weights_kind(path: Path) -> dict:
+    if (path / "flax_model.msgpack").is_file() or (path / "model.safetensors").is_file():
+        return {}
+    if (path / "pytorch_model.bin").is_file():
+        return {"from_pt": True}
+    raise ModelError(
+        f"{path} holds no weights: expected flax_model.msgpack, model.safetensors or pytorch_model.bin"
+    )
+
+
+def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_overrides):
+    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels)."""
+    local = Path(os.path.expanduser(name_or_dir))
+    kwargs = dict(config_overrides)
+    if local.exists():
+        if not local.is_dir():
+            raise ModelError(f"--model {name_or_dir}: not a directory; give an HF model dir or hub id")
+        kwargs.update(_weights_kind(local))
+    elif name_or_dir.startswith((".", "/", "~")):
+        raise ModelError(f"--model {name_or_dir}: no such directory; check the path")
+    try:
+        model = _auto_class(head).from_pretrained(str(local) if local.exists() else name_or_dir,
+                                                  dtype=DTYPES[dtype], **kwargs)
+    except OSError as err:
+        raise ModelError(
+            f"cannot load model {name_or_dir!r} ({str(err).splitlines()[0]}); give a local model dir, "
+            "or check the hub id and your network (HF_HUB_OFFLINE=1 needs a cached copy)"
+        ) from err
+    params = model.params
+    if dtype == "bf16":
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    return model, params
