@@ -10,7 +10,7 @@ Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
 """
 
 from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
-from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_leaves, mask_params
+from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
 from rocoft_jax.optim import MaskedSlicesState, masked
 from rocoft_jax.selection import activation_norms
 from rocoft_jax.slices import merge, num_params, split, with_trained_leaves
@@ -27,6 +27,7 @@ __all__ = [
     "activation_norms",
     "detect_family",
     "intercept_kernels",
+    "mask_from_description",
     "mask_leaves",
     "mask_params",
     "masked",

@@ -61,6 +61,7 @@ class RoCoFTMask:
     family: str | None
     num_total: int
     num_trainable: int
+    seed: int = 0
 
     @property
     def indices(self) -> dict[str, np.ndarray]:
@@ -84,15 +85,22 @@ class RoCoFTMask:
         )
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready record of the selection, for checkpoints and exports."""
+        """JSON-ready record of the selection, for checkpoints and exports.
+
+        Mode "random" records the seed and kernel order instead of its
+        (possibly millions of) entry indices; `mask_from_description` redraws them.
+        """
+        random = self.mode == "random"
         return {
             "mode": self.mode,
             "rank": self.rank,
             "strategy": self.strategy,
             "family": self.family,
+            "seed": self.seed,
             "num_trainable": self.num_trainable,
             "train": sorted(p for p, lab in self.label_of.items() if lab == TRAIN),
-            "indices": {p: s.indices.tolist() for p, s in self.slices.items()},
+            "kernels": list(self.slices),
+            "indices": None if random else {p: s.indices.tolist() for p, s in self.slices.items()},
         }
 
 
@@ -215,6 +223,7 @@ def mask_params(
         family=fam.name if fam else None,
         num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
         num_trainable=num_trainable,
+        seed=seed,
     )
 
 
@@ -239,4 +248,37 @@ def mask_leaves(params, train: Sequence[str], *, name: str = "full", strict: boo
         family=None,
         num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
         num_trainable=sum(math.prod(np.shape(leaves[p])) for p in full),
+    )
+
+
+def mask_from_description(params, description: Mapping[str, Any]) -> RoCoFTMask:
+    """Rebuilds a mask from `RoCoFTMask.describe()`, reusing its saved indices.
+
+    Export and restore use it, so Wanda or random selections need no
+    recalibration and cannot drift.
+    """
+    leaves = targets_lib.flat_paths(params)
+    family = description.get("family")
+    out_axis = targets_lib.get_family(family).out_axis if family else 1
+    mode = description["mode"]
+    rng = np.random.default_rng(description["seed"])
+    slices = {}
+    for path in description["kernels"]:
+        if path not in leaves:
+            raise ValueError(f"saved selection names {path!r}, which these params lack: a different base model")
+        shape = tuple(int(d) for d in np.shape(leaves[path]))
+        if mode == "random":
+            slices[path] = KernelSlice(shape, None, out_axis, selection.select_entries(shape, description["rank"], rng))
+        else:
+            axis = out_axis if mode == "row" else 1 - out_axis
+            slices[path] = KernelSlice(shape, axis, out_axis, np.asarray(description["indices"][path], np.int32))
+    full = set(description["train"])
+    label_of = {p: ROCOFT if p in slices else TRAIN if p in full else FROZEN for p in leaves}
+    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
+    return RoCoFTMask(
+        labels=labels, slices=slices, label_of=label_of, mode=mode, rank=description["rank"],
+        strategy=description["strategy"], family=family,
+        num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
+        num_trainable=sum(s.size for s in slices.values()) + sum(math.prod(np.shape(leaves[p])) for p in full),
+        seed=description["seed"],
     )

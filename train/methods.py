@@ -112,3 +112,12 @@ def build_method(
     mask = dataclasses.replace(mask, family=family.name, rank=int(lora_rank),
                                num_trainable=mask.num_trainable + adapters)
     return Method(name, mask, tuple(kernel_paths), int(lora_rank), float(lora_alpha), seed)
+
+
+def restore_method(params, description: Mapping[str, Any]) -> Method:
+    """The method recorded by `Method.describe`, with its saved selection (no recalibration)."""
+    mask = rocoft_jax.mask_from_description(params, description)
+    if description["method"] == "lora":
+        return Method("lora", mask, tuple(description["lora_targets"]), int(description["lora_rank"]),
+                      float(description["lora_alpha"]), int(description["seed"]))
+    return Method(description["method"], mask, seed=int(description["seed"]))

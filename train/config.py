@@ -1,0 +1,153 @@
+"""The run configuration: defaults, then a YAML file, then command-line flags.
+
+``--task rte`` picks up ``configs/glue/rte.yaml`` unless ``--config`` names
+another file; flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad option; the message says which and how to fix it."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # what to train
+    model: str = "tiny"
+    task: str = "demo"
+    method: str = "rocoft"
+    mode: str = "row"
+    strategy: str = "first"
+    rank: float = 3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # optimization
+    lr: float = 2e-3
+    epochs: float = 3
+    max_steps: int = 0
+    batch_size: int = 32
+    max_length: int = 128
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "cosine"
+    dropout: float = 0.1
+    train_bias: bool = False
+    seed: int = 0
+    dtype: str = "fp32"
+    calibration_batches: int = 8
+    # run control
+    output_dir: str = "runs/default"
+    data_dir: str | None = None
+    limit_train: int = 0
+    limit_eval: int = 0
+    eval_every: int = 0
+    log_every: int = 10
+    save_every: int = 0
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+HELP = {
+    "model": "HF hub id or local model dir (flax_model.msgpack, model.safetensors or pytorch_model.bin); "
+             "'tiny' is a random-init 2-layer RoBERTa for the offline demo",
+    "task": "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or demo (generated offline)",
+    "method": "rocoft (rows/columns), full, lora, or bitfit (biases + head)",
+    "mode": "row (output units, Flax kernel[:, i]), column (input features, kernel[i, :]) or random entries",
+    "strategy": "rows/columns to train: first, random, or Wanda-scored max, min, mixed",
+    "rank": "rows/columns per kernel; for --mode random, the probability p in (0, 1]",
+    "lora_rank": "LoRA rank (method lora)",
+    "lora_alpha": "LoRA alpha (method lora)",
+    "lr": "peak learning rate",
+    "epochs": "training epochs (ignored when --max-steps > 0)",
+    "max_steps": "total optimizer steps; 0 = from --epochs",
+    "batch_size": "global batch size, divisible by the device count",
+    "max_length": "tokens per example; shorter ones are padded so the step never recompiles",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW decoupled weight decay (biases and norms of fully trained leaves are exempt)",
+    "max_grad_norm": "global gradient-norm clip; 0 disables",
+    "lr_schedule": "cosine, linear or constant after warmup",
+    "dropout": "hidden and attention dropout of the model",
+    "train_bias": "also train the biases of the targeted layers (true|false)",
+    "seed": "seeds selection, head init, data order and dropout",
+    "dtype": "fp32, or bf16 (frozen weights and compute in bf16; trained values stay fp32)",
+    "calibration_batches": "training batches used to score rows/columns for Wanda strategies",
+    "output_dir": "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go",
+    "data_dir": "local GLUE folder (download_glue_data.py layout) or HF parquet files; default: the hub",
+    "limit_train": "use only the first N training examples (0 = all)",
+    "limit_eval": "evaluate on only the first N examples of each eval split (0 = all)",
+    "eval_every": "evaluate every N steps; 0 = every epoch",
+    "log_every": "write a train line to metrics.jsonl every N steps",
+    "save_every": "save a checkpoint every N steps (one is always saved at the end); 0 = only at the end",
+    "resume": "continue from the latest checkpoint in --output-dir (true|false)",
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are None so we know which were given."""
+    parser.add_argument("--config", help="YAML file of options; default configs/glue/<task>.yaml if it exists")
+    for field in dataclasses.fields(TrainConfig):
+        kind = {bool: _bool, int: int, float: float}.get(type(field.default), str)
+        if field.name == "rank":
+            kind = float
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        parser.add_argument(flag, type=kind, default=None, nargs="?" if kind is _bool else None,
+                            const=True if kind is _bool else None,
+                            help=f"{HELP[field.name]} (default: {default})")
+
+
+def default_config_file(task: str) -> Path | None:
+    from train.glue import get_task  # the task registry decides the canonical name
+
+    name = get_task(task).name
+    for path in (CONFIG_DIR / "glue" / f"{name}.yaml", CONFIG_DIR / f"{name}.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < config file < flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    task = given.get("task", TrainConfig.task)
+    path = Path(args.config) if args.config else default_config_file(task)
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    values.update(given)
+    config = TrainConfig(**values)
+    if config.mode != "random" and float(config.rank).is_integer():
+        config.rank = int(config.rank)
+    return config
+
+
+def save(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

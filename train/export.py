@@ -1,0 +1,76 @@
+"""Export a trained run as a merged, full HF model.
+
+    python -m train.export --checkpoint OUTPUT_DIR --out EXPORT_DIR
+
+The base model is reloaded as the run loaded it and checked against the
+checkpoint's fingerprint; the slices (or adapters, or leaves) are merged in,
+and the result is written with ``save_pretrained`` as ``model.safetensors``,
+which both ``FlaxAutoModelForSequenceClassification`` and PyTorch's
+``AutoModelForSequenceClassification`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from train import checkpoint as ckpt
+from train import methods as methods_lib, models
+from train.config import ConfigError, TrainConfig
+from train.glue import DataError, get_task
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """Accepts a run's output dir or its checkpoints/ dir."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def load_trained(path: Path):
+    """``(model, method, trainable, frozen, tokenizer, meta)`` of a run's latest checkpoint."""
+    from train.trainer import load_model_and_tokenizer
+
+    meta, trainable = ckpt.load(checkpoint_dir(path))
+    config = TrainConfig(**meta["config"])
+    model, params, tokenizer = load_model_and_tokenizer(config, get_task(config.task))
+    method = methods_lib.restore_method(params, meta["selection"])
+    _, frozen = method.split(params)
+    if ckpt.fingerprint(frozen) != meta["fingerprint"]:
+        raise ckpt.CheckpointError(
+            f"the base weights of --model {config.model} no longer match the checkpoint's fingerprint "
+            f"{meta['fingerprint']}; export needs the exact base model the run was trained from")
+    return model, method, trainable, frozen, tokenizer, meta
+
+
+def export(path: Path, out: Path) -> Path:
+    model, method, trainable, frozen, tokenizer, meta = load_trained(path)
+    merged = method.merge(trainable, frozen)
+    merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, params=merged, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "rocoft.json").write_text(json.dumps({k: meta[k] for k in ("model", "fingerprint", "selection")}) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a train.run output dir or its checkpoints/")
+    parser.add_argument("--out", required=True, type=Path, help="directory for the merged HF model")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except (ckpt.CheckpointError, ConfigError, DataError, models.ModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported the merged model to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

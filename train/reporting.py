@@ -1,0 +1,86 @@
+"""What a run shows and leaves behind: metrics.jsonl, the eval table, curves.png, TensorBoard.
+
+The file names and keys are a public contract: train lines carry ``step`` and
+``loss``; eval lines carry ``step`` and the task's metric names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends JSON lines; on resume it first drops lines past the resumed step."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.enabled = enabled
+        self.tb = _tensorboard_writer(Path(output_dir) / "tb") if enabled else None
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _tensorboard_writer(logdir: Path):
+    """A SummaryWriter if tensorboard or tensorboardX is installed, else None."""
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
+            return writer_cls(str(logdir))
+        except ImportError:
+            continue
+    return None
+
+
+def eval_table(step: int, metrics: dict[str, float]) -> str:
+    """A small two-column table of one evaluation."""
+    width = max(len(k) for k in metrics) if metrics else 6
+    lines = [f"eval @ step {step}", f"  {'metric':<{width}}  value", f"  {'-' * width}  ------"]
+    lines += [f"  {name:<{width}}  {value:.4f}" for name, value in metrics.items()]
+    return "\n".join(lines)
+
+
+def plot_curves(records: list[dict[str, Any]], metric_names: tuple[str, ...], path: Path) -> None:
+    """Loss and eval metrics against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if any(m in r for m in metric_names)]
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
+    ax_loss.set(xlabel="step", ylabel="train loss", title="training loss")
+    for name in metric_names:
+        points = [(r["step"], r[name]) for r in evals if name in r]
+        if points:
+            ax_eval.plot(*zip(*points), marker="o", label=name)
+    ax_eval.set(xlabel="step", ylabel="metric", title="dev metrics")
+    if evals:
+        ax_eval.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
