@@ -1,22 +1,19 @@
-"""The sliced matmul: a Dense layer that runs on its frozen kernel plus a trained slice.
+"""The sliced matmul: a Dense layer that runs on its frozen kernel with a trained slice.
 
-For rows (output units ``idx``) the layer computes
+Forward, it computes ``x @ W`` with ``W = W0`` except the selected rows or
+columns, which are the slice S. Its custom VJP returns only
 
-    y = x @ W0,   y[..., idx] += x @ (S - W0[:, idx])
+    dx = dy @ W^T
+    dS = x^T dy[..., idx]          (rows: output units idx)
+    dS = x[..., idx]^T dy          (columns: input features idx)
 
-and for columns (input features ``idx``)
-
-    y = x @ W0 + x[..., idx] @ (S - W0[idx, :]).
-
-W0 is never differentiated, so reverse mode forms only the input gradient
-``dy @ W^T`` and the r-sized slice gradient (``x^T dy[..., idx]`` for rows,
-``x[..., idx]^T dy`` for columns): about 2/3 of the FLOPs of full fine-tuning.
-Writing ``W0.at[:, idx].set(S)`` instead would make XLA form the whole
-d_in x d_out weight gradient (NOTES.md, "the weight-gradient trap").
-
-The correction uses ``S - W0[idx]`` computed in fp32, so with bf16 frozen
-weights and fp32 slices the forward pass still sees updates far below bf16's
-resolution of W0.
+and no cotangent for W0, so a step never forms the d_in x d_out weight
+gradient: about 2/3 of the FLOPs of full fine-tuning. Plain autodiff of
+``W0.at[:, idx].set(S)`` would form it and then slice it (NOTES.md, "the
+weight-gradient trap"). The merged kernel is rebuilt in the backward pass
+rather than saved, so no weight-sized residual is kept per layer; building it
+is a weight-sized copy, far cheaper than the activation-sized passes of
+scattering a correction into the output.
 
 `sliced_kernels` applies this to HF Flax models unchanged, by intercepting
 ``nn.Dense`` (and GPT-2's ``FlaxConv1D``) calls whose kernel path is selected.
@@ -25,41 +22,65 @@ resolution of W0.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from rocoft_jax import targets as targets_lib
 from rocoft_jax.mask import ROCOFT, KernelSlice, RoCoFTMask
-from rocoft_jax.slices import put_slice, take_slice
+from rocoft_jax.slices import put_slice
 
 
 def _matmul(x, kernel, in_axis: int, precision):
     return lax.dot_general(x, kernel, (((x.ndim - 1,), (in_axis,)), ((), ())), precision=precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _sliced(x, kernel, values, spec: KernelSlice, precision):
+    return _matmul(x, put_slice(kernel, values, spec), 1 - spec.out_axis, precision)
+
+
+def _sliced_fwd(x, kernel, values, spec, precision):
+    return _sliced(x, kernel, values, spec, precision), (x, kernel, values)
+
+
+def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):
+    x, kernel, values = residuals
+    out_axis, in_axis = spec.out_axis, 1 - spec.out_axis
+    merged = put_slice(kernel, values, spec)
+    dx = lax.dot_general(dy, merged, (((dy.ndim - 1,), (out_axis,)), ((), ())), precision=precision)
+    batch_dims = tuple(range(x.ndim - 1))
+    if spec.axis is None:  # random entries: no slice structure, so the full gradient is formed
+        full = lax.dot_general(x, dy, ((batch_dims, batch_dims), ((), ())), precision=precision)
+        dvalues = jnp.ravel(full if out_axis == 1 else full.T)[spec.indices]
+    else:
+        if spec.axis == out_axis:  # rows
+            lhs, rhs = x, jnp.take(dy, spec.indices, axis=-1)
+        else:  # columns
+            lhs, rhs = jnp.take(x, spec.indices, axis=-1), dy
+        dvalues = lax.dot_general(lhs, rhs, ((batch_dims, batch_dims), ((), ())), precision=precision)
+        if in_axis == 1:  # kernel laid out (d_out, d_in): the slice is too
+            dvalues = dvalues.T
+    return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
+
+
+_sliced.defvjp(_sliced_fwd, _sliced_bwd)
+
+
 def sliced_matmul(x, kernel, values, spec: KernelSlice, dtype=None, precision=None):
     """``x @ W`` where W is ``kernel`` with the slice ``spec`` replaced by ``values``.
 
     ``kernel`` is laid out with its output axis at ``spec.out_axis``. The
-    result is computed in ``dtype`` (default: the promoted dtype of x and kernel).
+    product runs in ``dtype`` (default: the promoted dtype of x and kernel);
+    gradients flow to ``x`` and ``values`` only.
     """
-    in_axis = 1 - spec.out_axis
-    delta = jnp.asarray(values, jnp.float32) - jnp.asarray(take_slice(kernel, spec), jnp.float32)
     x, kernel = promote_dtype(x, kernel, dtype=dtype)
-    delta = delta.astype(kernel.dtype)
-    if spec.axis is None:
-        # Random entries have no slice structure: this forms the full kernel gradient.
-        zeros = jnp.zeros(kernel.shape, kernel.dtype)
-        return _matmul(x, kernel + put_slice(zeros, delta, spec), in_axis, precision)
-    y = _matmul(x, kernel, in_axis, precision)
-    if spec.axis == spec.out_axis:  # rows: r output units
-        return y.at[..., spec.indices].add(_matmul(x, delta, in_axis, precision))
-    x_sel = jnp.take(x, spec.indices, axis=-1)  # columns: r input features
-    return y + _matmul(x_sel, delta, in_axis, precision)
+    return _sliced(x, kernel, values, spec, precision)
 
 
 def _module_kernel_layout(module) -> tuple[str, int] | None:

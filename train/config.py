@@ -37,6 +37,7 @@ class TrainConfig:
     max_steps: int = 0
     batch_size: int = 32
     max_length: int = 128
+    bucket: bool = True
     warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -75,6 +76,8 @@ HELP = {
     "max_steps": "total optimizer steps; 0 = from --epochs",
     "batch_size": "global batch size, divisible by the device count",
     "max_length": "tokens per example; shorter ones are padded so the step never recompiles",
+    "bucket": "trim each batch's padding to a power-of-two length bucket (true|false); "
+              "false pads every batch to --max-length",
     "warmup_steps": "linear warmup steps",
     "weight_decay": "AdamW decoupled weight decay (biases and norms of fully trained leaves are exempt)",
     "max_grad_norm": "global gradient-norm clip; 0 disables",

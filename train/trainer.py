@@ -107,7 +107,7 @@ def evaluate(eval_fn, state, frozen, encoded, spec: TaskSpec, config: TrainConfi
     for split in spec.eval_splits:
         logits, labels, weights = [], [], []
         for batch in pipeline.eval_batches(encoded[split], config.batch_size):
-            logits.append(np.asarray(eval_fn(state.trainable, frozen, _device(batch))))
+            logits.append(np.asarray(eval_fn(state.trainable, frozen, _device(batch, config))))
             labels.append(batch["labels"])
             weights.append(batch["weights"])
         metrics.update(compute_metrics(spec, np.concatenate(logits), np.concatenate(labels),
@@ -115,7 +115,9 @@ def evaluate(eval_fn, state, frozen, encoded, spec: TaskSpec, config: TrainConfi
     return metrics
 
 
-def _device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def _device(batch: dict[str, np.ndarray], config: TrainConfig) -> dict[str, jax.Array]:
+    if config.bucket:
+        batch = pipeline.trim_to_bucket(batch, pipeline.bucket_lengths(config.max_length))
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
@@ -182,7 +184,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     try:
         for step in range(start, total_steps):
             idx = pipeline.train_batch_indices(len(train_data["labels"]), config.batch_size, config.seed, step)
-            state, step_metrics = train_fn(state, frozen, _device(pipeline.take(train_data, idx)))
+            state, step_metrics = train_fn(state, frozen, _device(pipeline.take(train_data, idx), config))
             pending.append((step + 1, step_metrics["loss"]))
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:

@@ -1,0 +1,253 @@
+"""The three ways to train RoCoFT slices agree, and frozen entries never move.
+
+(a) efficient: `split` + `sliced_kernels`, gradients of the trainable tree only;
+(b) drop-in: `masked(inner, mask)` under ``optax.multi_transform`` on full params
+    and full gradients;
+(c) dense reference: the plain optimizer on full params, with gradients and
+    updates multiplied by a 0/1 element mask rebuilt from ``mask.indices`` with
+    numpy (conftest.dense_mask), no library code.
+
+All in fp32 with dropout off, over 5 steps on 5 different batches.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+import rocoft_jax
+from conftest import (FAMILY_MODELS, abstract_params, assert_trees_close, assert_unchanged_outside,
+                      causal_lm_loss, classification_batch, classification_loss, efficient_forward, element_masks,
+                      flat, full_forward, lm_batch, num_elements, tiny_gpt2, tiny_llama, tiny_roberta)
+from train import step as step_lib
+from train.methods import build_method
+
+STEPS = 5
+
+# name -> (factory, batch maker, loss, out_axis of the kernels, leaves trained in full by default)
+MODELS = {
+    "roberta": (tiny_roberta, classification_batch, classification_loss, 1, ("classifier/",)),
+    "llama": (tiny_llama, lm_batch, causal_lm_loss, 1, ()),
+    "gpt2": (tiny_gpt2, lm_batch, causal_lm_loss, 0, ()),
+}
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.5),
+    "adamw": lambda: optax.adamw(3e-3, weight_decay=0.1),
+}
+ALL_PATHS = ("efficient", "masked", "dense")
+CASES = [
+    # (model, mode, rank, optimizer)
+    ("roberta", "row", 2, "sgd"),
+    ("roberta", "row", 2, "adamw"),
+    ("roberta", "column", 3, "sgd"),
+    ("roberta", "column", 3, "adamw"),
+    ("roberta", "random", 0.1, "sgd"),  # random entries: (b) vs (c) only
+    ("roberta", "random", 0.1, "adamw"),
+    ("llama", "row", 2, "adamw"),
+    ("gpt2", "row", 2, "adamw"),
+    ("gpt2", "column", 2, "sgd"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(model_name):
+    factory, make_batch, loss, out_axis, train_prefixes = MODELS[model_name]
+    model, params = factory()
+    batches = [make_batch(model.config, seed=k) for k in range(STEPS)]
+    full_grad = jax.jit(jax.grad(lambda p, b: loss(full_forward(model, p, b), b)))
+    return model, params, batches, loss, out_axis, train_prefixes, full_grad
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_and_grad(model_name, mode, rank):
+    model, params, _, loss, *_ = _setup(model_name)
+    mask = rocoft_jax.mask_params(params, rank, mode)
+    grad = jax.jit(jax.grad(lambda tr, fr, b: loss(efficient_forward(model, tr, fr, mask, b), b)))
+    return mask, grad
+
+
+def _run_efficient(model_name, mode, rank, make_tx):
+    _, params, batches, *_ = _setup(model_name)
+    mask, grad = _mask_and_grad(model_name, mode, rank)
+    trainable, frozen = rocoft_jax.split(params, mask)
+    tx = make_tx()
+    state = tx.init(trainable)
+    for batch in batches:
+        updates, state = tx.update(grad(trainable, frozen, batch), state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+    return rocoft_jax.merge(trainable, frozen, mask)
+
+
+def _run_masked(model_name, mode, rank, make_tx):
+    _, params, batches, *_, full_grad = _setup(model_name)
+    mask, _ = _mask_and_grad(model_name, mode, rank)
+    tx = optax.multi_transform(
+        {"rocoft": rocoft_jax.masked(make_tx(), mask), "train": make_tx(), "frozen": optax.set_to_zero()},
+        mask.labels)
+    state = tx.init(params)
+    for batch in batches:
+        updates, state = tx.update(full_grad(params, batch), state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def _run_dense(model_name, mode, rank, make_tx):
+    _, params, batches, _, out_axis, train_prefixes, full_grad = _setup(model_name)
+    mask, _ = _mask_and_grad(model_name, mode, rank)
+    m = element_masks(params, mask, mode, out_axis, train_prefixes)
+    m = jax.tree.map(jnp.asarray, {k: m[k] for k in flat(params)})
+    apply_mask = lambda tree: jax.tree.map(lambda x, mm: x * mm, tree, _unflat(m, tree))
+    tx = make_tx()
+    state = tx.init(params)
+    for batch in batches:
+        updates, state = tx.update(apply_mask(full_grad(params, batch)), state, params)
+        params = optax.apply_updates(params, apply_mask(updates))
+    return params
+
+
+def _unflat(flat_masks, like):
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: flat_masks["/".join(str(k.key) for k in kp)], like)
+
+
+RUNNERS = {"efficient": _run_efficient, "masked": _run_masked, "dense": _run_dense}
+
+
+@pytest.mark.parametrize("model_name, mode, rank, opt", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_three_paths_agree(model_name, mode, rank, opt):
+    _, start, _, _, out_axis, train_prefixes, _ = _setup(model_name)
+    mask, _ = _mask_and_grad(model_name, mode, rank)
+    masks = element_masks(start, mask, mode, out_axis, train_prefixes)
+    paths = ALL_PATHS if mode != "random" else ("masked", "dense")
+    results = {name: RUNNERS[name](model_name, mode, rank, OPTIMIZERS[opt]) for name in paths}
+
+    for name, params in results.items():
+        assert_unchanged_outside(params, start, masks)
+    # The reference really trained: the live entries moved well beyond the tolerance.
+    moved = max(np.abs(v - flat(start)[k])[masks[k] > 0].max(initial=0.0)
+                for k, v in flat(results["dense"]).items() if masks[k].any())
+    assert moved > 1e-3
+    for name in paths[:-1]:
+        assert_trees_close(results[name], results["dense"], atol=1e-6)
+
+
+# ---------------------------------------------------------------- optimizer state is slice-sized
+
+
+def _float_and_int_leaves(state):
+    leaves = jax.tree_util.tree_leaves(state)
+    floats = [x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    ints = [x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)]
+    assert len(floats) + len(ints) == len(leaves)
+    return floats, ints
+
+
+@pytest.mark.parametrize("mode, rank", [("row", 2), ("column", 3), ("random", 0.1)])
+def test_adam_state_holds_two_scalars_per_trained_entry(mode, rank):
+    _, params = tiny_roberta()
+    mask = rocoft_jax.mask_params(params, rank, mode, train=())
+    slice_scalars = mask.num_trainable
+    assert slice_scalars == sum(s.size for s in mask.slices.values())
+
+    tx = optax.multi_transform({"rocoft": rocoft_jax.masked(optax.adam(1e-3), mask), "frozen": optax.set_to_zero()},
+                               mask.labels)
+    floats, ints = _float_and_int_leaves(tx.init(params))
+    assert sum(x.size for x in floats) == 2 * slice_scalars
+    assert ints and all(np.ndim(x) == 0 for x in ints)  # step counts only
+
+    trainable, _ = rocoft_jax.split(params, mask)
+    floats, ints = _float_and_int_leaves(optax.adam(1e-3).init(trainable))
+    assert sum(x.size for x in floats) == 2 * slice_scalars
+    assert ints and all(np.ndim(x) == 0 for x in ints)
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_trainer_state_is_two_adam_moments_of_the_trainable_tree(mode):
+    _, params = tiny_roberta()
+    method = build_method("rocoft", params, rank=2, mode=mode)
+    trainable, frozen = method.split(params)
+    tx, _ = step_lib.make_optimizer(1e-3, 10, weight_decay=0.01)
+    state = step_lib.init_state(trainable, tx, seed=0)
+    floats, ints = _float_and_int_leaves(state.opt_state)
+    head = 32 * 32 + 32 + 32 * 3 + 3
+    assert method.mask.num_trainable == num_elements(trainable) == 2 * 2 * (32 * 5 + 64) + head
+    assert sum(x.size for x in floats) == 2 * method.mask.num_trainable
+    assert all(np.ndim(x) == 0 for x in ints)
+    # The frozen tree keeps every leaf except the fully trained head, kernels included.
+    assert set(flat(frozen)) == {p for p in flat(params) if not p.startswith("classifier/")}
+
+
+# ---------------------------------------------------------------- bf16 frozen weights, fp32 slice masters
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_bf16_frozen_weights_keep_updates_below_bf16_resolution(mode):
+    model, params32 = tiny_roberta()  # the model computes in fp32; only the stored weights are bf16
+    mask = rocoft_jax.mask_params(params32, 2, mode, train=())
+    ones = element_masks(params32, mask, mode, out_axis=1)
+    # Slices start at exactly 1.0, where bf16's spacing is 2**-7: one 1e-5 step is far below it.
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _with_ones(flat(params32), ones))
+    trainable, frozen = rocoft_jax.split(params16, mask)
+    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+
+    steps, lr = 300, 1e-5
+    tx = optax.sgd(lr)
+    grads = jax.tree.map(lambda x: -jnp.ones_like(x), trainable)  # each step adds exactly lr
+
+    @jax.jit
+    def run(tree):
+        def body(_, t):
+            updates, _ = tx.update(grads, tx.init(t), t)
+            return optax.apply_updates(t, updates)
+        return jax.lax.fori_loop(0, steps, body, tree)
+
+    trained = run(trainable)
+    for leaf in jax.tree.leaves(trained["rocoft"]):
+        np.testing.assert_allclose(np.asarray(leaf), 1.0 + steps * lr, atol=2e-5)
+    # The same steps on bf16 masters are all lost: this is what the fp32 copies are for.
+    bf16_master = run(rocoft_jax.split(params16, mask, dtype=None)[0])
+    assert all(np.all(np.asarray(x, np.float32) == 1.0) for x in jax.tree.leaves(bf16_master["rocoft"]))
+
+    batch = classification_batch(model.config, seed=0)
+    logits = efficient_forward(model, trained, frozen, mask, batch)
+    to32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    reference = full_forward(model, rocoft_jax.merge(trained, to32(frozen), mask), batch)
+    before = full_forward(model, to32(params16), batch)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(reference) - np.asarray(before)).max() > 1e-4  # 10x the tolerance
+
+
+def _with_ones(flat_params, ones):
+    """Params with every selected entry set to 1.0."""
+    out = {k: jnp.asarray(np.where(ones[k] > 0, 1.0, v), v.dtype) for k, v in flat_params.items()}
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+# ---------------------------------------------------------------- the trainer's path on every family
+
+
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_trainer_step_traces_on_every_family(name):
+    """`build_method` + `Method.apply` + `train_step` on each family of the table (shapes only, nothing runs)."""
+    config_cls, model_cls, kw, *_ = FAMILY_MODELS[name]
+    config = config_cls(**kw)
+    model, shapes = abstract_params(model_cls, config)
+    method = build_method("rocoft", shapes, rank=1, mode="row")
+    tx, _ = step_lib.make_optimizer(1e-3, 10)
+    ids = np.full((2, 8), 5, np.int32)
+    ids[:, -1] = config.eos_token_id if config.eos_token_id is not None else 5
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": np.zeros(2, np.int32)}
+    kind = "classification" if "SequenceClassification" in model_cls.__name__ else "causal-lm"
+
+    def one_step(params):
+        trainable, frozen = method.split(params)
+        state = step_lib.init_state(trainable, tx, seed=0)
+        return step_lib.train_step(state, frozen, batch, model=model, method=method, tx=tx, loss_kind=kind)
+
+    state, metrics = jax.eval_shape(one_step, shapes)
+    assert metrics["loss"].shape == () and num_elements(state.trainable) == method.mask.num_trainable
