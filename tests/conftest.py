@@ -95,6 +95,11 @@ FAMILY_MODELS = {
 }
 
 
+# Test programs are tiny and run a handful of times: LLVM's optimisations would cost more than they
+# save. Level 0 halves compile time and leaves fp32 semantics alone (no fast-math either way).
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
 # ---------------------------------------------------------------- models
 
 

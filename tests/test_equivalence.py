@@ -21,7 +21,7 @@ from flax import traverse_util
 
 import rocoft_jax
 from conftest import (FAMILY_MODELS, abstract_params, assert_trees_close, assert_unchanged_outside,
-                      causal_lm_loss, classification_batch, classification_loss, efficient_forward, element_masks,
+                      causal_lm_loss, classification_batch, classification_loss, efficient_forward, element_masks, fast_jit,
                       flat, full_forward, lm_batch, num_elements, tiny_gpt2, tiny_llama, tiny_roberta)
 from train import step as step_lib
 from train.methods import build_method
@@ -58,7 +58,7 @@ def _setup(model_name):
     factory, make_batch, loss, out_axis, train_prefixes = MODELS[model_name]
     model, params = factory()
     batches = [make_batch(model.config, seed=k) for k in range(STEPS)]
-    full_grad = jax.jit(jax.grad(lambda p, b: loss(full_forward(model, p, b), b)))
+    full_grad = fast_jit(jax.grad(lambda p, b: loss(full_forward(model, p, b), b)))
     return model, params, batches, loss, out_axis, train_prefixes, full_grad
 
 
@@ -66,7 +66,7 @@ def _setup(model_name):
 def _mask_and_grad(model_name, mode, rank):
     model, params, _, loss, *_ = _setup(model_name)
     mask = rocoft_jax.mask_params(params, rank, mode)
-    grad = jax.jit(jax.grad(lambda tr, fr, b: loss(efficient_forward(model, tr, fr, mask, b), b)))
+    grad = fast_jit(jax.grad(lambda tr, fr, b: loss(efficient_forward(model, tr, fr, mask, b), b)))
     return mask, grad
 
 
@@ -75,10 +75,9 @@ def _run_efficient(model_name, mode, rank, make_tx):
     mask, grad = _mask_and_grad(model_name, mode, rank)
     trainable, frozen = rocoft_jax.split(params, mask)
     tx = make_tx()
-    state = tx.init(trainable)
+    state, step = tx.init(trainable), fast_jit(_step(tx))
     for batch in batches:
-        updates, state = tx.update(grad(trainable, frozen, batch), state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        trainable, state = step(trainable, state, grad(trainable, frozen, batch))
     return rocoft_jax.merge(trainable, frozen, mask)
 
 
@@ -88,10 +87,9 @@ def _run_masked(model_name, mode, rank, make_tx):
     tx = optax.multi_transform(
         {"rocoft": rocoft_jax.masked(make_tx(), mask), "train": make_tx(), "frozen": optax.set_to_zero()},
         mask.labels)
-    state = tx.init(params)
+    state, step = tx.init(params), fast_jit(_step(tx))
     for batch in batches:
-        updates, state = tx.update(full_grad(params, batch), state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(params, state, full_grad(params, batch))
     return params
 
 
@@ -102,11 +100,20 @@ def _run_dense(model_name, mode, rank, make_tx):
     m = jax.tree.map(jnp.asarray, {k: m[k] for k in flat(params)})
     apply_mask = lambda tree: jax.tree.map(lambda x, mm: x * mm, tree, _unflat(m, tree))
     tx = make_tx()
-    state = tx.init(params)
+    state, step = tx.init(params), fast_jit(_step(tx, apply_mask))
     for batch in batches:
-        updates, state = tx.update(apply_mask(full_grad(params, batch)), state, params)
-        params = optax.apply_updates(params, apply_mask(updates))
+        params, state = step(params, state, full_grad(params, batch))
     return params
+
+
+def _step(tx, apply_mask=lambda tree: tree):
+    """One optimizer step; ``apply_mask`` multiplies gradients and updates (the dense reference)."""
+
+    def step(params, state, grads):
+        updates, state = tx.update(apply_mask(grads), state, params)
+        return optax.apply_updates(params, apply_mask(updates)), state
+
+    return step
 
 
 def _unflat(flat_masks, like):
@@ -199,7 +206,7 @@ def test_bf16_frozen_weights_keep_updates_below_bf16_resolution(mode):
     tx = optax.sgd(lr)
     grads = jax.tree.map(lambda x: -jnp.ones_like(x), trainable)  # each step adds exactly lr
 
-    @jax.jit
+    @fast_jit
     def run(tree):
         def body(_, t):
             updates, _ = tx.update(grads, tx.init(t), t)

@@ -91,14 +91,16 @@ def test_indivisible_process_share_is_a_clear_error():
 
 
 @pytest.mark.parametrize("n, bs, count", [(37, 8, 1), (37, 8, 2), (37, 8, 4), (32, 8, 2), (3, 16, 4)])
-def test_eval_batches_cover_each_example_once(n, bs, count):
-    encoded = {"input_ids": np.arange(n * 3, dtype=np.int32).reshape(n, 3), "labels": np.arange(n, dtype=np.int32)}
-    per_process = [list(ip.eval_batches(encoded, bs, i, count)) for i in range(count)]
-    assert len({len(b) for b in per_process}) == 1  # same number of steps on every host
+def test_eval_rows_cover_each_example_once(n, bs, count):
     real = []
-    for batches in per_process:
-        for b in batches:
-            assert b["input_ids"].shape == (bs // count, 3) and b["weights"].dtype == np.float32
-            assert np.array_equal(b["input_ids"][:, 0] // 3, b["labels"])  # rows stay aligned
-            real.extend(b["labels"][b["weights"] == 1].tolist())
+    for rows, weights in ip.eval_rows(n, bs):
+        assert rows.shape == (bs,) and weights.dtype == np.float32 and rows.max() < n
+        shares = [ip.shard_for_process(rows, i, count) for i in range(count)]
+        assert np.array_equal(np.concatenate(shares), rows)
+        real.extend(rows[weights == 1].tolist())
     assert sorted(real) == list(range(n))
+
+
+def test_select_takes_raw_rows():
+    columns = {"sentence": ["a", "b", "c"], "label": [0, 1, 0]}
+    assert ip.select(columns, np.array([2, 0])) == {"sentence": ["c", "a"], "label": [0, 0]}

@@ -56,6 +56,13 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0
     resume: bool = False
+    # devices and processes
+    mesh: str = ""
+    print_sharding: bool = False
+    coordinator_address: str | None = None
+    num_processes: int = 0
+    process_id: int = -1
+    heartbeat_timeout: int = 60
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +102,14 @@ HELP = {
     "log_every": "write a train line to metrics.jsonl every N steps",
     "save_every": "save a checkpoint every N steps (one is always saved at the end); 0 = only at the end",
     "resume": "continue from the latest checkpoint in --output-dir (true|false)",
+    "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unnamed axes are 1 and data takes the rest "
+            "(default: every device on data)",
+    "print_sharding": "print the PartitionSpec of every param (true|false)",
+    "coordinator_address": "host:port of process 0 for a multi-process run outside SLURM/MPI "
+                           "(or ROCOFT_COORDINATOR_ADDRESS)",
+    "num_processes": "number of processes of a multi-process run (or ROCOFT_NUM_PROCESSES)",
+    "process_id": "this process's index in a multi-process run (or ROCOFT_PROCESS_ID)",
+    "heartbeat_timeout": "seconds after which a silent process counts as dead and the others abort",
 }
 
 

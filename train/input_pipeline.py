@@ -104,20 +104,20 @@ def take(batch: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.n
     return {k: v[indices] for k, v in batch.items()}
 
 
-def eval_batches(
-    encoded: Mapping[str, np.ndarray], batch_size: int, process_index: int = 0, process_count: int = 1
-) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-size eval batches covering each example once across processes.
+def eval_rows(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, weights)`` of fixed-size global eval batches covering each example once.
 
-    The last global batch is filled by repeating the final example; a float32
-    ``weights`` array marks real rows 1 and filler rows 0, so metrics count
-    every example once. All processes yield the same number of batches.
+    The last batch is filled by repeating the final example (so attention
+    masks are never all zero) with weight 0, so metrics count every example
+    once. Each process then takes its `shard_for_process` of the rows.
     """
-    n = len(encoded["labels"])
-    if n == 0:
+    if num_examples == 0:
         raise DataError("the eval split is empty; check the data directory")
-    for start in range(0, n, batch_size):
-        rows = shard_for_process(np.arange(start, start + batch_size), process_index, process_count)
-        batch = take(encoded, np.minimum(rows, n - 1))
-        batch["weights"] = (rows < n).astype(np.float32)
-        yield batch
+    for start in range(0, num_examples, batch_size):
+        rows = np.arange(start, start + batch_size)
+        yield np.minimum(rows, num_examples - 1), (rows < num_examples).astype(np.float32)
+
+
+def select(columns: Mapping[str, Sequence], rows: np.ndarray) -> dict[str, list]:
+    """Rows ``rows`` of raw (untokenized) columns."""
+    return {k: [v[i] for i in rows] for k, v in columns.items()}

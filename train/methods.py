@@ -102,10 +102,11 @@ def build_method(
                                       calibration=calibration, train_bias=train_bias)
         return Method(name, mask, seed=seed)
     if name == "full":
-        return Method(name, rocoft_jax.mask_leaves(params, (".*",), name="full"), seed=seed)
+        mask = rocoft_jax.mask_leaves(params, (".*",), name="full")
+        return Method(name, dataclasses.replace(mask, family=family.name), seed=seed)
     if name == "bitfit":
         mask = rocoft_jax.mask_leaves(params, head + (r"(^|/)bias$",), name="bitfit", strict=False)
-        return Method(name, mask, seed=seed)
+        return Method(name, dataclasses.replace(mask, family=family.name), seed=seed)
     mask = rocoft_jax.mask_leaves(params, head + biases, name="lora", strict=False)
     leaves = targets_lib.flat_paths(params)
     adapters = sum(int(lora_rank) * sum(jnp.shape(leaves[p])) for p in kernel_paths)

@@ -24,7 +24,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_lib.resolve(args)
-        from train.trainer import train_and_evaluate  # heavy imports after the arguments are checked
+        from train import distributed  # heavy imports after the arguments are checked
+
+        try:
+            distributed.initialize(config.coordinator_address, config.num_processes or None,
+                                   None if config.process_id < 0 else config.process_id,
+                                   config.heartbeat_timeout)
+        except ValueError as err:
+            raise config_lib.ConfigError(str(err)) from err
+        from train.trainer import train_and_evaluate
 
         train_and_evaluate(config)
     except (config_lib.ConfigError, DataError, models.ModelError, checkpoint.CheckpointError) as err:

@@ -8,13 +8,15 @@ closed over, so XLA does not constant-fold the weights). Dropout keys are
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rocoft_jax import sharding
 from train.methods import Method
 
 LOSSES = ("classification", "regression", "causal-lm")
@@ -97,10 +99,39 @@ def eval_step(trainable, frozen, batch, *, model, method: Method):
     return method.apply(model, trainable, frozen, batch, train=False).astype(jnp.float32)
 
 
-def compile_steps(model, method: Method, tx, loss_kind: str, donate: bool = True):
-    """The jitted ``(train_step, eval_step)``; the train state's buffers are donated."""
+class StepShardings(NamedTuple):
+    state: Any
+    frozen: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
+def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
+    """Where the state, frozen weights and batches live on ``mesh`` (see `rocoft_jax.sharding`)."""
+    return StepShardings(sharding.shardings(state, family, mesh), sharding.shardings(frozen, family, mesh),
+                         NamedSharding(mesh, sharding.BATCH), NamedSharding(mesh, P()))
+
+
+def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True):
+    """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
+
+    The train state's buffers are donated; metrics and eval logits come back
+    replicated, so every process can read them.
+    """
+    sh = shardings
     train_fn = jax.jit(
         functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind),
+        in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
         donate_argnums=(0,) if donate else ())
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method))
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method),
+                      in_shardings=(sh.state.trainable, sh.frozen, sh.batch), out_shardings=sh.replicated)
     return train_fn, eval_fn
+
+
+def init_sharded_state(trainable, tx, seed: int, mesh, family: str | None, frozen):
+    """The initial train state created directly in its sharded layout, plus all step shardings."""
+    abstract = jax.eval_shape(lambda t: init_state(t, tx, seed), trainable)
+    sh = step_shardings(mesh, family, abstract, frozen)
+    state = jax.jit(lambda t: init_state(t, tx, seed), in_shardings=(sh.state.trainable,),
+                    out_shardings=sh.state)(trainable)
+    return state, sh

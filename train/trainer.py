@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 import rocoft_jax
+from rocoft_jax import sharding
 from train import checkpoint as ckpt
+from train import distributed
 from train import input_pipeline as pipeline
 from train import methods as methods_lib
 from train import models, reporting, step as step_lib
@@ -76,22 +78,51 @@ def _dropout_overrides(config: TrainConfig) -> dict[str, float]:
     return {k: config.dropout for k in DROPOUT_KEYS if hasattr(base, k)}
 
 
-def encode_splits(config: TrainConfig, spec: TaskSpec, tokenizer) -> dict[str, dict[str, np.ndarray]]:
+def load_splits(config: TrainConfig, spec: TaskSpec) -> dict[str, dict[str, list]]:
+    """Raw columns of every split, cut to --limit-train / --limit-eval."""
     data = load_task(spec.name, config.data_dir)
-    encoded = {}
     for split, columns in data.items():
         limit = config.limit_train if split == "train" else config.limit_eval
         if limit:
-            columns = {k: v[:limit] for k, v in columns.items()}
-        encoded[split] = pipeline.encode(tokenizer, columns, spec.text_keys, config.max_length)
-    return encoded
+            data[split] = {k: v[:limit] for k, v in columns.items()}
+    return data
 
 
-def build_method(config: TrainConfig, model, params, train_data) -> methods_lib.Method:
+class Batches:
+    """Tokenizes this process's rows of each global batch and assembles global arrays.
+
+    Only this process's share is tokenized. With one process, padding is cut to
+    a length bucket; with several, every batch is padded to --max-length so all
+    processes agree on the shape without talking to each other.
+    """
+
+    def __init__(self, config: TrainConfig, spec: TaskSpec, tokenizer, batch_sharding):
+        self.config, self.spec, self.tokenizer, self.sharding = config, spec, tokenizer, batch_sharding
+        self.buckets = (pipeline.bucket_lengths(config.max_length)
+                        if config.bucket and jax.process_count() == 1 else None)
+
+    def local(self, columns, rows) -> dict[str, np.ndarray]:
+        """Tokenized rows on the host (also used for calibration)."""
+        batch = pipeline.encode(self.tokenizer, pipeline.select(columns, rows), self.spec.text_keys,
+                                self.config.max_length)
+        return pipeline.trim_to_bucket(batch, self.buckets) if self.buckets else batch
+
+    def make(self, columns, global_rows) -> dict[str, jax.Array]:
+        mine = pipeline.shard_for_process(global_rows, jax.process_index(), jax.process_count())
+        return distributed.batch_to_global(self.local(columns, mine), self.sharding, len(global_rows))
+
+    def train(self, columns, step: int) -> dict[str, jax.Array]:
+        rows = pipeline.train_batch_indices(len(columns["label"]), self.config.batch_size, self.config.seed, step)
+        return self.make(columns, rows)
+
+
+def build_method(config: TrainConfig, model, params, batches: Batches, train_columns) -> methods_lib.Method:
     def calibrate(kernel_paths):
-        batches = (pipeline.take(train_data, pipeline.train_batch_indices(
-            len(train_data["labels"]), config.batch_size, config.seed, s)) for s in range(config.calibration_batches))
-        return rocoft_jax.activation_norms(model, params, batches, kernel_paths)
+        n = len(train_columns["label"])
+        rows = (pipeline.train_batch_indices(n, config.batch_size, config.seed, s)
+                for s in range(config.calibration_batches))
+        return rocoft_jax.activation_norms(model, params, (batches.local(train_columns, r) for r in rows),
+                                           kernel_paths)
 
     try:
         return methods_lib.build_method(
@@ -102,23 +133,20 @@ def build_method(config: TrainConfig, model, params, train_data) -> methods_lib.
         raise ConfigError(str(err)) from err
 
 
-def evaluate(eval_fn, state, frozen, encoded, spec: TaskSpec, config: TrainConfig) -> dict[str, float]:
+def evaluate(eval_fn, state, frozen, data, batches: Batches, spec: TaskSpec, config: TrainConfig) -> dict:
+    """Metrics over every example of each eval split exactly once, across processes."""
     metrics: dict[str, float] = {}
     for split in spec.eval_splits:
-        logits, labels, weights = [], [], []
-        for batch in pipeline.eval_batches(encoded[split], config.batch_size):
-            logits.append(np.asarray(eval_fn(state.trainable, frozen, _device(batch, config))))
-            labels.append(batch["labels"])
-            weights.append(batch["weights"])
-        metrics.update(compute_metrics(spec, np.concatenate(logits), np.concatenate(labels),
+        columns = data[split]
+        labels = np.asarray(columns["label"])
+        logits, targets, weights = [], [], []
+        for rows, w in pipeline.eval_rows(len(labels), config.batch_size):
+            logits.append(np.asarray(eval_fn(state.trainable, frozen, batches.make(columns, rows))))
+            targets.append(labels[rows])
+            weights.append(w)
+        metrics.update(compute_metrics(spec, np.concatenate(logits), np.concatenate(targets),
                                        np.concatenate(weights), split=split))
     return metrics
-
-
-def _device(batch: dict[str, np.ndarray], config: TrainConfig) -> dict[str, jax.Array]:
-    if config.bucket:
-        batch = pipeline.trim_to_bucket(batch, pipeline.bucket_lengths(config.max_length))
-    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 class _StopFlag:
@@ -135,42 +163,69 @@ class _StopFlag:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def print_sharding(state, frozen, shardings) -> None:
+    """Every param's PartitionSpec, to debug a mesh."""
+    from rocoft_jax.targets import flat_paths
+
+    for tree, where in ((frozen, shardings.frozen), (state.trainable, shardings.state.trainable)):
+        specs = flat_paths(jax.tree.map(lambda s: s.spec, where))
+        for path, leaf in flat_paths(tree).items():
+            print(f"{path:<80} {str(tuple(leaf.shape)):<16} {specs[path]}")
+
+
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
-    """Runs the whole job and returns what results.json holds."""
+    """Runs the whole job and returns what results.json holds (on every process)."""
+    main = distributed.is_main()
     spec = get_task(config.task)
     out = prepare_output_dir(config)
-    model, params, tokenizer = load_model_and_tokenizer(config, spec)
-    encoded = encode_splits(config, spec, tokenizer)
-    train_data = encoded["train"]
     n_devices = jax.device_count()
     if config.batch_size % n_devices:
         raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the {n_devices} devices; "
                           f"use a multiple of {n_devices}")
-    method = build_method(config, model, params, train_data)
-    print(f"{config.method}: {method.mask.summary()}")
+    try:
+        mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh, n_devices))
+    except ValueError as err:
+        raise ConfigError(f"--mesh: {err}") from err
+    model, params, tokenizer = load_model_and_tokenizer(config, spec)
+    data = load_splits(config, spec)
+    train_columns = data["train"]
+    batches = Batches(config, spec, tokenizer, NamedSharding(mesh, sharding.BATCH))
+    method = build_method(config, model, params, batches, train_columns)
+    if main:
+        print(f"{config.method}: {method.mask.summary()}")
     trainable, frozen = method.split(params)
     del params
+    fingerprint = ckpt.fingerprint(frozen)
 
-    per_epoch = pipeline.steps_per_epoch(len(train_data["labels"]), config.batch_size)
+    per_epoch = pipeline.steps_per_epoch(len(train_columns["label"]), config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     eval_every = config.eval_every or per_epoch
     tx, schedule = step_lib.make_optimizer(config.lr, total_steps, config.warmup_steps, config.weight_decay,
                                            config.lr_schedule, config.max_grad_norm)
     loss_kind = "regression" if spec.is_regression else "classification"
-    state = step_lib.init_state(trainable, tx, config.seed)
-    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, loss_kind)
+    family = method.mask.family
+    try:
+        state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, family, frozen)
+    except ValueError as err:
+        raise ConfigError(f"--mesh {config.mesh}: {err}") from err
+    frozen = distributed.to_global(frozen, shardings.frozen)
+    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, loss_kind, shardings)
+    if config.print_sharding and main:
+        print_sharding(state, frozen, shardings)
 
     mgr = ckpt.manager(out / "checkpoints")
-    meta = {"model": config.model, "fingerprint": ckpt.fingerprint(frozen), "config": config.to_dict(),
-            "selection": {**method.describe(), "task": spec.name}}
+    meta = {"model": config.model, "fingerprint": fingerprint, "config": config.to_dict(),
+            "selection": {**method.describe(), "task": spec.name}, "process_count": jax.process_count()}
     resume_step = None
     if config.resume:
         resume_step = mgr.latest_step()
         ckpt.check_compatible(ckpt.read_meta(mgr, resume_step), meta)
         state = ckpt.restore(mgr, resume_step, state)
-        print(f"resumed from step {resume_step}")
-    save_config(config, out / "config.yaml")
-    log = reporting.MetricsLog(out, resume_step)
+        if main:
+            print(f"resumed from step {resume_step}")
+    if main:
+        save_config(config, out / "config.yaml")
+    log = reporting.MetricsLog(out, resume_step, enabled=main)
 
     def save(step: int) -> None:
         ckpt.save(mgr, step, state, {**meta, "data_position": {"step": step, "epoch": step / per_epoch}})
@@ -179,30 +234,31 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     stop = _StopFlag()
     metrics: dict[str, float] = {}
     pending: list[tuple[int, Any]] = []
-    bar = tqdm(total=total_steps, initial=start, desc=f"{spec.name}/{config.method}", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start, desc=f"{spec.name}/{config.method}", dynamic_ncols=True,
+               disable=not main)
     t_last, n_last = time.perf_counter(), start
     try:
         for step in range(start, total_steps):
-            idx = pipeline.train_batch_indices(len(train_data["labels"]), config.batch_size, config.seed, step)
-            state, step_metrics = train_fn(state, frozen, _device(pipeline.take(train_data, idx), config))
+            state, step_metrics = train_fn(state, frozen, batches.train(train_columns, step))
             pending.append((step + 1, step_metrics["loss"]))
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:
                 now = time.perf_counter()
                 losses = [(s, float(l)) for s, l in pending]
                 pending.clear()
-                lr = float(schedule(done - 1))
                 for s, loss in losses:
                     if s % config.log_every == 0 or s == total_steps:
                         log.write({"step": s, "loss": loss, "lr": float(schedule(s - 1))})
                 rate = (done - n_last) * config.batch_size / max(now - t_last, 1e-9)
-                bar.set_postfix(loss=f"{losses[-1][1]:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{losses[-1][1]:.4f}", lr=f"{float(schedule(done - 1)):.2e}",
+                                ex_s=f"{rate:.0f}")
                 t_last, n_last = now, done
             bar.update(1)
             if done % eval_every == 0 and done != total_steps:
-                metrics = evaluate(eval_fn, state, frozen, encoded, spec, config)
+                metrics = evaluate(eval_fn, state, frozen, data, batches, spec, config)
                 log.write({"step": done, **metrics})
-                bar.write(reporting.eval_table(done, metrics))
+                if main:
+                    bar.write(reporting.eval_table(done, metrics))
             if stop.set:
                 save(done)
                 bar.close()
@@ -214,13 +270,14 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
         stop.restore()
         bar.close()
 
-    metrics = evaluate(eval_fn, state, frozen, encoded, spec, config)
+    metrics = evaluate(eval_fn, state, frozen, data, batches, spec, config)
     log.write({"step": total_steps, **metrics})
-    print(reporting.eval_table(total_steps, metrics))
     save(total_steps)
     results = {"task": spec.name, "model": config.model, "method": config.method, "mode": config.mode,
                "rank": config.rank, "strategy": config.strategy, "num_trainable": method.mask.num_trainable,
                "num_total": method.mask.num_total, "steps": total_steps, "metrics": metrics}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    reporting.plot_curves(log.records(), spec.metric_names, out / "curves.png")
+    if main:
+        print(reporting.eval_table(total_steps, metrics))
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        reporting.plot_curves(log.records(), spec.metric_names, out / "curves.png")
     return results

@@ -1,0 +1,232 @@
+"""Fused attention for HF Flax models, by interception.
+
+HF Flax attention materialises the fp32 (B, heads, T, S) softmax and has no
+fused kernel. On one H200 (roberta-large shape, bf16, batch 32) its forward
+alone takes 32.4 ms at T=512, and a JAX step 100.2 ms, against 79.4 ms for
+PyTorch's whole full fine-tuning step (NOTES.md). `fused_attention` keeps the
+HF classes and weights and, while active, runs their self-attention through
+`jax.nn.dot_product_attention`: cuDNN flash attention with
+``implementation="cudnn"`` on Hopper, XLA otherwise (``None`` is XLA today).
+
+Intercepted ``__call__`` (subclasses too): FlaxBertSelfAttention,
+FlaxRobertaSelfAttention, FlaxXLMRobertaSelfAttention, FlaxElectraSelfAttention,
+and HF's exact copies FlaxRobertaPreLayerNormSelfAttention and
+FlaxBigBirdSelfAttention (its "original_full" mode); FlaxLlamaAttention,
+FlaxMistralAttention and FlaxGemmaAttention (rotary embeddings, GQA without
+repeating K/V, causal mask, Mistral's window ``triu(causal, -sliding_window)``,
+with HF's diagonal-only mask when ``sliding_window`` is None reproduced too).
+Q/K/V/O go through the modules' own Dense submodules, so other interceptors
+(`sliced_kernels`) still apply, and the returned tuple is the original's.
+
+The original ``__call__`` runs instead (exact by construction) when:
+  - attention dropout is active (``not deterministic`` and a rate > 0);
+  - ``output_attentions=True`` (a ``layer_head_mask`` is applied to the output);
+  - cross-attention (``key_value_states``), ``init_cache`` or a "cache" collection.
+``implementation="cudnn"`` falls back to XLA unless the backend is a GPU, Q/K/V
+are fp16/bf16, the head dim is a multiple of 8 and <= 128 (256 on compute
+capability >= 9.0), and, with a boolean mask, T and S are even; a cuDNN
+rejection at trace time also falls back to XLA.
+
+Padding: by default the (B, S) ``attention_mask`` becomes a boolean key mask,
+exact for any mask (cuDNN then adds it as a (B, 1, T, S) bias). With
+``right_padded=True`` it goes as ``key_value_seq_lengths`` instead, which cuDNN
+handles natively; rows whose mask is not ones-then-zeros come out NaN, never
+silently wrong. Rows with no key left (left padding under the causal mask)
+attend uniformly, as in HF, except under cuDNN.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+ENCODERS = frozenset({
+    "FlaxBertSelfAttention", "FlaxRobertaSelfAttention", "FlaxXLMRobertaSelfAttention",
+    "FlaxElectraSelfAttention", "FlaxRobertaPreLayerNormSelfAttention", "FlaxBigBirdSelfAttention",
+})
+DECODERS = frozenset({"FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"})
+
+
+def class_names(module) -> set[str]:
+    """Names of the module's class and its bases."""
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def find_family(module) -> str | None:
+    """"encoder", "decoder" or None, from the class (or a base class) name."""
+    names = class_names(module)
+    return "encoder" if names & ENCODERS else "decoder" if names & DECODERS else None
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.__call__)
+
+
+def bind_arguments(module, args, kwargs) -> dict:
+    """The ``__call__`` arguments by name, defaults filled in."""
+    bound = _signature(type(module)).bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def find_fallback_reason(module, family: str, arguments: dict) -> str | None:
+    """Why the fused path would not be exact here, or None."""
+    config = module.config
+    rate = config.attention_probs_dropout_prob if family == "encoder" else config.attention_dropout
+    if not arguments["deterministic"] and rate and rate > 0.0:
+        return "dropout"
+    if arguments["output_attentions"]:
+        return "output_attentions"
+    if arguments.get("key_value_states") is not None:
+        return "cross_attention"
+    if arguments["init_cache"] or module.has_variable("cache", "cached_key"):
+        return "kv_cache"
+    return None
+
+
+def max_cudnn_head_dim() -> int:
+    """256 on Hopper and later, 128 before."""
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return 256 if tuple(int(c) for c in str(capability).split(".")[:2]) >= (9, 0) else 128
+
+
+def choose_implementation(requested, query, key, has_mask: bool):
+    """``requested``, or None (XLA) where cuDNN would reject these inputs."""
+    if requested != "cudnn":
+        return requested
+    if jax.default_backend() != "gpu" or query.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > max_cudnn_head_dim():
+        return None
+    if has_mask and (query.shape[1] % 2 or key.shape[1] % 2):  # a bias needs even lengths to train
+        return None
+    return "cudnn"
+
+
+def split_heads(x, head_dim: int):
+    return x.reshape(x.shape[:2] + (-1, head_dim))
+
+
+def project_encoder(module, arguments):
+    """Q, K, V (B, T, heads, head_dim) through the BERT-style Dense submodules."""
+    h = arguments["hidden_states"]
+    return tuple(split_heads(dense(h), module.head_dim) for dense in (module.query, module.key, module.value))
+
+
+def project_decoder(module, arguments):
+    """Q, K, V through the Llama-style projections, rotary embedding applied; K/V keep their own heads."""
+    h = arguments["hidden_states"]
+    q, k, v = (split_heads(dense(h), module.head_dim) for dense in (module.q_proj, module.k_proj, module.v_proj))
+    k, q = module.rotary_emb(k, q, arguments["position_ids"])
+    return q, k, v
+
+
+def decoder_window(module, key_length: int):
+    """Mistral's (left, 0) window; None for Llama/Gemma or a window that covers the sequence."""
+    if "FlaxMistralAttention" not in class_names(module):
+        return None
+    left = module.config.sliding_window or 0  # HF: triu(causal, k=-(sliding_window or 0))
+    return None if left >= key_length - 1 else (left, 0)
+
+
+def poison_unless_prefix(out, keep, lengths):
+    """NaN in the rows whose mask is not ones-then-zeros (the promise of ``right_padded``)."""
+    prefix = jnp.all(keep == (jnp.arange(keep.shape[-1]) < lengths[:, None]), axis=-1)
+    return jnp.where(prefix[:, None, None, None], out, jnp.nan)
+
+
+def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded: bool):
+    """``jax.nn.dot_product_attention`` with the padding ``keep`` (B, S) bool and the causal/window masks.
+
+    Returns ``(output, implementation used)``.
+    """
+    mask = lengths = None
+    if keep is not None and right_padded:
+        lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    elif keep is not None:
+        mask = keep[:, None, None, :]
+    kwargs = dict(is_causal=causal, key_value_seq_lengths=lengths, local_window_size=window)
+    chosen, out = choose_implementation(implementation, q, k, mask is not None), None
+    if chosen == "cudnn":  # cuDNN wants the bias at its full (B, 1, T, S) length
+        cudnn_mask = None if mask is None else jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, mask=cudnn_mask, implementation="cudnn", **kwargs)
+        except (NotImplementedError, ValueError, RuntimeError):
+            chosen = None
+    if out is None:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=chosen, **kwargs)
+    if lengths is not None:
+        out = poison_unless_prefix(out, keep, lengths)
+    return out, chosen or "xla"
+
+
+def fused_call(module, family: str, arguments: dict, implementation, right_padded: bool):
+    """The module's output tuple, computed with `attend`; and the implementation used."""
+    if family == "encoder":
+        q, k, v = project_encoder(module, arguments)
+        mask = arguments["attention_mask"]
+        keep = None if mask is None else mask > 0  # HF: lax.select(attention_mask > 0, 0, min)
+        causal, window = bool(module.causal), None
+    else:
+        q, k, v = project_decoder(module, arguments)
+        mask = arguments["attention_mask"]
+        keep = None if mask is None else mask.astype(bool)  # HF: combine_masks = logical_and
+        causal, window = True, decoder_window(module, k.shape[1])
+    out, used = attend(q, k, v, keep, causal=causal, window=window, implementation=implementation,
+                       right_padded=right_padded)
+    head_mask = arguments.get("layer_head_mask")  # HF's BertModel always passes one: ones (int32)
+    if head_mask is not None:  # scaling head h's weights scales head h's output
+        out = out * jnp.asarray(head_mask, out.dtype)[:, None]
+    out = out.reshape(out.shape[:2] + (-1,))
+    if family == "decoder":
+        out = module.o_proj(out)
+    return (out,), used
+
+
+@contextlib.contextmanager
+def fused_attention(implementation=None, *, right_padded: bool = False):
+    """Context in which HF Flax self-attention runs through ``jax.nn.dot_product_attention``.
+
+    Args:
+      implementation: None (JAX's choice: XLA today), "xla" or "cudnn"
+        (falls back to XLA where cuDNN can't take the inputs; see the module doc).
+      right_padded: pass padding as key lengths (cuDNN's native padding);
+        every mask row must be ones then zeros, or that row's output is NaN.
+
+    Yields a ``collections.Counter`` of traced attention calls: "fused:xla",
+    "fused:cudnn", or "fallback:<reason>" (dropout, output_attentions,
+    cross_attention, kv_cache).
+
+    Example::
+
+        with rocoft_jax.fused_attention("cudnn"), rocoft_jax.sliced_kernels(trainable, mask):
+            logits = model(**batch, params=params).logits
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+    counts: collections.Counter = collections.Counter()
+
+    def interceptor(next_fun, args, kwargs, context):
+        family = find_family(context.module) if context.method_name == "__call__" else None
+        if family is None:
+            return next_fun(*args, **kwargs)
+        arguments = bind_arguments(context.module, args, kwargs)
+        reason = find_fallback_reason(context.module, family, arguments)
+        if reason is not None:
+            counts[f"fallback:{reason}"] += 1
+            return next_fun(*args, **kwargs)
+        outputs, used = fused_call(context.module, family, arguments, implementation, right_padded)
+        counts[f"fused:{used}"] += 1
+        return outputs
+
+    with nn.intercept_methods(interceptor):
+        yield counts

@@ -1,0 +1,229 @@
+"""`fused_attention` against HF's own attention, on CPU in fp32.
+
+Every family gets a padding mask with rows of different lengths (right and
+left padding) and attention dropout configured but off (deterministic), so
+the fused path must be taken. Checked: logits and parameter gradients equal
+the original, `jax.nn.dot_product_attention` ran once per layer, the
+fallbacks reproduce the original exactly, and the fused path composes with
+`sliced_kernels` (perturbed slices, so a bypassed Dense would show).
+"""
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tf
+
+import rocoft_jax
+from conftest import assert_trees_close, fast_jit
+from rocoft_jax.attention import fused_attention
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=34)
+ENC = dict(SMALL, attention_probs_dropout_prob=0.1)  # hidden dropout stays on too: same rng streams
+DEC = dict(SMALL, attention_dropout=0.1, num_key_value_heads=2)  # GQA: 4 query heads on 2 K/V heads
+# name -> (config class, model class, config kwargs)
+MODELS = {
+    "bert": (tf.BertConfig, tf.FlaxBertForSequenceClassification, ENC),
+    "bert-causal": (tf.BertConfig, tf.FlaxBertForCausalLM, dict(ENC, is_decoder=True)),
+    "roberta": (tf.RobertaConfig, tf.FlaxRobertaForSequenceClassification, dict(ENC, pad_token_id=1)),
+    "xlm-roberta": (tf.XLMRobertaConfig, tf.FlaxXLMRobertaForSequenceClassification, dict(ENC, pad_token_id=1)),
+    "electra": (tf.ElectraConfig, tf.FlaxElectraForSequenceClassification, dict(ENC, embedding_size=16)),
+    "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM, DEC),
+    "mistral": (tf.MistralConfig, tf.FlaxMistralForCausalLM, dict(DEC, sliding_window=3)),
+    "mistral-nowindow": (tf.MistralConfig, tf.FlaxMistralForCausalLM, dict(DEC, sliding_window=None)),
+    "gemma": (tf.GemmaConfig, tf.FlaxGemmaForCausalLM,  # MQA, head_dim set apart from hidden/heads
+              dict(DEC, num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh")),
+}
+LENGTHS = (8, 5, -5)  # per row: full, right-padded to 5, left-padded (5 real tokens at the end)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name):
+    """``(model, params)`` with numpy-drawn random weights (no init program to compile)."""
+    config_cls, model_cls, kwargs = MODELS[name]
+    model = model_cls(config_cls(**kwargs), _do_init=False)
+    shapes = jax.eval_shape(lambda rng: model.init_weights(rng, (1, 8)), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):  # matrices N(0, 0.2), norm scales 1 + N(0, 0.05), biases N(0, 0.05)
+        base = 1.0 if str(path[-1].key) in ("scale", "weight") else 0.0
+        return jnp.asarray(base + rng.normal(0.0, 0.2 if leaf.ndim == 2 else 0.05, leaf.shape), leaf.dtype)
+
+    return model, jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def make_batch(lengths=LENGTHS, seq=8, seed=0):
+    ids = np.random.default_rng(seed).integers(3, 64, (len(lengths), seq)).astype(np.int32)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1 if n >= 0 else 0
+        mask[row, n:] = 1 if n < 0 else 0
+    return ids, mask
+
+
+def forward(model, params, ids, mask, **kwargs):
+    return model(ids, attention_mask=mask, params=params, **kwargs).logits
+
+
+def loss_and_logits(model, params, ids, mask):
+    logits = forward(model, params, ids, mask)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), logits.dtype)
+    return jnp.sum(logits * weights), logits
+
+
+def assert_grads_close(actual, expected, rtol):
+    """Per leaf, ||actual - expected|| <= rtol * ||expected|| + 1e-5.
+
+    The floor is for leaves whose exact gradient is zero but whose computed one is rounding noise: the key
+    bias (softmax ignores a shift shared by all keys).
+    """
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
+        err, ref = float(jnp.linalg.norm(a - b)), float(jnp.linalg.norm(b))
+        assert err <= rtol * ref + 1e-5, (jax.tree_util.keystr(path), err, ref)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name):
+    """Loss, logits and gradients without fused attention."""
+    model, params = tiny(name)
+    (_, logits), grads = fast_jit(jax.value_and_grad(lambda p, i, m: loss_and_logits(model, p, i, m), has_aux=True))(
+        params, *make_batch())
+    return logits, grads
+
+
+@pytest.fixture
+def count_fused_calls(monkeypatch):
+    calls = []
+    original = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_grads_match_and_fused_path_runs(name, count_fused_calls):
+    model, params = tiny(name)
+
+    def fused(p, i, m):
+        with fused_attention() as counts:
+            out = loss_and_logits(model, p, i, m)
+        assert dict(counts) == {"fused:xla": model.config.num_hidden_layers}
+        return out
+
+    (_, logits), grads = fast_jit(jax.value_and_grad(fused, has_aux=True))(params, *make_batch())
+    assert len(count_fused_calls) == model.config.num_hidden_layers
+    ref_logits, ref_grads = reference(name)
+    assert_trees_close(logits, ref_logits, atol=1e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-3)
+
+
+# (name, implementation, right_padded): cuDNN falls back to XLA on CPU; key lengths on right-padded rows
+VARIANTS = [("bert", "cudnn", False), ("llama", "cudnn", False), ("roberta", "xla", True), ("mistral", None, True)]
+
+
+@pytest.mark.parametrize("name,implementation,right_padded", VARIANTS)
+def test_implementation_and_key_lengths(name, implementation, right_padded):
+    model, params = tiny(name)
+    ids, mask = make_batch(lengths=(8, 5, 0, 2) if right_padded else LENGTHS)
+    ref = fast_jit(functools.partial(forward, model))(params, ids, mask)
+    with fused_attention(implementation, right_padded=right_padded) as counts:
+        out = fast_jit(functools.partial(forward, model))(params, ids, mask)
+    assert dict(counts) == {"fused:xla": model.config.num_hidden_layers}
+    assert_trees_close(out, ref, atol=1e-5)
+
+
+def test_right_padded_poisons_rows_that_are_not_right_padded():
+    model, params = tiny("bert")
+    ids, mask = make_batch(lengths=(8, -5))
+    with fused_attention(right_padded=True):
+        out = np.asarray(fast_jit(functools.partial(forward, model))(params, ids, mask))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+
+
+def test_head_mask_is_applied_on_the_fused_path():
+    model, params = tiny("bert")
+    head_mask = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], np.float32)
+    ref = fast_jit(lambda p, i, m: forward(model, p, i, m, head_mask=head_mask))(params, *make_batch())
+    with fused_attention() as counts:
+        out = fast_jit(lambda p, i, m: forward(model, p, i, m, head_mask=head_mask))(params, *make_batch())
+    assert counts["fused:xla"] == 2
+    assert_trees_close(out, ref, atol=1e-5)
+
+
+def _dropout_run(model, params, ids, mask):
+    return forward(model, params, ids, mask, train=True, dropout_rng=jax.random.PRNGKey(3))
+
+
+def _attentions_run(model, params, ids, mask):
+    out = model(ids, attention_mask=mask, params=params, output_attentions=True)
+    return out.logits, out.attentions
+
+
+def _cache_run(model, params, ids, mask):
+    cache = model.init_cache(ids.shape[0], ids.shape[1])
+    position_ids = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return model(ids, attention_mask=mask, position_ids=position_ids, params=params, past_key_values=cache).logits
+
+
+# (name, how the model is called, expected fallback reason)
+FALLBACKS = [
+    ("bert", _dropout_run, "dropout"),
+    ("llama", _dropout_run, "dropout"),
+    ("roberta", _attentions_run, "output_attentions"),
+    ("gemma", _attentions_run, "output_attentions"),
+    ("llama", _cache_run, "kv_cache"),
+]
+
+
+@pytest.mark.parametrize("name,run,reason", FALLBACKS, ids=[f"{n}-{r}" for n, _, r in FALLBACKS])
+def test_fallbacks_reproduce_the_original(name, run, reason):
+    model, params = tiny(name)
+    ids, mask = make_batch()
+    if reason == "kv_cache":
+        mask = np.ones_like(mask)
+    ref = fast_jit(functools.partial(run, model))(params, ids, mask)
+    with fused_attention() as counts:
+        out = fast_jit(functools.partial(run, model))(params, ids, mask)
+    assert dict(counts) == {f"fallback:{reason}": model.config.num_hidden_layers}
+    assert_trees_close(out, ref, atol=1e-6)
+    if reason == "output_attentions":
+        assert len(out[1]) == model.config.num_hidden_layers and out[1][0].shape == (3, 4, 8, 8)
+
+
+# (name, fused_attention entered outside or inside sliced_kernels)
+COMPOSED = [("roberta", "outside"), ("llama", "inside"), ("gemma", "outside")]
+
+
+@pytest.mark.parametrize("name,order", COMPOSED)
+def test_composes_with_sliced_kernels(name, order):
+    model, params = tiny(name)
+    rmask = rocoft_jax.mask_params(params, 2, "row", train=())
+    trainable, frozen = rocoft_jax.split(params, rmask)
+    noise = np.random.default_rng(2)  # slices unlike the frozen kernel: a bypassed sliced Dense would show
+    trainable = jax.tree.map(lambda x: x + jnp.asarray(noise.normal(0.0, 0.2, x.shape), x.dtype), trainable)
+
+    def loss(tr, fr, ids, mask, fuse):
+        contexts = [rocoft_jax.sliced_kernels(tr, rmask)]
+        if fuse:
+            contexts.insert(0 if order == "outside" else 1, fused_attention())
+        with contextlib.ExitStack() as stack:
+            counts = [stack.enter_context(c) for c in contexts]
+            out = loss_and_logits(model, rocoft_jax.with_trained_leaves(fr, tr), ids, mask)
+        if fuse:
+            assert dict(next(c for c in counts if c is not None)) == {"fused:xla": model.config.num_hidden_layers}
+        return out
+
+    grad = lambda fuse: fast_jit(jax.value_and_grad(functools.partial(loss, fuse=fuse), has_aux=True))
+    (_, ref_logits), ref_grads = grad(False)(trainable, frozen, *make_batch())
+    (_, logits), grads = grad(True)(trainable, frozen, *make_batch())
+    assert_trees_close(logits, ref_logits, atol=1e-5)
+    assert_grads_close(grads, ref_grads, rtol=1e-3)
+
+
+def test_rejects_unknown_implementation():
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        with fused_attention("flash"):
+            pass

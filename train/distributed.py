@@ -1,0 +1,72 @@
+"""Starting JAX's multi-controller runtime, and moving host data onto the global mesh.
+
+Under SLURM or Open MPI, ``jax.distributed.initialize()`` finds its peers
+itself. Elsewhere ``--coordinator-address``, ``--num-processes`` and
+``--process-id`` (or ``ROCOFT_COORDINATOR_ADDRESS``, ``ROCOFT_NUM_PROCESSES``,
+``ROCOFT_PROCESS_ID``) say where they are. A process that stops sending
+heartbeats for ``heartbeat_timeout`` seconds is declared dead and the others
+abort with an error rather than hang in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+ENV = {"coordinator_address": "ROCOFT_COORDINATOR_ADDRESS", "num_processes": "ROCOFT_NUM_PROCESSES",
+       "process_id": "ROCOFT_PROCESS_ID"}
+
+
+def _launched_by_scheduler() -> bool:
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return True
+    return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout: int = 60) -> bool:
+    """Joins a multi-process run if one was asked for; returns whether it did."""
+    coordinator_address = coordinator_address or os.environ.get(ENV["coordinator_address"])
+    num_processes = num_processes or int(os.environ.get(ENV["num_processes"], "0")) or None
+    if process_id is None and ENV["process_id"] in os.environ:
+        process_id = int(os.environ[ENV["process_id"]])
+    explicit = coordinator_address is not None
+    if not explicit and not _launched_by_scheduler():
+        return False
+    if explicit and (num_processes is None or process_id is None):
+        raise ValueError("--coordinator-address needs --num-processes and --process-id "
+                         f"(or {ENV['num_processes']} and {ENV['process_id']})")
+    # CPU processes need a collectives backend of their own; GPUs use NCCL regardless.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {"heartbeat_timeout_seconds": heartbeat_timeout}
+    if explicit:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+    else:
+        jax.distributed.initialize(**kwargs)
+    return True
+
+
+def to_global(tree, shardings):
+    """Arrays present in full on every process -> global arrays laid out by ``shardings``."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding: NamedSharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def batch_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int):
+    """This process's rows of a global batch -> one global array per key."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
+            for k, v in local_batch.items()}
+
+
+def is_main() -> bool:
+    """Only process 0 prints, logs and exports."""
+    return jax.process_index() == 0
