@@ -70,9 +70,17 @@ def forward(model, params, ids, mask, **kwargs):
 
 
 def loss_and_logits(model, params, ids, mask):
+    """A random linear loss over the logits of real tokens, as a real loss would mask them.
+
+    At padded positions HF's gradient is an artifact: a query with no key left (left padding under the
+    causal mask) gets scores + finfo.min, all rounded to finfo.min, so the forward is uniform and constant,
+    yet autodiff still sends gradient into the scores; the fused path sends none.
+    """
     logits = forward(model, params, ids, mask)
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), logits.dtype)
-    return jnp.sum(logits * weights), logits
+    weights = np.random.default_rng(1).normal(size=logits.shape)
+    if logits.ndim == 3:
+        weights = weights * mask[..., None]
+    return jnp.sum(logits * jnp.asarray(weights, logits.dtype)), logits
 
 
 def assert_grads_close(actual, expected, rtol):
@@ -82,8 +90,12 @@ def assert_grads_close(actual, expected, rtol):
     bias (softmax ignores a shift shared by all keys).
     """
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
-        err, ref = float(jnp.linalg.norm(a - b)), float(jnp.linalg.norm(b))
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)  # numpy: no per-shape eager compiles
+        err, ref = np.linalg.norm(a - b), np.linalg.norm(b)
         assert err <= rtol * ref + 1e-5, (jax.tree_util.keystr(path), err, ref)
+
+
+GRADIENT_MODELS = ("bert", "roberta", "electra", "llama", "mistral", "gemma")
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,6 +107,15 @@ def reference(name):
     return logits, grads
 
 
+@functools.lru_cache(maxsize=None)
+def reference_logits(name, lengths=LENGTHS):
+    """Logits without fused attention (from `reference` where it already ran)."""
+    if name in GRADIENT_MODELS and lengths == LENGTHS:
+        return reference(name)[0]
+    model, params = tiny(name)
+    return fast_jit(functools.partial(forward, model))(params, *make_batch(lengths))
+
+
 @pytest.fixture
 def count_fused_calls(monkeypatch):
     calls = []
@@ -103,7 +124,7 @@ def count_fused_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", GRADIENT_MODELS)
 def test_logits_and_grads_match_and_fused_path_runs(name, count_fused_calls):
     model, params = tiny(name)
 
@@ -120,15 +141,18 @@ def test_logits_and_grads_match_and_fused_path_runs(name, count_fused_calls):
     assert_grads_close(grads, ref_grads, rtol=1e-3)
 
 
-# (name, implementation, right_padded): cuDNN falls back to XLA on CPU; key lengths on right-padded rows
-VARIANTS = [("bert", "cudnn", False), ("llama", "cudnn", False), ("roberta", "xla", True), ("mistral", None, True)]
+# (name, implementation, right_padded), logits only: the other classes; cuDNN, which falls back to XLA on
+# CPU; padding as key lengths on right-padded rows
+VARIANTS = [("xlm-roberta", None, False), ("bert-causal", None, False), ("mistral-nowindow", None, False),
+            ("bert", "cudnn", False), ("llama", "cudnn", False), ("roberta", "xla", True), ("mistral", None, True)]
 
 
 @pytest.mark.parametrize("name,implementation,right_padded", VARIANTS)
 def test_implementation_and_key_lengths(name, implementation, right_padded):
     model, params = tiny(name)
-    ids, mask = make_batch(lengths=(8, 5, 0, 2) if right_padded else LENGTHS)
-    ref = fast_jit(functools.partial(forward, model))(params, ids, mask)
+    lengths = (8, 5, 0, 2) if right_padded else LENGTHS
+    ref = reference_logits(name, lengths)
+    ids, mask = make_batch(lengths)
     with fused_attention(implementation, right_padded=right_padded) as counts:
         out = fast_jit(functools.partial(forward, model))(params, ids, mask)
     assert dict(counts) == {"fused:xla": model.config.num_hidden_layers}
@@ -173,7 +197,6 @@ FALLBACKS = [
     ("bert", _dropout_run, "dropout"),
     ("llama", _dropout_run, "dropout"),
     ("roberta", _attentions_run, "output_attentions"),
-    ("gemma", _attentions_run, "output_attentions"),
     ("llama", _cache_run, "kv_cache"),
 ]
 
@@ -187,14 +210,15 @@ def test_fallbacks_reproduce_the_original(name, run, reason):
     ref = fast_jit(functools.partial(run, model))(params, ids, mask)
     with fused_attention() as counts:
         out = fast_jit(functools.partial(run, model))(params, ids, mask)
-    assert dict(counts) == {f"fallback:{reason}": model.config.num_hidden_layers}
+    assert set(counts) == {f"fallback:{reason}"}  # init_cache's own trace counts too
+    assert counts[f"fallback:{reason}"] >= model.config.num_hidden_layers
     assert_trees_close(out, ref, atol=1e-6)
     if reason == "output_attentions":
         assert len(out[1]) == model.config.num_hidden_layers and out[1][0].shape == (3, 4, 8, 8)
 
 
 # (name, fused_attention entered outside or inside sliced_kernels)
-COMPOSED = [("roberta", "outside"), ("llama", "inside"), ("gemma", "outside")]
+COMPOSED = [("roberta", "outside"), ("llama", "inside")]
 
 
 @pytest.mark.parametrize("name,order", COMPOSED)

@@ -91,12 +91,22 @@ def _torch_logits(model, batch):
                  attention_mask=torch.from_numpy(batch["attention_mask"]).long()).logits
 
 
+@pytest.fixture
+def one_torch_thread():
+    """A tiny model: torch's threads only contend with XLA's pool (this halves the test's time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @functools.lru_cache(maxsize=None)
 def _batch():
     return classification_batch(roberta_config(), seed=7, batch=4, seq=12)
 
 
 @pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.usefixtures("one_torch_thread")
 def test_trainer_step_matches_torch_algorithm_1(mode):
     flax_model, params = tiny_roberta()
     batch = _batch()

@@ -48,7 +48,8 @@ def fingerprint(frozen) -> str:
 def manager(directory: Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
                                            create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) -> None:
@@ -114,7 +115,11 @@ def load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"no checkpoint in {directory}; pass OUTPUT_DIR/checkpoints of a train.run")
     meta = read_meta(mgr, step)
     try:
-        tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        # Onto this process's first device, whatever mesh or process count saved it.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                mgr.item_metadata(step)["state"])
+        tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as err:
         raise CheckpointError(_damaged(mgr, step, err)) from err
     return meta, tree["trainable"]

@@ -67,6 +67,18 @@ def batch_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
             for k, v in local_batch.items()}
 
 
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits for every process at the coordination service, which needs no collective.
+
+    Gloo gives a collective only 30 s for all processes to arrive, so processes
+    meet here after compiling, before their first collective.
+    """
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed
+
+        jax_distributed.global_state.client.wait_at_barrier(f"rocoft_{name}", timeout_s * 1000)
+
+
 def is_main() -> bool:
     """Only process 0 prints, logs and exports."""
     return jax.process_index() == 0

@@ -210,6 +210,11 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"--mesh {config.mesh}: {err}") from err
     frozen = distributed.to_global(frozen, shardings.frozen)
     train_fn, eval_fn = step_lib.compile_steps(model, method, tx, loss_kind, shardings)
+    if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
+        example = batches.train(train_columns, 0)
+        train_fn = train_fn.lower(state, frozen, example).compile()
+        eval_fn = eval_fn.lower(state.trainable, frozen, example).compile()
+        distributed.barrier("compiled")
     if config.print_sharding and main:
         print_sharding(state, frozen, shardings)
 

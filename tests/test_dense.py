@@ -1,0 +1,193 @@
+"""The sliced matmul and the layer interception that runs HF models on frozen kernels plus slices.
+
+References are plain ``x @ W`` with the slice written into W by the test's own
+indexing; the weight-gradient trap (NOTES.md) is checked by looking at the
+dot products XLA is asked to form and at its FLOP count.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rocoft_jax
+from conftest import classification_batch, efficient_forward, full_forward, lm_batch, tiny_gpt2, tiny_roberta
+from rocoft_jax.mask import KernelSlice
+
+D_IN, D_OUT = 24, 40
+
+LAYOUTS = [
+    # (name, out_axis, mode, selection)
+    ("dense-row", 1, "row", [1, 7, 30]),
+    ("dense-column", 1, "column", [0, 5, 23]),
+    ("conv1d-row", 0, "row", [2, 3, 39]),
+    ("conv1d-column", 0, "column", [4, 11]),
+    ("dense-random", 1, "random", [0, 17, 100, 959]),
+    ("conv1d-random", 0, "random", [3, 64, 500]),
+]
+
+
+def _spec(out_axis, mode, idx):
+    shape = (D_IN, D_OUT) if out_axis == 1 else (D_OUT, D_IN)
+    idx = np.asarray(idx, np.int32)
+    if mode == "random":
+        return KernelSlice(shape, None, out_axis, idx)
+    axis = out_axis if mode == "row" else 1 - out_axis
+    return KernelSlice(shape, axis, out_axis, idx)
+
+
+def _place(kernel, values, out_axis, mode, idx):
+    """The kernel with the trained entries written in, by the test's own indexing."""
+    if mode == "random":
+        return kernel.reshape(-1).at[np.asarray(idx)].set(values).reshape(kernel.shape)
+    if (mode == "row") == (out_axis == 1):
+        return kernel.at[:, np.asarray(idx)].set(values)
+    return kernel.at[np.asarray(idx), :].set(values)
+
+
+def _inputs(out_axis, mode, idx, seed=0):
+    rng = np.random.default_rng(seed)
+    spec = _spec(out_axis, mode, idx)
+    kernel = jnp.asarray(rng.normal(size=spec.shape), jnp.float32)
+    values = jnp.asarray(rng.normal(size=spec.slice_shape), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, 5, D_IN)), jnp.float32)
+    return spec, kernel, values, x
+
+
+def _reference(x, kernel, values, out_axis, mode, idx):
+    w = _place(kernel, values, out_axis, mode, idx)
+    return x @ (w if out_axis == 1 else w.T)
+
+
+@pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_sliced_matmul_matches_the_merged_kernel(name, out_axis, mode, idx):
+    spec, kernel, values, x = _inputs(out_axis, mode, idx)
+    y = rocoft_jax.sliced_matmul(x, kernel, values, spec)
+    assert y.shape == (3, 5, D_OUT) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _reference(x, kernel, values, out_axis, mode, idx), atol=1e-5, rtol=1e-5)
+    # With the kernel's own entries as the slice it is the plain matmul.
+    own = jnp.asarray(np.asarray(kernel).reshape(-1)[idx] if mode == "random"
+                      else np.take(np.asarray(kernel), idx, axis=spec.axis))
+    np.testing.assert_allclose(rocoft_jax.sliced_matmul(x, kernel, own, spec),
+                               x @ (kernel if out_axis == 1 else kernel.T), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_sliced_matmul_gradients_match_the_merged_kernel(name, out_axis, mode, idx):
+    spec, kernel, values, x = _inputs(out_axis, mode, idx)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, D_OUT)), jnp.float32)
+    sliced = lambda v, x: jnp.sum(cotangent * rocoft_jax.sliced_matmul(x, kernel, v, spec))
+    merged = lambda v, x: jnp.sum(cotangent * _reference(x, kernel, v, out_axis, mode, idx))
+    (gv, gx), (rv, rx) = jax.grad(sliced, argnums=(0, 1))(values, x), jax.grad(merged, argnums=(0, 1))(values, x)
+    assert gv.shape == spec.slice_shape
+    np.testing.assert_allclose(gv, rv, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(gx, rx, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS[:4], ids=[c[0] for c in LAYOUTS[:4]])
+def test_bf16_kernel_with_fp32_slice_sees_updates_below_bf16_resolution(name, out_axis, mode, idx):
+    spec, kernel, _, x = _inputs(out_axis, mode, idx)
+    kernel = jnp.ones_like(kernel).astype(jnp.bfloat16)  # bf16 spacing at 1.0 is 2**-7
+    values = jnp.full(spec.slice_shape, 1.0 + 3e-3, jnp.float32)
+    assert np.all(np.asarray(values.astype(jnp.bfloat16), np.float32) == 1.0)  # lost if stored in bf16
+    y = rocoft_jax.sliced_matmul(x, kernel, values, spec)
+    assert y.dtype == jnp.float32
+    reference = _reference(x, kernel.astype(jnp.float32), values, out_axis, mode, idx)
+    np.testing.assert_allclose(y, reference, atol=1e-5, rtol=1e-6)
+    assert np.abs(np.asarray(reference) - np.asarray(x @ jnp.ones((D_IN, D_OUT)))).max() > 1e-3
+
+
+# ---------------------------------------------------------------- the weight-gradient trap
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, nested jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    shapes += _dot_output_shapes(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    shapes += _dot_output_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS[:4], ids=[c[0] for c in LAYOUTS[:4]])
+def test_slice_gradient_costs_two_thirds_of_full_fine_tuning(name, out_axis, mode, idx):
+    spec, kernel, values, _ = _inputs(out_axis, mode, idx)
+    x = jnp.ones((512, D_IN), jnp.float32)
+    sliced = jax.grad(lambda v, x, k: jnp.sum(rocoft_jax.sliced_matmul(x, k, v, spec) ** 2), argnums=(0, 1))
+    full = jax.grad(lambda k, x: jnp.sum((x @ (k if out_axis == 1 else k.T)) ** 2), argnums=(0, 1))
+    shapes = _dot_output_shapes(jax.make_jaxpr(sliced)(values, x, kernel).jaxpr)
+    assert kernel.shape not in shapes and kernel.shape[::-1] not in shapes  # no full weight gradient
+    full_shapes = _dot_output_shapes(jax.make_jaxpr(full)(kernel, x).jaxpr)
+    assert kernel.shape in full_shapes or kernel.shape[::-1] in full_shapes  # the check can see one
+    flops = lambda f, *args: jax.jit(f).lower(*args).compile().cost_analysis()["flops"]
+    assert flops(sliced, values, x, kernel) < 0.75 * flops(full, kernel, x)
+
+
+def test_efficient_model_gradient_forms_no_full_weight_gradient():
+    model, params = tiny_roberta()
+    batch = classification_batch(model.config)
+    kernel_shapes = {(32, 32), (32, 64), (64, 32)}
+    for mode in ("row", "column"):
+        mask = rocoft_jax.mask_params(params, 2, mode, train=())
+        trainable, frozen = rocoft_jax.split(params, mask)
+        loss = lambda tr, fr: jnp.sum(efficient_forward(model, tr, fr, mask, batch) ** 2)
+        shapes = _dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(trainable, frozen).jaxpr)
+        assert not kernel_shapes & set(shapes), mode
+        assert (32, 2) in shapes if mode == "row" else (2, 32) in shapes  # the r-sized slice gradients
+    full = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(full_forward(model, p, batch) ** 2)))(params)
+    assert kernel_shapes <= set(_dot_output_shapes(full.jaxpr))
+
+
+# ---------------------------------------------------------------- interception of HF layers
+
+MODELS = [("roberta", tiny_roberta, classification_batch), ("gpt2", tiny_gpt2, lm_batch)]
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("model_name, factory, make_batch", MODELS, ids=[m[0] for m in MODELS])
+def test_intercepted_model_runs_on_frozen_kernels_plus_slices(model_name, factory, make_batch, mode):
+    model, params = factory()
+    batch = make_batch(model.config, seed=4)
+    mask = rocoft_jax.mask_params(params, 2, mode, train=())
+    trainable, frozen = rocoft_jax.split(params, mask)
+    forward = lambda tr, fr: efficient_forward(model, tr, fr, mask, batch)
+    plain = lambda p: full_forward(model, p, batch)
+    np.testing.assert_allclose(forward(trainable, frozen), plain(params), atol=1e-5, rtol=1e-5)
+    # Moving the slices changes the model exactly as writing them into the kernels does.
+    rng = np.random.default_rng(0)
+    moved = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(0.0, 0.05, v.shape), v.dtype), trainable)
+    merged = rocoft_jax.merge(moved, frozen, mask)
+    np.testing.assert_allclose(forward(moved, frozen), plain(merged), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(plain(merged)) - np.asarray(plain(params))).max() > 1e-3
+
+
+def test_sliced_kernels_errors():
+    model, params = tiny_gpt2()
+    batch = lm_batch(model.config)
+    mask = rocoft_jax.mask_params(params, 1, "row")
+    trainable, frozen = rocoft_jax.split(params, mask)
+    partial = {"rocoft": {"transformer": {"h": {"0": trainable["rocoft"]["transformer"]["h"]["0"]}}}}
+    with pytest.raises(ValueError, match=r"no trained slice for 'transformer/h/1/attn/c_attn/kernel'; pass the "
+                                         r"trainable tree from split\(\)"):
+        rocoft_jax.sliced_kernels(partial, mask)
+
+    # A selected kernel no layer uses would silently stay untrained.
+    extra = dict(params, unused={"kernel": jnp.ones((4, 4))})
+    mask = rocoft_jax.mask_params(extra, 1, "row", targets=[r"attn/c_attn/kernel$", r"^unused/kernel$"], train=(),
+                                  family="gpt2")
+    trainable, frozen = rocoft_jax.split(extra, mask)
+    with pytest.raises(ValueError, match=r"selected kernel unused/kernel was not used by any nn.Dense or FlaxConv1D"):
+        jax.eval_shape(lambda tr, fr: efficient_forward(model, tr, fr, mask, batch), trainable, frozen)
+
+    # A mask built for the wrong layout is refused at the layer, not silently applied to the other axis.
+    mask = rocoft_jax.mask_params(params, 1, "row", targets=[r"attn/c_attn/kernel$"], family="llama")
+    trainable, frozen = rocoft_jax.split(params, mask)
+    with pytest.raises(ValueError, match=r"FlaxConv1D at transformer/h/0/attn/c_attn has output axis 0, but the "
+                                         r"mask assumed 1; rebuild the mask with the right family"):
+        jax.eval_shape(lambda tr, fr: efficient_forward(model, tr, fr, mask, batch), trainable, frozen)
