@@ -5,13 +5,18 @@
 
 Weights are random (shape presets of `train.models`, or any HF config dir), so
 nothing is downloaded. Each timed method runs in its own subprocess, so peak
-memory is its own.
+memory is its own. When torch is importable, the PyTorch peers
+(`benchmarks.torch_step`: the paper's Algorithm 1 and peft LoRA r=8 on q,v)
+run on the same device too, with PYTHONPATH cleared so they use the
+environment's own transformers (the JAX side may need transformers<5 on
+PYTHONPATH while PyTorch uses 5.x).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.flops import useful_step_flops
+from rocoft_jax import sharding
 from train import methods as methods_lib
 from train import models, step as step_lib
 
@@ -38,7 +44,8 @@ def build(args, method_name: str):
     trainable, frozen = method.split(params)
     del params
     tx, _ = step_lib.make_optimizer(1e-4, 1000, 10)
-    state = step_lib.init_state(trainable, tx, seed=0)
+    mesh = sharding.make_mesh(sharding.parse_mesh("", jax.device_count()))
+    state, shardings = step_lib.init_sharded_state(trainable, tx, 0, mesh, method.mask.family, frozen)
     rng = np.random.default_rng(0)
     batch = {
         "input_ids": jnp.asarray(rng.integers(3, config.vocab_size, (args.batch_size, args.seq_len)), jnp.int32),
@@ -47,7 +54,7 @@ def build(args, method_name: str):
     loss = "causal-lm" if head == "causal-lm" else "classification"
     if loss == "classification":
         batch["labels"] = jnp.asarray(rng.integers(0, 2, (args.batch_size,)), jnp.int32)
-    train_fn, _ = step_lib.compile_steps(model, method, tx, loss)
+    train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings)
     return config, head, method, state, frozen, batch, train_fn
 
 
@@ -98,12 +105,36 @@ def parse_args(argv=None):
     p.add_argument("--causal", action="store_true", help="causal-LM loss for an HF config dir")
     p.add_argument("--flops", action="store_true", help="report compiled FLOPs of the rocoft and full steps")
     p.add_argument("--methods", default="rocoft,full", help=f"JAX methods to time, from {','.join(JAX_METHODS)}")
+    p.add_argument("--peers", default="algorithm1,lora", help="PyTorch peers to time (empty: none)")
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak", type=float, default=790e12, help="bf16 peak FLOP/s for utilization")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _subprocess_json(cmd: list[str], label: str, env=None) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"method": label, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratios(rows: list[dict]) -> dict[str, float]:
+    """The issue's targets as ratios of step time (lower is better) and tokens/s (higher is better)."""
+    by = {r["method"]: r for r in rows if "step_ms" in r}
+    ours = by.get("jax-rocoft")
+    if ours is None:
+        return {}
+    out = {}
+    for peer in ("torch-algorithm1", "torch-lora", "jax-full"):
+        if peer in by:
+            out[f"rocoft_over_{peer}_time"] = ours["step_ms"] / by[peer]["step_ms"]
+    if "torch-lora" in by:
+        out["rocoft_over_torch-lora_tokens"] = ours["tokens_per_s"] / by["torch-lora"]["tokens_per_s"]
+        out["rocoft_minus_torch-lora_peak_gib"] = ours["peak_gib"] - by["torch-lora"]["peak_gib"]
+    return out
 
 
 def _table(rows: list[dict]) -> str:
@@ -127,18 +158,28 @@ def main(argv=None) -> None:
         return
     rows = []
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name in args.methods.split(","):
+    for name in filter(None, args.methods.split(",")):
         if name not in JAX_METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(JAX_METHODS)}")
-        out = subprocess.run([sys.executable, "-m", "benchmarks.step", *argv, "--worker", name],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            rows.append({"method": f"jax-{name}", "error": out.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(_subprocess_json([sys.executable, "-m", "benchmarks.step", *argv, "--worker", name],
+                                     f"jax-{name}"))
+    torch_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for peer in filter(None, args.peers.split(",")):
+        rows.append(_subprocess_json(
+            [sys.executable, "-m", "benchmarks.torch_step", "--peer", peer, "--model", args.model,
+             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype],
+            f"torch-{peer}", env=torch_env))
+    for row in rows:
+        if "step_ms" in row and "useful_flop_util" not in row:
+            config = models.preset_config(args.model)
+            head = "causal-lm" if args.model.startswith("llama") else "sequence-classification"
+            useful = useful_step_flops(config, args.batch_size, args.seq_len, head)
+            row["useful_flop_util"] = useful / (row["step_ms"] / 1e3) / args.peak
     result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "device": jax.devices()[0].device_kind, "results": rows}
-    print(json.dumps(result) if args.json else _table(rows))
+              "device": jax.devices()[0].device_kind, "results": rows, "ratios": _ratios(rows)}
+    ratios = "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items())
+    print(json.dumps(result) if args.json else f"{_table(rows)}\n{ratios}")
 
 
 if __name__ == "__main__":

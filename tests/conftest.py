@@ -151,19 +151,19 @@ def _concrete(model_cls, config, seed: int):
     return model, jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_roberta(seed: int = 0):
     """``(FlaxRobertaForSequenceClassification, params)``, fp32, dropout off."""
     return _concrete(tf.FlaxRobertaForSequenceClassification, roberta_config(), seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_llama(seed: int = 0):
     """``(FlaxLlamaForCausalLM, params)``, fp32."""
     return _concrete(tf.FlaxLlamaForCausalLM, llama_config(), seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_gpt2(seed: int = 0):
     """``(FlaxGPT2LMHeadModel, params)``, fp32; its FlaxConv1D kernels are (d_out, d_in)."""
     return _concrete(tf.FlaxGPT2LMHeadModel, gpt2_config(), seed)

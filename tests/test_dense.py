@@ -9,9 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import (
+    classification_batch,
+    efficient_forward,
+    full_forward,
+    lm_batch,
+    tiny_gpt2,
+    tiny_roberta,
+)
 
 import rocoft_jax
-from conftest import classification_batch, efficient_forward, full_forward, lm_batch, tiny_gpt2, tiny_roberta
 from rocoft_jax.mask import KernelSlice
 
 D_IN, D_OUT = 24, 40

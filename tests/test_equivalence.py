@@ -17,12 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    FAMILY_MODELS,
+    abstract_params,
+    assert_trees_close,
+    assert_unchanged_outside,
+    causal_lm_loss,
+    classification_batch,
+    classification_loss,
+    efficient_forward,
+    element_masks,
+    fast_jit,
+    flat,
+    full_forward,
+    lm_batch,
+    num_elements,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_roberta,
+)
 from flax import traverse_util
 
 import rocoft_jax
-from conftest import (FAMILY_MODELS, abstract_params, assert_trees_close, assert_unchanged_outside,
-                      causal_lm_loss, classification_batch, classification_loss, efficient_forward, element_masks, fast_jit,
-                      flat, full_forward, lm_batch, num_elements, tiny_gpt2, tiny_llama, tiny_roberta)
 from train import step as step_lib
 from train.methods import build_method
 
@@ -53,7 +69,7 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(model_name):
     factory, make_batch, loss, out_axis, train_prefixes = MODELS[model_name]
     model, params = factory()
@@ -62,7 +78,7 @@ def _setup(model_name):
     return model, params, batches, loss, out_axis, train_prefixes, full_grad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask_and_grad(model_name, mode, rank):
     model, params, _, loss, *_ = _setup(model_name)
     mask = rocoft_jax.mask_params(params, rank, mode)
@@ -258,3 +274,59 @@ def test_trainer_step_traces_on_every_family(name):
 
     state, metrics = jax.eval_shape(one_step, shapes)
     assert metrics["loss"].shape == () and num_elements(state.trainable) == method.mask.num_trainable
+
+
+# ---------------------------------------------------------------- split and merge
+
+ROUND_TRIPS = [
+    # (model, mode, rank, dtype of the params)
+    ("roberta", "row", 2, "float32"),
+    ("roberta", "row", 2, "bfloat16"),
+    ("roberta", "column", 3, "float32"),
+    ("roberta", "random", 0.1, "float32"),
+    ("gpt2", "row", 2, "bfloat16"),
+    ("gpt2", "column", 2, "float32"),
+    ("llama", "column", 1, "float32"),
+]
+
+
+@pytest.mark.parametrize("model_name, mode, rank, dtype", ROUND_TRIPS, ids=["-".join(map(str, r)) for r in ROUND_TRIPS])
+def test_split_then_merge_gives_back_the_params(model_name, mode, rank, dtype):
+    _, params, _, _, out_axis, train_prefixes, _ = _setup(model_name)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    mask = rocoft_jax.mask_params(params, rank, mode)
+    trainable, frozen = rocoft_jax.split(params, mask)
+    # Slices hold exactly the selected entries, in the kernel's layout (fp32 masters).
+    masks = element_masks(params, mask, mode, out_axis)
+    for path, values in flat(trainable["rocoft"]).items():
+        kernel = flat(params)[path].astype(np.float32)
+        assert values.dtype == np.float32
+        if mode == "random":
+            np.testing.assert_array_equal(values, kernel.reshape(-1)[masks[path].reshape(-1) > 0])
+        else:
+            expected = kernel[:, mask.indices[path]] if (mode == "row") == (out_axis == 1) else kernel[mask.indices[path]]
+            np.testing.assert_array_equal(values, expected)
+    assert set(flat(trainable["train"])) == {p for p in flat(params) if p.startswith(train_prefixes or ("\0",))}
+    merged = rocoft_jax.merge(trainable, frozen, mask)
+    assert_unchanged_outside(jax.tree.map(lambda x: x.astype(dtype), merged), params,
+                             {p: np.zeros(v.shape) for p, v in flat(params).items()})
+    assert all(flat(merged)[p].dtype == np.dtype(dtype) for p in mask.slices)  # kernels keep their dtype
+
+
+def test_merge_accepts_numpy_params():
+    """Params restored with flax.serialization.msgpack_restore (or built with numpy) are numpy arrays."""
+    from flax import serialization
+    _, params = tiny_roberta()
+    restored = serialization.msgpack_restore(serialization.to_bytes(params))
+    assert isinstance(jax.tree.leaves(restored)[0], np.ndarray)
+    mask = rocoft_jax.mask_params(restored, 2, "row")
+    trainable, frozen = rocoft_jax.split(restored, mask)
+    assert_trees_close(rocoft_jax.merge(trainable, frozen, mask), params, atol=0)
+
+
+def test_merge_rejects_a_trainable_tree_of_another_mask():
+    _, params = tiny_roberta()
+    mask = rocoft_jax.mask_params(params, 2, "row")
+    trainable, frozen = rocoft_jax.split(params, mask)
+    with pytest.raises(ValueError, match=r"trainable tree lacks 'classifier/dense/bias'; it does not belong to this mask"):
+        rocoft_jax.merge({"rocoft": trainable["rocoft"], "train": {}}, frozen, mask)

@@ -8,14 +8,15 @@ captured intermediates, with padding left out.
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from transformers.models.roberta.modeling_flax_roberta import create_position_ids_from_input_ids
+from conftest import classification_batch, flat, tiny_gpt2, tiny_roberta
+from transformers.models.roberta.modeling_flax_roberta import (
+    create_position_ids_from_input_ids,
+)
 
 import rocoft_jax
-from conftest import classification_batch, flat, tiny_gpt2, tiny_roberta
 from train.methods import build_method
 
 # ---------------------------------------------------------------- a model whose answer is obvious
@@ -142,7 +143,7 @@ def _independent_norms(model, params, batches, layer):
     return ({k: np.sqrt(v) for k, v in sums.items()}, {k: np.sqrt(v) for k, v in sums_with_padding.items()})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _roberta_norms():
     """(library norms of all targeted kernels, independent norms, independent norms counting padding)."""
     model, params = tiny_roberta()

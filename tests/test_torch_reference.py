@@ -12,11 +12,10 @@ path. Logits after every step and the final slices must agree.
 
 import functools
 
-import jax
 import numpy as np
 import pytest
-
 from conftest import classification_batch, fast_jit, flat, roberta_config, tiny_roberta
+
 from train import step as step_lib
 from train.methods import build_method
 
@@ -100,7 +99,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batch():
     return classification_batch(roberta_config(), seed=7, batch=4, seq=12)
 
