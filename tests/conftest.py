@@ -30,67 +30,64 @@ warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are depr
 logging.getLogger("transformers").setLevel(logging.ERROR)
 tf.logging.set_verbosity_error()
 
-NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
-# (config class, Flax model class, config kwargs, per-layer targeted kernel suffixes, default "train" leaves)
+# name -> (config class, Flax model class, config kwargs, family, targeted kernels of one layer, default "train")
 _ENC = ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense",
         "intermediate/dense", "output/dense")
 _ROBERTA_HEAD = ("classifier/dense/kernel", "classifier/dense/bias", "classifier/out_proj/kernel",
                  "classifier/out_proj/bias")
 _LLAMA = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
           "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
-_SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=34)
+_BERTLIKE = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "max_position_embeddings": 34}
+_LLAMALIKE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
+_GPT = {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32}
 FAMILY_MODELS = {
-    "bert": (tf.BertConfig, tf.FlaxBertForSequenceClassification, dict(_SMALL), "bert", _ENC,
+    "bert": (tf.BertConfig, tf.FlaxBertForSequenceClassification, _BERTLIKE, "bert", _ENC,
              ("bert/pooler/dense/kernel", "bert/pooler/dense/bias", "classifier/kernel", "classifier/bias")),
-    "roberta": (tf.RobertaConfig, tf.FlaxRobertaForSequenceClassification, dict(_SMALL, pad_token_id=1), "bert",
-                _ENC, _ROBERTA_HEAD),
-    "xlm-roberta": (tf.XLMRobertaConfig, tf.FlaxXLMRobertaForSequenceClassification, dict(_SMALL, pad_token_id=1),
-                    "bert", _ENC, _ROBERTA_HEAD),
-    "electra": (tf.ElectraConfig, tf.FlaxElectraForSequenceClassification, dict(_SMALL, embedding_size=16), "bert",
-                _ENC, _ROBERTA_HEAD),
+    "roberta": (tf.RobertaConfig, tf.FlaxRobertaForSequenceClassification, {**_BERTLIKE, "pad_token_id": 1},
+                "bert", _ENC, _ROBERTA_HEAD),
+    "xlm-roberta": (tf.XLMRobertaConfig, tf.FlaxXLMRobertaForSequenceClassification,
+                    {**_BERTLIKE, "pad_token_id": 1}, "bert", _ENC, _ROBERTA_HEAD),
+    "electra": (tf.ElectraConfig, tf.FlaxElectraForSequenceClassification, {**_BERTLIKE, "embedding_size": 16},
+                "bert", _ENC, _ROBERTA_HEAD),
     "distilbert": (tf.DistilBertConfig, tf.FlaxDistilBertForSequenceClassification,
-                   dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32),
+                   {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64,
+                    "max_position_embeddings": 32},
                    "distilbert",
                    ("attention/q_lin", "attention/k_lin", "attention/v_lin", "attention/out_lin", "ffn/lin1",
                     "ffn/lin2"),
                    ("pre_classifier/kernel", "pre_classifier/bias", "classifier/kernel", "classifier/bias")),
     "bart": (tf.BartConfig, tf.FlaxBartForSequenceClassification,
-             dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32),
+             {"vocab_size": 64, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+              "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
+              "decoder_ffn_dim": 64, "max_position_embeddings": 32},
              "bart",
-             # encoder layers have no encoder_attn; checked per stack in test_mask.py
+             # encoder layers have no encoder_attn; test_mask.py checks each stack
              ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj",
               "encoder_attn/q_proj", "encoder_attn/k_proj", "encoder_attn/v_proj", "encoder_attn/out_proj",
               "fc1", "fc2"),
              ("classification_head/dense/kernel", "classification_head/dense/bias",
               "classification_head/out_proj/kernel", "classification_head/out_proj/bias")),
-    "gpt2": (tf.GPT2Config, tf.FlaxGPT2LMHeadModel, dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32),
-             "gpt2", ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"), ()),
+    "gpt2": (tf.GPT2Config, tf.FlaxGPT2LMHeadModel, _GPT, "gpt2",
+             ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"), ()),
     "opt": (tf.OPTConfig, tf.FlaxOPTForCausalLM,
-            dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                 max_position_embeddings=32, word_embed_proj_dim=32),
+            {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 64,
+             "max_position_embeddings": 32, "word_embed_proj_dim": 32},
             "opt", ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj", "fc1", "fc2"),
             ()),
-    "gptj": (tf.GPTJConfig, tf.FlaxGPTJForCausalLM,
-             dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, rotary_dim=4), "gptj",
+    "gptj": (tf.GPTJConfig, tf.FlaxGPTJForCausalLM, {**_GPT, "rotary_dim": 4}, "gptj",
              ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/out_proj", "mlp/fc_in", "mlp/fc_out"), ()),
-    "bloom": (tf.BloomConfig, tf.FlaxBloomForCausalLM, dict(vocab_size=64, hidden_size=32, n_layer=2, n_head=4),
+    "bloom": (tf.BloomConfig, tf.FlaxBloomForCausalLM, {"vocab_size": 64, "hidden_size": 32, "n_layer": 2, "n_head": 4},
               "bloom",
               ("self_attention/query_key_value", "self_attention/dense", "mlp/dense_h_to_4h", "mlp/dense_4h_to_h"),
               ()),
-    "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM,
-              dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=32),
-              "llama", _LLAMA, ()),
-    "mistral": (tf.MistralConfig, tf.FlaxMistralForCausalLM,
-                dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=32),
-                "llama", _LLAMA, ()),
+    "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM, _LLAMALIKE, "llama", _LLAMA, ()),
+    "mistral": (tf.MistralConfig, tf.FlaxMistralForCausalLM, _LLAMALIKE, "llama", _LLAMA, ()),
     "gemma": (tf.GemmaConfig, tf.FlaxGemmaForCausalLM,
-              dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=8, max_position_embeddings=32, hidden_activation="gelu_pytorch_tanh"),
+              {**_LLAMALIKE, "num_key_value_heads": 1, "head_dim": 8, "hidden_activation": "gelu_pytorch_tanh"},
               "llama", _LLAMA, ()),
 }
 

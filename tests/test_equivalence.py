@@ -112,9 +112,9 @@ def _run_masked(model_name, mode, rank, make_tx):
 def _run_dense(model_name, mode, rank, make_tx):
     _, params, batches, _, out_axis, train_prefixes, full_grad = _setup(model_name)
     mask, _ = _mask_and_grad(model_name, mode, rank)
-    m = element_masks(params, mask, mode, out_axis, train_prefixes)
-    m = jax.tree.map(jnp.asarray, {k: m[k] for k in flat(params)})
-    apply_mask = lambda tree: jax.tree.map(lambda x, mm: x * mm, tree, _unflat(m, tree))
+    masks = element_masks(params, mask, mode, out_axis, train_prefixes)
+    masks = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in masks.items()}, sep="/")
+    apply_mask = lambda tree: jax.tree.map(lambda x, m: x * m, tree, masks)
     tx = make_tx()
     state, step = tx.init(params), fast_jit(_step(tx, apply_mask))
     for batch in batches:
@@ -130,11 +130,6 @@ def _step(tx, apply_mask=lambda tree: tree):
         return optax.apply_updates(params, apply_mask(updates)), state
 
     return step
-
-
-def _unflat(flat_masks, like):
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: flat_masks["/".join(str(k.key) for k in kp)], like)
 
 
 RUNNERS = {"efficient": _run_efficient, "masked": _run_masked, "dense": _run_dense}
@@ -304,7 +299,8 @@ def test_split_then_merge_gives_back_the_params(model_name, mode, rank, dtype):
         if mode == "random":
             np.testing.assert_array_equal(values, kernel.reshape(-1)[masks[path].reshape(-1) > 0])
         else:
-            expected = kernel[:, mask.indices[path]] if (mode == "row") == (out_axis == 1) else kernel[mask.indices[path]]
+            idx = mask.indices[path]
+            expected = kernel[:, idx] if (mode == "row") == (out_axis == 1) else kernel[idx]
             np.testing.assert_array_equal(values, expected)
     assert set(flat(trainable["train"])) == {p for p in flat(params) if p.startswith(train_prefixes or ("\0",))}
     merged = rocoft_jax.merge(trainable, frozen, mask)
@@ -328,5 +324,6 @@ def test_merge_rejects_a_trainable_tree_of_another_mask():
     _, params = tiny_roberta()
     mask = rocoft_jax.mask_params(params, 2, "row")
     trainable, frozen = rocoft_jax.split(params, mask)
-    with pytest.raises(ValueError, match=r"trainable tree lacks 'classifier/dense/bias'; it does not belong to this mask"):
+    with pytest.raises(ValueError,
+                       match=r"trainable tree lacks 'classifier/dense/bias'; it does not belong to this mask"):
         rocoft_jax.merge({"rocoft": trainable["rocoft"], "train": {}}, frozen, mask)

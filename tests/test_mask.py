@@ -231,6 +231,26 @@ def test_describe_is_json_ready():
     assert {p: np.asarray(v, np.int32).tolist() for p, v in mask.indices.items()} == record["indices"]
 
 
+ROUND_TRIPS = [("roberta", "row", 2, "random"), ("roberta", "column", 3, "first"), ("roberta", "random", 0.05, "first"),
+               ("gpt2", "row", 2, "random"), ("gpt2", "random", 0.05, "first")]
+
+
+@pytest.mark.parametrize("model_name, mode, rank, strategy", ROUND_TRIPS,
+                         ids=["-".join(map(str, r)) for r in ROUND_TRIPS])
+def test_mask_from_description_rebuilds_the_same_selection(model_name, mode, rank, strategy):
+    _, params = (tiny_roberta if model_name == "roberta" else tiny_gpt2)()
+    mask = rocoft_jax.mask_params(params, rank, mode, strategy=strategy, seed=11)
+    again = rocoft_jax.mask_from_description(params, json.loads(json.dumps(mask.describe())))
+    assert again.label_of == mask.label_of and again.num_trainable == mask.num_trainable
+    assert jax.tree.structure(again.labels) == jax.tree.structure(mask.labels)
+    assert list(again.slices) == list(mask.slices)
+    for path, spec in mask.slices.items():
+        other = again.slices[path]
+        assert (other.shape, other.axis, other.out_axis) == (spec.shape, spec.axis, spec.out_axis), path
+        np.testing.assert_array_equal(other.indices, spec.indices, err_msg=path)
+        assert other.indices.dtype == np.int32
+
+
 def test_mask_leaves_labels_whole_leaves():
     _, params = tiny_roberta()
     full = rocoft_jax.mask_leaves(params, (".*",), name="full")
@@ -248,29 +268,29 @@ _CUSTOM = {"foo": {"bar": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
 
 ERRORS = [
     # (name, params, args, kwargs, message regex)
-    ("targets-match-nothing", "roberta", (1,), dict(targets=[r"attention/self/querry/kernel$"]),
+    ("targets-match-nothing", "roberta", (1,), {"targets": [r"attention/self/querry/kernel$"]},
      r"target pattern 'attention/self/querry/kernel\$' matches no parameter"),
     ("rank-zero", "roberta", (0,), {}, r"rank must be a positive integer number of rows; got 0"),
     ("rank-negative", "roberta", (-2, "column"), {}, r"rank must be a positive integer number of columns; got -2"),
     ("rank-float", "roberta", (1.5,), {}, r"rank must be a positive integer number of rows; got 1\.5"),
     ("rank-bool", "roberta", (True,), {}, r"rank must be a positive integer"),
     ("rank-too-big-row", "roberta", (33, "row"), {},
-     r"rank 33 exceeds the 32 rows of roberta/encoder/layer/0/attention/output/dense/kernel \(shape \(32, 32\)\); "
-     r"choose rank <= 32"),
-    ("rank-too-big-column", "roberta", (40, "column"), dict(targets=[r"intermediate/dense/kernel$"]),
+     (r"rank 33 exceeds the 32 rows of roberta/encoder/layer/0/attention/output/dense/kernel \(shape \(32, 32\)\); "
+      r"choose rank <= 32")),
+    ("rank-too-big-column", "roberta", (40, "column"), {"targets": [r"intermediate/dense/kernel$"]},
      r"rank 40 exceeds the 32 columns of roberta/encoder/layer/0/intermediate/dense/kernel .*choose rank <= 32"),
     ("random-p-out-of-range", "roberta", (1.5, "random"), {}, r"mode 'random' takes rank=p, a probability in \(0, 1\]"),
     ("unknown-mode", "roberta", (1, "diagonal"), {}, r"unknown mode 'diagonal'; choose one of: row, column, random"),
-    ("unknown-strategy", "roberta", (1,), dict(strategy="largest"),
+    ("unknown-strategy", "roberta", (1,), {"strategy": "largest"},
      r"unknown strategy 'largest'; choose one of: first, random, max, min, mixed"),
-    ("wanda-in-random-mode", "roberta", (0.1, "random"), dict(strategy="max"), r"strategy 'max' needs mode 'row'"),
+    ("wanda-in-random-mode", "roberta", (0.1, "random"), {"strategy": "max"}, r"strategy 'max' needs mode 'row'"),
     ("unknown-family", "custom", (1,), {},
      r"unknown model family: no known layout matches parameter paths like 'foo/bar/kernel'.*Pass targets="),
-    ("unknown-family-name", "roberta", (1,), dict(family="t5"), r"unknown family 't5'; choose one of: bert"),
-    ("wanda-without-calibration", "roberta", (1,), dict(strategy="max"),
-     r"strategy 'max' scores rows/columns by input activations, but calibration= lacks "
-     r"'roberta/encoder/layer/0/attention/output/dense/kernel'.*activation_norms"),
-    ("train-pattern-matches-nothing", "roberta", (1,), dict(train=[r"^pooler/"]),
+    ("unknown-family-name", "roberta", (1,), {"family": "t5"}, r"unknown family 't5'; choose one of: bert"),
+    ("wanda-without-calibration", "roberta", (1,), {"strategy": "max"},
+     (r"strategy 'max' scores rows/columns by input activations, but calibration= lacks "
+      r"'roberta/encoder/layer/0/attention/output/dense/kernel'.*activation_norms")),
+    ("train-pattern-matches-nothing", "roberta", (1,), {"train": [r"^pooler/"]},
      r"train pattern '\^pooler/' matches no parameter"),
 ]
 

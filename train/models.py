@@ -85,18 +85,26 @@ def _weights_kind(path: Path) -> dict:
     )
 
 
-def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_overrides):
-    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels)."""
+def check_source(name_or_dir: str) -> Path | None:
+    """The local dir of ``name_or_dir``, None for a hub id; a clear error for a bad path."""
     local = Path(os.path.expanduser(name_or_dir))
-    kwargs = dict(config_overrides)
     if local.exists():
         if not local.is_dir():
             raise ModelError(f"--model {name_or_dir}: not a directory; give an HF model dir or hub id")
-        kwargs.update(_weights_kind(local))
-    elif name_or_dir.startswith((".", "/", "~")):
+        return local
+    if name_or_dir.startswith((".", "/", "~")):
         raise ModelError(f"--model {name_or_dir}: no such directory; check the path")
+    return None
+
+
+def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_overrides):
+    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels)."""
+    local = check_source(name_or_dir)
+    kwargs = dict(config_overrides)
+    if local is not None:
+        kwargs.update(_weights_kind(local))
     try:
-        model = _auto_class(head).from_pretrained(str(local) if local.exists() else name_or_dir,
+        model = _auto_class(head).from_pretrained(str(local) if local else name_or_dir,
                                                   dtype=DTYPES[dtype], **kwargs)
     except OSError as err:
         raise ModelError(

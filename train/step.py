@@ -91,7 +91,7 @@ def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, l
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(trainable, frozen, batch, *, model, method: Method):

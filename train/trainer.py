@@ -70,6 +70,7 @@ def load_model_and_tokenizer(config: TrainConfig, spec: TaskSpec):
 def _dropout_overrides(config: TrainConfig) -> dict[str, float]:
     from transformers import AutoConfig
 
+    models.check_source(config.model)
     try:
         base = AutoConfig.from_pretrained(config.model)
     except OSError as err:
