@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -162,11 +163,15 @@ def mask_params(
         raise ValueError(f"mode 'random' picks entries at random; strategy {strategy!r} needs mode 'row' or 'column'")
 
     leaves = targets_lib.flat_paths(params)
-    fam = None
     if family is not None:
         fam = targets_lib.get_family(family)
-    elif targets is None or train is None:
+    elif targets is None:
         fam = targets_lib.detect_family(leaves)
+    else:  # explicit targets: the family only supplies the kernel layout and the default head
+        try:
+            fam = targets_lib.detect_family(leaves)
+        except ValueError:
+            fam = None
     out_axis = fam.out_axis if fam else 1
 
     kernel_paths = [p for p, leaf in leaves.items() if len(np.shape(leaf)) == 2]
@@ -201,12 +206,13 @@ def mask_params(
         idx = selection.select_indices(shape[axis], int(rank), strategy, rng, scores)
         slices[path] = KernelSlice(shape, axis, out_axis, idx)
 
-    train_patterns = tuple(train) if train is not None else fam.head
-    if train_bias:
-        train_patterns += tuple("^" + p[: -len("kernel")] + "bias$" for p in kernels)
-    full = targets_lib.match_paths(
-        [p for p in leaves if p not in slices], train_patterns, "train", strict=train is not None
-    )
+    rest = [p for p in leaves if p not in slices]
+    head = fam.head if fam else ()
+    full = targets_lib.match_paths(rest, tuple(train) if train is not None else head, "train",
+                                   strict=train is not None)
+    if train_bias:  # layers without a bias (Llama) simply have none to train
+        biases = tuple("^" + re.escape(p[: -len("kernel")]) + "bias$" for p in kernels)
+        full = [p for p in rest if p in set(full) | set(targets_lib.match_paths(rest, biases, "bias", strict=False))]
 
     label_of = {p: ROCOFT if p in slices else TRAIN if p in set(full) else FROZEN for p in leaves}
     labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)

@@ -27,6 +27,7 @@ def take_slice(kernel, spec: KernelSlice):
 
 def put_slice(kernel, values, spec: KernelSlice):
     """``kernel`` with its trained part replaced by ``values`` (cast to the kernel's dtype)."""
+    kernel = jnp.asarray(kernel)  # numpy params, e.g. from msgpack_restore
     values = jnp.asarray(values, kernel.dtype)
     if spec.axis is None:
         return jnp.ravel(kernel).at[spec.indices].set(values).reshape(kernel.shape)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
+from conftest import assert_trees_close, fast_jit
 
 import rocoft_jax
-from conftest import assert_trees_close, fast_jit
 from rocoft_jax.attention import fused_attention
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -41,7 +41,7 @@ MODELS = {
 LENGTHS = (8, 5, -5)  # per row: full, right-padded to 5, left-padded (5 real tokens at the end)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(name):
     """``(model, params)`` with numpy-drawn random weights (no init program to compile)."""
     config_cls, model_cls, kwargs = MODELS[name]
@@ -96,7 +96,7 @@ def assert_grads_close(actual, expected, rtol):
 GRADIENT_MODELS = ("bert", "roberta", "electra", "llama", "mistral", "gemma")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name):
     """Loss, logits and gradients without fused attention."""
     model, params = tiny(name)
@@ -105,7 +105,7 @@ def reference(name):
     return logits, grads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_logits(name, lengths=LENGTHS):
     """Logits without fused attention (from `reference` where it already ran)."""
     if name in GRADIENT_MODELS and lengths == LENGTHS:
@@ -252,6 +252,5 @@ def test_composes_with_sliced_kernels(name, order):
 
 
 def test_rejects_unknown_implementation():
-    with pytest.raises(ValueError, match="implementation must be one of"):
-        with fused_attention("flash"):
-            pass
+    with pytest.raises(ValueError, match="implementation must be one of"), fused_attention("flash"):
+        pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping
 
 import jax
@@ -54,8 +55,11 @@ class Method:
         """The model's logits."""
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        # Most HF Flax models take train=; OPT takes deterministic= instead.
+        mode = {"train": train} if "train" in inspect.signature(model.__call__).parameters \
+            else {"deterministic": not train}
         with self.layers(trainable):
-            return model(**inputs, params=params, dropout_rng=dropout_rng, train=train).logits
+            return model(**inputs, params=params, dropout_rng=dropout_rng, **mode).logits
 
     def merge(self, trainable, frozen):
         """Full params with everything trained folded in, for export."""
