@@ -34,11 +34,23 @@ from train import models, step as step_lib
 JAX_METHODS = ("rocoft", "full", "lora")
 
 
+DECODERS = ("llama", "mistral", "gemma", "gpt2", "opt", "gptj", "bloom")
+
+
+def head_of(args) -> str:
+    """Decoder families train with the causal-LM loss; encoders as 2-way classifiers."""
+    decoder = models.preset_config(args.model).model_type in DECODERS
+    return "causal-lm" if decoder or args.causal else "sequence-classification"
+
+
 def build(args, method_name: str):
     """Model, method, state, frozen tree, batch and the compiled train step, as `train.run` builds them."""
-    head = "causal-lm" if args.model.startswith("llama") or args.causal else "sequence-classification"
-    config = models.preset_config(args.model, **({} if head == "causal-lm" else {"num_labels": 2}))
-    model, params = models.random_model(config, head, args.dtype)
+    head = head_of(args)
+    # Dropout off on both stacks (the PyTorch peers too), so attention can fuse.
+    overrides = {} if head == "causal-lm" else {"num_labels": 2, "hidden_dropout_prob": 0.0,
+                                                 "attention_probs_dropout_prob": 0.0}
+    config = models.preset_config(args.model, **overrides)
+    model, params = models.random_model(config, head, args.dtype, remat=args.remat)
     method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode,
                                       lora_rank=8, lora_alpha=16)
     trainable, frozen = method.split(params)
@@ -54,7 +66,8 @@ def build(args, method_name: str):
     loss = "causal-lm" if head == "causal-lm" else "classification"
     if loss == "classification":
         batch["labels"] = jnp.asarray(rng.integers(0, 2, (args.batch_size,)), jnp.int32)
-    train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings)
+    train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings,
+                                         attention=methods_lib.resolve_attention(args.attention))
     return config, head, method, state, frozen, batch, train_fn
 
 
@@ -83,7 +96,7 @@ def time_method(args, method_name: str) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     useful = useful_step_flops(config, args.batch_size, args.seq_len, head)
     return {
-        "method": f"jax-{method_name}",
+        "method": f"jax-{method_name}" + ("-remat" if args.remat else ""),
         "step_ms": 1e3 * median,
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
@@ -103,6 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=3)
     p.add_argument("--mode", choices=("row", "column"), default="row")
     p.add_argument("--causal", action="store_true", help="causal-LM loss for an HF config dir")
+    p.add_argument("--attention", default="auto", help="auto (cuDNN on GPU), plain, xla or cudnn")
+    p.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
     p.add_argument("--flops", action="store_true", help="report compiled FLOPs of the rocoft and full steps")
     p.add_argument("--methods", default="rocoft,full", help=f"JAX methods to time, from {','.join(JAX_METHODS)}")
     p.add_argument("--peers", default="algorithm1,lora", help="PyTorch peers to time (empty: none)")
@@ -172,9 +187,8 @@ def main(argv=None) -> None:
             f"torch-{peer}", env=torch_env))
     for row in rows:
         if "step_ms" in row and "useful_flop_util" not in row:
-            config = models.preset_config(args.model)
-            head = "causal-lm" if args.model.startswith("llama") else "sequence-classification"
-            useful = useful_step_flops(config, args.batch_size, args.seq_len, head)
+            useful = useful_step_flops(models.preset_config(args.model), args.batch_size, args.seq_len,
+                                       head_of(args))
             row["useful_flop_util"] = useful / (row["step_ms"] / 1e3) / args.peak
     result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "device": jax.devices()[0].device_kind, "results": rows, "ratios": _ratios(rows)}

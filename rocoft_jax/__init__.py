@@ -9,6 +9,7 @@ Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
 ``kernel[j, :]`` (an input feature).
 """
 
+from rocoft_jax.attention import fused_attention
 from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
 from rocoft_jax.optim import MaskedSlicesState, masked
@@ -26,6 +27,7 @@ __all__ = [
     "TRAIN",
     "activation_norms",
     "detect_family",
+    "fused_attention",
     "intercept_kernels",
     "mask_from_description",
     "mask_leaves",

@@ -17,9 +17,20 @@ import jax.numpy as jnp
 
 import rocoft_jax
 from rocoft_jax import lora as lora_lib
+from rocoft_jax.attention import fused_attention
 from rocoft_jax import targets as targets_lib
 
 METHODS = ("rocoft", "full", "lora", "bitfit")
+ATTENTION = ("auto", "plain", "xla", "cudnn")
+
+
+def resolve_attention(name: str) -> str:
+    """"auto" is cuDNN's fused kernel on GPUs and HF's own attention elsewhere."""
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION)}")
+    if name == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "plain"
+    return name
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -51,8 +62,12 @@ class Method:
             return lora_lib.lora_kernels(trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank)
         return contextlib.nullcontext()
 
-    def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False):
-        """The model's logits."""
+    def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
+              attention: str = "plain"):
+        """The model's logits; ``attention`` "xla" or "cudnn" runs HF attention fused (`fused_attention`)."""
+        if attention != "plain":
+            with fused_attention(attention):
+                return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         # Most HF Flax models take train=; OPT takes deterministic= instead.

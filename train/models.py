@@ -62,14 +62,15 @@ def preset_config(name: str, **overrides):
     return config
 
 
-def random_model(config, head: str, dtype: str = "fp32", seed: int = 0):
+def random_model(config, head: str, dtype: str = "fp32", seed: int = 0, remat: bool = False):
     """A randomly initialised model and its params, built without host copies of the weights.
 
     Params are created by a jitted init, so large shapes go straight to the
     device; with ``dtype="bf16"`` they are cast inside the same program.
+    ``remat`` recomputes each layer in the backward pass (HF's gradient checkpointing).
     """
     cls = _auto_class(head)._model_mapping[type(config)]
-    model = cls(config, dtype=DTYPES[dtype], _do_init=False)
+    model = cls(config, dtype=DTYPES[dtype], _do_init=False, gradient_checkpointing=remat)
     shape = (1, min(16, config.max_position_embeddings - 2))
     init = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(DTYPES[dtype]), model.init_weights(rng, shape)))
     return model, init(jax.random.PRNGKey(seed))

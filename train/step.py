@@ -79,12 +79,14 @@ def init_state(trainable, tx, seed: int) -> TrainState:
                       rng=jax.random.PRNGKey(seed))
 
 
-def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str):
+def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str,
+               attention: str = "plain"):
     """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(trainable):
-        logits = method.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=True)
+        logits = method.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=True,
+                              attention=attention)
         return compute_loss(logits, batch, loss_kind)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
@@ -94,9 +96,9 @@ def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, l
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(trainable, frozen, batch, *, model, method: Method):
+def eval_step(trainable, frozen, batch, *, model, method: Method, attention: str = "plain"):
     """fp32 logits of a batch, dropout off."""
-    return method.apply(model, trainable, frozen, batch, train=False).astype(jnp.float32)
+    return method.apply(model, trainable, frozen, batch, train=False, attention=attention).astype(jnp.float32)
 
 
 class StepShardings(NamedTuple):
@@ -112,7 +114,8 @@ def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
                          NamedSharding(mesh, sharding.BATCH), NamedSharding(mesh, P()))
 
 
-def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True):
+def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True,
+                  attention: str = "plain"):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
 
     The train state's buffers are donated; metrics and eval logits come back
@@ -120,10 +123,10 @@ def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShar
     """
     sh = shardings
     train_fn = jax.jit(
-        functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind),
+        functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention),
         in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
         donate_argnums=(0,) if donate else ())
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method),
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention),
                       in_shardings=(sh.state.trainable, sh.frozen, sh.batch), out_shardings=sh.replicated)
     return train_fn, eval_fn
 

@@ -210,7 +210,11 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(f"--mesh {config.mesh}: {err}") from err
     frozen = distributed.to_global(frozen, shardings.frozen)
-    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, loss_kind, shardings)
+    try:
+        attention = methods_lib.resolve_attention(config.attention)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, loss_kind, shardings, attention=attention)
     if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
         example = batches.train(train_columns, 0)
         train_fn = train_fn.lower(state, frozen, example).compile()
