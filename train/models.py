@@ -70,7 +70,8 @@ def random_model(config, head: str, dtype: str = "fp32", seed: int = 0, remat: b
     ``remat`` recomputes each layer in the backward pass (HF's gradient checkpointing).
     """
     cls = _auto_class(head)._model_mapping[type(config)]
-    model = cls(config, dtype=DTYPES[dtype], _do_init=False, gradient_checkpointing=remat)
+    kwargs = {"gradient_checkpointing": True} if remat else {}  # HF's option; not every family has it
+    model = cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
     shape = (1, min(16, config.max_position_embeddings - 2))
     init = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(DTYPES[dtype]), model.init_weights(rng, shape)))
     return model, init(jax.random.PRNGKey(seed))
