@@ -50,7 +50,7 @@ def build(args, method_name: str):
     overrides = {} if head == "causal-lm" else {"num_labels": 2, "hidden_dropout_prob": 0.0,
                                                  "attention_probs_dropout_prob": 0.0}
     config = models.preset_config(args.model, **overrides)
-    model, params = models.random_model(config, head, args.dtype, remat=args.remat)
+    model, params = models.random_model_fast(config, head, args.dtype, remat=args.remat)
     method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode,
                                       lora_rank=8, lora_alpha=16)
     trainable, frozen = method.split(params)

@@ -6,6 +6,7 @@ reproduce the shapes of well-known checkpoints for benchmarks.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -75,6 +76,36 @@ def random_model(config, head: str, dtype: str = "fp32", seed: int = 0, remat: b
     shape = (1, min(16, config.max_position_embeddings - 2))
     init = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(DTYPES[dtype]), model.init_weights(rng, shape)))
     return model, init(jax.random.PRNGKey(seed))
+
+
+def random_model_fast(config, head: str, dtype: str = "bf16", seed: int = 0, remat: bool = False):
+    """Like `random_model`, for benchmarks: N(0, 0.02) kernels and embeddings, unit norm scales,
+    zero biases, drawn per leaf by one small jitted program per distinct shape.
+
+    HF's own init compiles the whole model (minutes for 24+ layers on a GPU);
+    a benchmark needs only the shapes and plausible magnitudes.
+    """
+    kwargs = {"gradient_checkpointing": True} if remat else {}
+    cls = _auto_class(head)._model_mapping[type(config)]
+    model = cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
+    shapes = jax.eval_shape(lambda rng: model.init_weights(rng, (1, 8)), jax.random.PRNGKey(0))
+    target = DTYPES[dtype]
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def draw(key, shape, kind):
+        if kind == "ones":
+            return jnp.ones(shape, target)
+        if kind == "zeros":
+            return jnp.zeros(shape, target)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(target)
+
+    def leaf(path, spec):
+        name = str(getattr(path[-1], "key", path[-1]))
+        kind = "zeros" if name == "bias" else "ones" if name in ("scale", "weight") else "normal"
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), hash(jax.tree_util.keystr(path)) % (2**31))
+        return draw(key, tuple(spec.shape), kind)
+
+    return model, jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _weights_kind(path: Path) -> dict:
