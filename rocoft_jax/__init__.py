@@ -14,7 +14,7 @@ from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
 from rocoft_jax.optim import MaskedSlicesState, masked
 from rocoft_jax.selection import activation_norms
-from rocoft_jax.slices import merge, num_params, split, with_trained_leaves
+from rocoft_jax.slices import merge, split, with_trained_leaves
 from rocoft_jax.targets import FAMILIES, detect_family
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "mask_params",
     "masked",
     "merge",
-    "num_params",
     "sliced_kernels",
     "sliced_matmul",
     "split",

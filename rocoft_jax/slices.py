@@ -11,7 +11,6 @@ unchanged: the sliced forward pass reads both (see `dense.py`).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from rocoft_jax import targets as targets_lib
@@ -85,7 +84,3 @@ def merge(trainable, frozen, mask: RoCoFTMask):
         raise ValueError(f"trainable tree lacks {missing[0]!r}; it does not belong to this mask")
     return targets_lib.unflatten(flat)
 
-
-def num_params(tree) -> int:
-    """Number of scalars in a pytree."""
-    return sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(tree))

@@ -99,11 +99,6 @@ def trim_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> d
     return {k: v[:, :length] if v.ndim == 2 and k in _MODEL_INPUTS else v for k, v in batch.items()}
 
 
-def take(batch: Mapping[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows ``indices`` of every array in ``batch``."""
-    return {k: v[indices] for k, v in batch.items()}
-
-
 def eval_rows(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(rows, weights)`` of fixed-size global eval batches covering each example once.
 
