@@ -57,6 +57,8 @@ def test_flags_override_the_task_config(tmp_path):
     out = run_ok(tmp_path, "--rank", "2", "--mode", "column", "--lr", "1e-3")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["rank"], config["mode"], config["lr"], config["max_length"]) == (2, "column", 1e-3, 32)
+    pytest.importorskip("tensorboardX")
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard logs beside metrics.jsonl
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "bitfit"])

@@ -3,10 +3,13 @@
     python -m train.export --checkpoint OUTPUT_DIR --out EXPORT_DIR
 
 The base model is reloaded as the run loaded it and checked against the
-checkpoint's fingerprint; the slices (or adapters, or leaves) are merged in,
-and the result is written with ``save_pretrained`` as ``model.safetensors``,
-which both ``FlaxAutoModelForSequenceClassification`` and PyTorch's
-``AutoModelForSequenceClassification`` load.
+checkpoint's fingerprint; the slices (or adapters, or leaves) are merged in.
+The result is written twice, from the same merged params: ``flax_model.msgpack``
+(Flax's ``save_pretrained``) for ``FlaxAutoModelForSequenceClassification``, and
+a PyTorch-layout ``model.safetensors`` for PyTorch's
+``AutoModelForSequenceClassification``, written with numpy alone, so exporting
+needs no torch. (transformers 4.57 cannot load a Flax-format safetensors file
+into PyTorch: its meta-device init drops the weights.)
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
 
+from rocoft_jax.targets import flatten
 from train import checkpoint as ckpt
 from train import methods as methods_lib, models
 from train.config import ConfigError, TrainConfig
@@ -46,12 +52,27 @@ def load_trained(path: Path):
     return model, method, trainable, frozen, tokenizer, meta
 
 
+def torch_state_dict(params) -> dict[str, np.ndarray]:
+    """HF PyTorch names and layouts: dots, ``weight`` for kernels (transposed), norm scales and embeddings."""
+    out = {}
+    for path, value in flatten(params).items():
+        parts = path.split("/")
+        value = np.asarray(value, np.float32)
+        if parts[-1] == "kernel":
+            parts[-1], value = "weight", value.T
+        elif parts[-1] in ("scale", "embedding"):
+            parts[-1] = "weight"
+        out[".".join(parts)] = np.ascontiguousarray(value)
+    return out
+
+
 def export(path: Path, out: Path) -> Path:
     model, method, trainable, frozen, tokenizer, meta = load_trained(path)
     merged = method.merge(trainable, frozen)
     merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, params=merged, safe_serialization=True)
+    model.save_pretrained(out, params=merged)
+    safetensors.numpy.save_file(torch_state_dict(merged), str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     (out / "rocoft.json").write_text(json.dumps({k: meta[k] for k in ("model", "fingerprint", "selection")}) + "\n")
     return out
