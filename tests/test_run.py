@@ -217,3 +217,24 @@ def test_export_loads_in_flax_and_pytorch_with_the_trained_logits(tmp_path, refe
     with torch.no_grad():
         got = torch_model(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["flax_model.msgpack", "pytorch_model.bin"])
+def test_trains_from_a_local_dir_of_either_weight_format(tmp_path, reference_run, weights):
+    """A local --model dir may hold Flax msgpack weights, or PyTorch .bin weights (converted via from_pt)."""
+    pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from train import export
+
+    exported = tmp_path / "exported"
+    assert export.main(["--checkpoint", str(reference_run), "--out", str(exported)]) == 0
+    model_dir = exported
+    if weights == "pytorch_model.bin":
+        model_dir = tmp_path / "pt"
+        AutoModelForSequenceClassification.from_pretrained(exported).save_pretrained(model_dir, safe_serialization=False)
+        AutoTokenizer.from_pretrained(exported).save_pretrained(model_dir)
+        assert (model_dir / "pytorch_model.bin").is_file() and not (model_dir / "model.safetensors").exists()
+    out = tmp_path / "run"
+    assert run.main(["--model", str(model_dir), "--max-steps", "4", "--limit-eval", "64", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["model"] == str(model_dir)
