@@ -42,26 +42,55 @@ _COMMON_TAIL = (
     (r"(^|/)(classifier|pooler|pre_classifier|classification_head|score)/", P()),
 )
 
+_COL_BIAS = P("tensor")
+
+
+def _layers(col: str, row: str, embeddings: str, extra: tuple = ()) -> tuple[tuple[str, P], ...]:
+    """Megatron layout for a family: ``col`` layers split their output, ``row`` layers their input."""
+    return (
+        (rf"({col})/kernel$", _COL),
+        (rf"({col})/bias$", _COL_BIAS),
+        (rf"({row})/kernel$", _ROW),
+        (rf"({row})/bias$", P()),
+        (rf"({embeddings})/embedding$", P(None, "fsdp")),
+        *extra,
+        (r"(embed_positions|position_embeddings|wpe)/embedding$", P()),
+    )
+
+
 RULES: dict[str, tuple[tuple[str, P], ...]] = {
     "bert": (
-        (r"attention/self/(query|key|value)/kernel$", _COL),
-        (r"attention/self/(query|key|value)/bias$", P("tensor")),
-        (r"attention/output/dense/kernel$", _ROW),
-        (r"intermediate/dense/kernel$", _COL),
-        (r"intermediate/dense/bias$", P("tensor")),
-        (r"output/dense/kernel$", _ROW),
-        (r"output/dense/bias$", P()),
-        (r"embeddings/word_embeddings/embedding$", P(None, "fsdp")),
+        *_layers(r"attention/self/(query|key|value)|intermediate/dense", r"output/dense", "word_embeddings"),
         (r"embeddings/\w+_embeddings/embedding$", P()),
-        (r"lm_head/", P()),
+        (r"(embeddings_project|lm_head|cls|generator_\w+|discriminator_\w+)/", P()),  # ELECTRA, MLM heads
     ),
+    "distilbert": _layers(r"attention/(q_lin|k_lin|v_lin)|ffn/lin1", r"attention/out_lin|ffn/lin2",
+                          "word_embeddings"),
+    "bart": _layers(r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1", r"(self_attn|encoder_attn)/out_proj|fc2",
+                    "shared|embed_tokens"),
     "llama": (
-        (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", _COL),
-        (r"self_attn/o_proj/kernel$", _ROW),
-        (r"mlp/(gate_proj|up_proj)/kernel$", _COL),
-        (r"mlp/down_proj/kernel$", _ROW),
-        (r"embed_tokens/embedding$", P(None, ("fsdp", "tensor"))),
+        *_layers(r"self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj)", r"self_attn/o_proj|mlp/down_proj",
+                 "embed_tokens"),
         (r"lm_head/kernel$", P("fsdp", "tensor")),
+    ),
+    "opt": (
+        *_layers(r"self_attn/(q_proj|k_proj|v_proj)|fc1", r"self_attn/out_proj|fc2", "embed_tokens"),
+        (r"(project_in|project_out)/kernel$", P()),
+        (r"lm_head/kernel$", P("fsdp", "tensor")),
+    ),
+    "gptj": (
+        *_layers(r"attn/(q_proj|k_proj|v_proj)|mlp/fc_in", r"attn/out_proj|mlp/fc_out", "wte"),
+        (r"lm_head/kernel$", P("fsdp", "tensor")),
+    ),
+    "bloom": _layers(r"self_attention/query_key_value|mlp/dense_h_to_4h", r"self_attention/dense|mlp/dense_4h_to_h",
+                     "word_embeddings"),
+    # GPT-2's Conv1D kernels are (d_out, d_in): the layout is mirrored.
+    "gpt2": (
+        (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
+        (r"(attn/c_attn|mlp/c_fc)/bias$", _COL_BIAS),
+        (r"(attn/c_proj|mlp/c_proj)/kernel$", P("fsdp", "tensor")),
+        (r"wte/embedding$", P(None, "fsdp")),
+        (r"wpe/embedding$", P()),
     ),
 }
 
