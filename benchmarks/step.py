@@ -50,7 +50,9 @@ def build(args, method_name: str):
     overrides = {} if head == "causal-lm" else {"num_labels": 2, "hidden_dropout_prob": 0.0,
                                                  "attention_probs_dropout_prob": 0.0}
     config = models.preset_config(args.model, **overrides)
-    model, params = models.random_model_fast(config, head, args.dtype, remat=args.remat)
+    # Llama-likes have no HF remat option: their layers are rematerialized by interception instead.
+    intercept_remat = args.remat and config.model_type in ("llama", "mistral", "gemma")
+    model, params = models.random_model_fast(config, head, args.dtype, remat=args.remat and not intercept_remat)
     method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode,
                                       lora_rank=8, lora_alpha=16)
     trainable, frozen = method.split(params)
@@ -67,7 +69,8 @@ def build(args, method_name: str):
     if loss == "classification":
         batch["labels"] = jnp.asarray(rng.integers(0, 2, (args.batch_size,)), jnp.int32)
     train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings,
-                                         attention=methods_lib.resolve_attention(args.attention))
+                                         attention=methods_lib.resolve_attention(args.attention),
+                                         remat=intercept_remat)
     return config, head, method, state, frozen, batch, train_fn
 
 

@@ -12,6 +12,7 @@ Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
 from rocoft_jax.attention import fused_attention
 from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
+from rocoft_jax.remat import remat_layers
 from rocoft_jax.optim import MaskedSlicesState, masked
 from rocoft_jax.selection import activation_norms
 from rocoft_jax.slices import merge, split, with_trained_leaves
@@ -34,6 +35,7 @@ __all__ = [
     "mask_params",
     "masked",
     "merge",
+    "remat_layers",
     "sliced_kernels",
     "sliced_matmul",
     "split",

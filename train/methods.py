@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import rocoft_jax
 from rocoft_jax import lora as lora_lib
 from rocoft_jax.attention import fused_attention
+from rocoft_jax.remat import remat_layers
 from rocoft_jax import targets as targets_lib
 
 METHODS = ("rocoft", "full", "lora", "bitfit")
@@ -63,10 +64,15 @@ class Method:
         return contextlib.nullcontext()
 
     def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
-              attention: str = "plain"):
-        """The model's logits; ``attention`` "xla" or "cudnn" runs HF attention fused (`fused_attention`)."""
-        if attention != "plain":
-            with fused_attention(attention):
+              attention: str = "plain", remat: bool = False):
+        """The model's logits.
+
+        ``attention`` "xla" or "cudnn" runs HF attention fused (`fused_attention`);
+        ``remat`` recomputes each Llama/Mistral/Gemma layer in the backward pass (`remat_layers`).
+        """
+        if attention != "plain" or remat:
+            with fused_attention(attention) if attention != "plain" else contextlib.nullcontext(), \
+                    remat_layers() if remat else contextlib.nullcontext():
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -80,13 +80,13 @@ def init_state(trainable, tx, seed: int) -> TrainState:
 
 
 def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str,
-               attention: str = "plain"):
+               attention: str = "plain", remat: bool = False):
     """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(trainable):
         logits = method.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=True,
-                              attention=attention)
+                              attention=attention, remat=remat)
         return compute_loss(logits, batch, loss_kind)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
@@ -115,7 +115,7 @@ def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
 
 
 def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True,
-                  attention: str = "plain"):
+                  attention: str = "plain", remat: bool = False):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
 
     The train state's buffers are donated; metrics and eval logits come back
@@ -123,7 +123,8 @@ def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShar
     """
     sh = shardings
     train_fn = jax.jit(
-        functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention),
+        functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention,
+                          remat=remat),
         in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
         donate_argnums=(0,) if donate else ())
     eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention),
