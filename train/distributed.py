@@ -79,6 +79,18 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
         jax_distributed.global_state.client.wait_at_barrier(f"rocoft_{name}", timeout_s * 1000)
 
 
+def finish() -> None:
+    """Meets the other processes, then leaves the runtime together.
+
+    Process 0 writes reports after the last collective while the others exit
+    at once; without this meeting, a loaded machine can make JAX's own
+    shutdown barrier time out and abort a run that succeeded.
+    """
+    if jax.process_count() > 1:
+        barrier("finished")
+        jax.distributed.shutdown()
+
+
 def is_main() -> bool:
     """Only process 0 prints, logs and exports."""
     return jax.process_index() == 0

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
         from train.trainer import train_and_evaluate
 
         train_and_evaluate(config)
+        distributed.finish()
     except (config_lib.ConfigError, DataError, models.ModelError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
