@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def prepare_output_dir(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test.{os.getpid()}"  # one per process: several may share the dir
         probe.write_text("")
         probe.unlink()
     except OSError as err:
