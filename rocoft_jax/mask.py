@@ -105,6 +105,21 @@ class RoCoFTMask:
         }
 
 
+def _build(params, leaves: dict[str, Any], slices: dict[str, KernelSlice], full, **record) -> RoCoFTMask:
+    """The mask of ``params`` with ``slices`` labelled "rocoft" and the paths in ``full`` "train"."""
+    full = set(full)
+    label_of = {p: ROCOFT if p in slices else TRAIN if p in full else FROZEN for p in leaves}
+    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
+    return RoCoFTMask(
+        labels=labels,
+        slices=slices,
+        label_of=label_of,
+        num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
+        num_trainable=sum(s.size for s in slices.values()) + sum(math.prod(np.shape(leaves[p])) for p in full),
+        **record,
+    )
+
+
 def _check_rank(mode: str, rank, kernels: dict[str, Any], axis_of: dict[str, int]) -> None:
     if mode == "random":
         if not isinstance(rank, (int, float)) or not 0.0 < float(rank) <= 1.0:
@@ -214,23 +229,8 @@ def mask_params(
         biases = tuple("^" + re.escape(p[: -len("kernel")]) + "bias$" for p in kernels)
         full = [p for p in rest if p in set(full) | set(targets_lib.match_paths(rest, biases, "bias", strict=False))]
 
-    label_of = {p: ROCOFT if p in slices else TRAIN if p in set(full) else FROZEN for p in leaves}
-    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
-    num_trainable = sum(s.size for s in slices.values()) + sum(
-        math.prod(np.shape(leaves[p])) for p in full
-    )
-    return RoCoFTMask(
-        labels=labels,
-        slices=slices,
-        label_of=label_of,
-        mode=mode,
-        rank=rank,
-        strategy=strategy,
-        family=fam.name if fam else None,
-        num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
-        num_trainable=num_trainable,
-        seed=seed,
-    )
+    return _build(params, leaves, slices, full, mode=mode, rank=rank, strategy=strategy,
+                  family=fam.name if fam else None, seed=seed)
 
 
 def mask_leaves(params, train: Sequence[str], *, name: str = "full", strict: bool = True) -> RoCoFTMask:
@@ -241,20 +241,8 @@ def mask_leaves(params, train: Sequence[str], *, name: str = "full", strict: boo
     ``strict``, a pattern that matches nothing is an error.
     """
     leaves = targets_lib.flat_paths(params)
-    full = set(targets_lib.match_paths(leaves, tuple(train), "train", strict=strict))
-    label_of = {p: TRAIN if p in full else FROZEN for p in leaves}
-    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
-    return RoCoFTMask(
-        labels=labels,
-        slices={},
-        label_of=label_of,
-        mode=name,
-        rank=0,
-        strategy="none",
-        family=None,
-        num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
-        num_trainable=sum(math.prod(np.shape(leaves[p])) for p in full),
-    )
+    full = targets_lib.match_paths(leaves, tuple(train), "train", strict=strict)
+    return _build(params, leaves, {}, full, mode=name, rank=0, strategy="none", family=None)
 
 
 def mask_from_description(params, description: Mapping[str, Any]) -> RoCoFTMask:
@@ -278,13 +266,5 @@ def mask_from_description(params, description: Mapping[str, Any]) -> RoCoFTMask:
         else:
             axis = out_axis if mode == "row" else 1 - out_axis
             slices[path] = KernelSlice(shape, axis, out_axis, np.asarray(description["indices"][path], np.int32))
-    full = set(description["train"])
-    label_of = {p: ROCOFT if p in slices else TRAIN if p in full else FROZEN for p in leaves}
-    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
-    return RoCoFTMask(
-        labels=labels, slices=slices, label_of=label_of, mode=mode, rank=description["rank"],
-        strategy=description["strategy"], family=family,
-        num_total=sum(math.prod(np.shape(v)) for v in leaves.values()),
-        num_trainable=sum(s.size for s in slices.values()) + sum(math.prod(np.shape(leaves[p])) for p in full),
-        seed=description["seed"],
-    )
+    return _build(params, leaves, slices, description["train"], mode=mode, rank=description["rank"],
+                  strategy=description["strategy"], family=family, seed=description["seed"])
