@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 from pathlib import Path
 
 import jax
@@ -63,16 +64,23 @@ def preset_config(name: str, **overrides):
     return config
 
 
-def random_model(config, head: str, dtype: str = "fp32", seed: int = 0, remat: bool = False):
+def _unbound_model(config, head: str, dtype: str, remat: bool):
+    """The HF Flax model class of ``config`` and ``head``, without params.
+
+    ``remat`` is HF's gradient checkpointing, which not every family has.
+    """
+    cls = _auto_class(head)._model_mapping[type(config)]
+    kwargs = {"gradient_checkpointing": True} if remat else {}
+    return cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
+
+
+def random_model(config, head: str, dtype: str = "fp32", seed: int = 0):
     """A randomly initialised model and its params, built without host copies of the weights.
 
     Params are created by a jitted init, so large shapes go straight to the
     device; with ``dtype="bf16"`` they are cast inside the same program.
-    ``remat`` recomputes each layer in the backward pass (HF's gradient checkpointing).
     """
-    cls = _auto_class(head)._model_mapping[type(config)]
-    kwargs = {"gradient_checkpointing": True} if remat else {}  # HF's option; not every family has it
-    model = cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
+    model = _unbound_model(config, head, dtype, remat=False)
     shape = (1, min(16, config.max_position_embeddings - 2))
     init = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(DTYPES[dtype]), model.init_weights(rng, shape)))
     return model, init(jax.random.PRNGKey(seed))
@@ -85,9 +93,7 @@ def random_model_fast(config, head: str, dtype: str = "bf16", seed: int = 0, rem
     HF's own init compiles the whole model (minutes for 24+ layers on a GPU);
     a benchmark needs only the shapes and plausible magnitudes.
     """
-    kwargs = {"gradient_checkpointing": True} if remat else {}
-    cls = _auto_class(head)._model_mapping[type(config)]
-    model = cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
+    model = _unbound_model(config, head, dtype, remat)
     shapes = jax.eval_shape(lambda rng: model.init_weights(rng, (1, 8)), jax.random.PRNGKey(0))
     target = DTYPES[dtype]
 
@@ -102,7 +108,8 @@ def random_model_fast(config, head: str, dtype: str = "bf16", seed: int = 0, rem
     def leaf(path, spec):
         name = str(getattr(path[-1], "key", path[-1]))
         kind = "zeros" if name == "bias" else "ones" if name in ("scale", "weight") else "normal"
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), hash(jax.tree_util.keystr(path)) % (2**31))
+        # crc32, not hash(): str hashes change from one process to the next.
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(jax.tree_util.keystr(path).encode()) % (2**31))
         return draw(key, tuple(spec.shape), kind)
 
     return model, jax.tree_util.tree_map_with_path(leaf, shapes)
