@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +54,18 @@ def build(args, method_name: str):
                                                  "attention_probs_dropout_prob": 0.0}
     config = models.preset_config(args.model, **overrides)
     # Llama-likes have no HF remat option: their layers are rematerialized by interception instead.
-    intercept_remat = args.remat and config.model_type in ("llama", "mistral", "gemma")
-    model, params = models.random_model_fast(config, head, args.dtype, remat=args.remat and not intercept_remat)
+    intercepted = config.model_type in ("llama", "mistral", "gemma")
+    if args.remat == "dots" and not intercepted:
+        raise SystemExit("--remat dots needs a Llama/Mistral/Gemma model; use --remat full (HF's own) here")
+    hf_remat = args.remat != "none" and not intercepted
+    model, params = models.random_model_fast(config, head, args.dtype, remat=hf_remat)
     method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode,
                                       lora_rank=8, lora_alpha=16)
     trainable, frozen = method.split(params)
     del params
     tx, _ = step_lib.make_optimizer(1e-4, 1000, 10)
-    mesh = sharding.make_mesh(sharding.parse_mesh("", jax.device_count()))
+    devices = jax.devices()[:args.num_devices or None]
+    mesh = sharding.make_mesh(sharding.parse_mesh("", len(devices)), devices)
     state, shardings = step_lib.init_sharded_state(trainable, tx, 0, mesh, method.mask.family, frozen)
     rng = np.random.default_rng(0)
     batch = {
@@ -70,7 +77,8 @@ def build(args, method_name: str):
         batch["labels"] = jnp.asarray(rng.integers(0, 2, (args.batch_size,)), jnp.int32)
     train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings,
                                          attention=methods_lib.resolve_attention(args.attention),
-                                         remat=intercept_remat)
+                                         remat=args.remat if intercepted and args.remat != "none" else None)
+    frozen, batch = jax.device_put(frozen, shardings.frozen), jax.device_put(batch, shardings.batch)
     return config, head, method, state, frozen, batch, train_fn
 
 
@@ -79,6 +87,16 @@ def compiled_flops(args, method_name: str) -> float:
     cost = train_fn.lower(state, frozen, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
+
+
+def _profile(compiled, state, frozen, batch, path: str) -> None:
+    """Traces 3 steps and keeps only the Chrome trace, as ``path`` (a .trace.json.gz file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(3):
+                state, metrics = compiled(state, frozen, batch)
+            jax.block_until_ready(metrics)
+        shutil.move(next(Path(tmp).rglob("*.trace.json.gz")), path)
 
 
 def time_method(args, method_name: str) -> dict:
@@ -96,14 +114,19 @@ def time_method(args, method_name: str) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
+    if args.profile:
+        _profile(compiled, state, frozen, batch, args.profile)
     stats = jax.devices()[0].memory_stats() or {}
+    num_devices = args.num_devices or jax.device_count()
     useful = useful_step_flops(config, args.batch_size, args.seq_len, head)
     return {
-        "method": f"jax-{method_name}" + ("-remat" if args.remat else ""),
+        "method": f"jax-{method_name}" + ("" if args.remat == "none" else f"-remat-{args.remat}"),
+        "num_devices": num_devices,
         "step_ms": 1e3 * median,
         "tokens_per_s": args.batch_size * args.seq_len / median,
+        "tokens_per_s_per_device": args.batch_size * args.seq_len / median / num_devices,
         "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-        "useful_flop_util": useful / median / args.peak,
+        "useful_flop_util": useful / median / args.peak / num_devices,
         "compile_s": compile_s,
         "num_trainable": method.mask.num_trainable,
         "loss": float(metrics["loss"]),
@@ -119,8 +142,14 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=3)
     p.add_argument("--mode", choices=("row", "column"), default="row")
     p.add_argument("--causal", action="store_true", help="causal-LM loss for an HF config dir")
-    p.add_argument("--attention", default="auto", help="auto (cuDNN on GPU), plain, xla or cudnn")
-    p.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
+    p.add_argument("--attention", default="auto", help="auto (cuDNN on GPU), plain, xla, cudnn or cudnn-lengths "
+                                                           "(padding as key lengths: right-padded batches only)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="recompute each layer in the backward pass: full, or all but the projections (dots, "
+                        "Llama-likes; see rocoft_jax.remat)")
+    p.add_argument("--num-devices", type=int, default=0,
+                   help="data-parallel over the first N devices (default: all); --batch-size is the global batch")
+    p.add_argument("--profile", help="also write a Chrome trace (.trace.json.gz) of 3 steps to this file")
     p.add_argument("--flops", action="store_true", help="report compiled FLOPs of the rocoft and full steps")
     p.add_argument("--methods", default="rocoft,full", help=f"JAX methods to time, from {','.join(JAX_METHODS)}")
     p.add_argument("--peers", default="algorithm1,lora", help="PyTorch peers to time (empty: none)")
@@ -142,7 +171,7 @@ def _subprocess_json(cmd: list[str], label: str, env=None) -> dict:
 def _ratios(rows: list[dict]) -> dict[str, float]:
     """The issue's targets as ratios of step time (lower is better) and tokens/s (higher is better)."""
     by = {r["method"]: r for r in rows if "step_ms" in r}
-    ours = by.get("jax-rocoft")
+    ours = next((r for name, r in by.items() if name.startswith("jax-rocoft")), None)
     if ours is None:
         return {}
     out = {}
@@ -156,7 +185,8 @@ def _ratios(rows: list[dict]) -> dict[str, float]:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ("method", "step_ms", "tokens_per_s", "peak_gib", "useful_flop_util", "compile_s")
+    cols = ("method", "num_devices", "step_ms", "tokens_per_s", "tokens_per_s_per_device", "peak_gib",
+            "useful_flop_util", "compile_s")
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         lines.append(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))

@@ -49,6 +49,7 @@ import inspect
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 ENCODERS = frozenset({
@@ -56,6 +57,8 @@ ENCODERS = frozenset({
     "FlaxElectraSelfAttention", "FlaxRobertaPreLayerNormSelfAttention", "FlaxBigBirdSelfAttention",
 })
 DECODERS = frozenset({"FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"})
+# Name of the fused attention output, for ``jax.checkpoint`` policies (`rocoft_jax.remat`).
+CHECKPOINT_NAME = "rocoft_jax/attention"
 
 
 def get_class_names(module) -> set[str]:
@@ -170,7 +173,7 @@ def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=chosen, **kwargs)
     if lengths is not None:
         out = poison_unless_prefix(out, keep, lengths)
-    return out, chosen or "xla"
+    return checkpoint_name(out, CHECKPOINT_NAME), chosen or "xla"
 
 
 def fused_call(module, family: str, arguments: dict, implementation, right_padded: bool):

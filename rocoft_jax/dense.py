@@ -30,10 +30,14 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from rocoft_jax import targets as targets_lib
 from rocoft_jax.mask import ROCOFT, KernelSlice, RoCoFTMask
 from rocoft_jax.slices import put_slice
+
+# Name of every sliced layer's output, for ``jax.checkpoint`` policies (`rocoft_jax.remat`).
+CHECKPOINT_NAME = "rocoft_jax/sliced_dense"
 
 
 def _matmul(x, kernel, in_axis: int, precision):
@@ -101,7 +105,7 @@ def _sliced_call(module, x, values, spec: KernelSlice):
     y = sliced_matmul(x, kernel, values, spec, dtype=module.dtype, precision=module.precision)
     if module.has_variable("params", "bias"):
         y = y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
-    return y
+    return checkpoint_name(y, CHECKPOINT_NAME)
 
 
 @contextlib.contextmanager

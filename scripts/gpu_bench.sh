@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark of the README's performance table: our steps and the PyTorch peers, one GPU.
+# The GPU benchmarks of the README's performance tables, in two parts that each fit a 10-minute slot:
+#   OUT=dir bash scripts/gpu_bench.sh encoder   # roberta-large T=512 and T=128, plus 1- vs 2-GPU data parallel
+#   OUT=dir bash scripts/gpu_bench.sh llama     # Llama-2-7B shape, B=4, T=1024, with the PyTorch peers
 # JAX needs transformers<5 (wheels in .wheels/, installed to /tmp/tx); the PyTorch peers use the
 # machine's own transformers (benchmarks.step clears PYTHONPATH for them).
 set -u
@@ -8,10 +10,21 @@ mkdir -p "$OUT"
 pip install -q --no-deps --target /tmp/tx .wheels/*.whl
 export PYTHONPATH=/tmp/tx NCCL_NVLS_ENABLE=0 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi -L | tee "$OUT/env.txt"
-python -c "import jax, flax, optax, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
-run() { local name=$1; shift; timeout "${LIMIT:-240}" python -m benchmarks.step "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err"; tail -c 1500 "$OUT/$name.json"; echo; }
-# Each run prints its JSON when done; LIMIT bounds it so one slow shape cannot eat the lease.
-LIMIT=300 run roberta_large_512 --model roberta-large --batch-size 32 --seq-len 512 --steps 20
-LIMIT=300 run llama7b_1024 --model llama-2-7b --batch-size 4 --seq-len 1024 --methods rocoft --peers lora,algorithm1 --steps 10
-LIMIT=200 run llama7b_1024_remat --model llama-2-7b --batch-size 4 --seq-len 1024 --methods rocoft --peers "" --remat --steps 10
-LIMIT=300 run roberta_large_128 --model roberta-large --batch-size 32 --seq-len 128 --steps 20
+python -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$OUT/env.txt"
+# Each run writes its JSON when done; LIMIT bounds it so one slow shape cannot eat the slot.
+run() { local name=$1; shift; timeout "${LIMIT:-240}" python -m benchmarks.step "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err"; tail -c 2500 "$OUT/$name.json"; echo; }
+case "${1:-encoder}" in
+  encoder)
+    CUDA_VISIBLE_DEVICES=0 LIMIT=260 run roberta_large_512 --model roberta-large --batch-size 32 --seq-len 512 --steps 20
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+      LIMIT=100 run dp_1gpu --model roberta-large --batch-size 32 --seq-len 512 --methods rocoft --peers "" --num-devices 1 --steps 20
+      LIMIT=100 run dp_2gpu --model roberta-large --batch-size 64 --seq-len 512 --methods rocoft --peers "" --num-devices 2 --steps 20
+    fi
+    CUDA_VISIBLE_DEVICES=0 LIMIT=200 run roberta_large_128 --model roberta-large --batch-size 32 --seq-len 128 --steps 20
+    ;;
+  llama)
+    CUDA_VISIBLE_DEVICES=0 LIMIT=330 run llama7b_1024 --model llama-2-7b --batch-size 4 --seq-len 1024 --methods rocoft --remat dots --peers lora,algorithm1 --steps 10
+    CUDA_VISIBLE_DEVICES=0 LIMIT=150 run llama7b_1024_noremat --model llama-2-7b --batch-size 4 --seq-len 1024 --methods rocoft --peers "" --steps 10
+    CUDA_VISIBLE_DEVICES=0 LIMIT=100 run llama7b_1024_fullremat --model llama-2-7b --batch-size 4 --seq-len 1024 --methods rocoft --remat full --peers "" --steps 10
+    ;;
+esac

@@ -22,7 +22,7 @@ from rocoft_jax.remat import remat_layers
 from rocoft_jax import targets as targets_lib
 
 METHODS = ("rocoft", "full", "lora", "bitfit")
-ATTENTION = ("auto", "plain", "xla", "cudnn")
+ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
 
 
 def resolve_attention(name: str) -> str:
@@ -64,15 +64,17 @@ class Method:
         return contextlib.nullcontext()
 
     def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
-              attention: str = "plain", remat: bool = False):
+              attention: str = "plain", remat: str | None = None):
         """The model's logits.
 
         ``attention`` "xla" or "cudnn" runs HF attention fused (`fused_attention`);
-        ``remat`` recomputes each Llama/Mistral/Gemma layer in the backward pass (`remat_layers`).
+        ``remat`` ("full" or "dots", `rocoft_jax.remat.POLICIES`) recomputes each
+        Llama/Mistral/Gemma layer in the backward pass (`remat_layers`).
         """
         if attention != "plain" or remat:
-            with fused_attention(attention) if attention != "plain" else contextlib.nullcontext(), \
-                    remat_layers() if remat else contextlib.nullcontext():
+            fused = fused_attention(attention.removesuffix("-lengths"), right_padded=attention.endswith("-lengths"))
+            with fused if attention != "plain" else contextlib.nullcontext(), \
+                    remat_layers(remat) if remat else contextlib.nullcontext():
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -80,7 +80,7 @@ def init_state(trainable, tx, seed: int) -> TrainState:
 
 
 def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str,
-               attention: str = "plain", remat: bool = False):
+               attention: str = "plain", remat: str | None = None):
     """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -115,7 +115,7 @@ def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
 
 
 def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True,
-                  attention: str = "plain", remat: bool = False):
+                  attention: str = "plain", remat: str | None = None):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
 
     The train state's buffers are donated; metrics and eval logits come back
