@@ -94,8 +94,8 @@ HELP = {
     "train_bias": "also train the biases of the targeted layers (true|false)",
     "seed": "seeds selection, head init, data order and dropout",
     "dtype": "fp32, or bf16 (frozen weights and compute in bf16; trained values stay fp32)",
-    "attention": "auto (cuDNN fused attention on GPUs, HF's own elsewhere), plain, xla or cudnn; "
-                 "active attention dropout falls back to HF's attention",
+    "attention": "auto (cuDNN fused attention on GPUs, padding as key lengths; HF's own elsewhere), plain, "
+                 "xla, cudnn or cudnn-lengths; active attention dropout falls back to HF's attention",
     "calibration_batches": "training batches used to score rows/columns for Wanda strategies",
     "output_dir": "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go",
     "data_dir": "local GLUE folder (download_glue_data.py layout) or HF parquet files; default: the hub",

@@ -26,8 +26,9 @@ def encode(
 ) -> dict[str, np.ndarray]:
     """Tokenize a split to fixed-shape int32 arrays plus ``labels``.
 
-    Pairs are truncated longest-first. ``labels`` is float32 when the label
-    column holds floats (STS-B regression), else int32. Tokenizing in chunks
+    Pairs are truncated longest-first and padded on the right, which the
+    fused attention relies on. ``labels`` is float32 when the label column
+    holds floats (STS-B regression), else int32. Tokenizing in chunks
     bounds peak memory on the large tasks (QQP, MNLI).
     """
     texts = [list(columns[k]) for k in text_keys]
@@ -35,7 +36,8 @@ def encode(
     out: dict[str, np.ndarray] = {}
     for start in range(0, n, chunk_size):
         chunk = [t[start : start + chunk_size] for t in texts]
-        enc = tokenizer(*chunk, truncation=True, padding="max_length", max_length=max_length, return_tensors="np")
+        enc = tokenizer(*chunk, truncation=True, padding="max_length", max_length=max_length,
+                        padding_side="right", return_tensors="np")
         for key in _MODEL_INPUTS:
             if key in enc:
                 out.setdefault(key, np.empty((n, max_length), np.int32))[start : start + len(chunk[0])] = enc[key]

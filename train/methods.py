@@ -26,11 +26,15 @@ ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
 
 
 def resolve_attention(name: str) -> str:
-    """"auto" is cuDNN's fused kernel on GPUs and HF's own attention elsewhere."""
+    """"auto" is cuDNN's fused kernel on GPUs and HF's own attention elsewhere.
+
+    On GPUs it passes padding as key lengths ("cudnn-lengths"), cuDNN's native
+    form: `train` batches are right-padded, and a row that is not comes out NaN.
+    """
     if name not in ATTENTION:
         raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTION)}")
     if name == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "plain"
+        return "cudnn-lengths" if jax.default_backend() == "gpu" else "plain"
     return name
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
