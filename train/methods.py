@@ -36,6 +36,28 @@ def resolve_attention(name: str) -> str:
     if name == "auto":
         return "cudnn-lengths" if jax.default_backend() == "gpu" else "plain"
     return name
+
+
+REMAT = ("auto", "none", "full", "dots")
+REMAT_MIN_PARAMS = 6e9  # 7B's activations outgrow one GPU at the LLM tasks' batch sizes; smaller models fit
+
+
+def resolve_remat(name: str, model_type: str, num_params: int) -> str | None:
+    """The `remat_layers` policy, or None: "auto" is "dots" for Llama/Mistral/Gemma with >= 6B params.
+
+    Only those families' decoder layers can be intercepted (HF's Flax decoders have no remat option).
+    """
+    if name not in REMAT:
+        raise ValueError(f"unknown remat {name!r}; choose one of {', '.join(REMAT)}")
+    layered = model_type in ("llama", "mistral", "gemma")
+    if name == "auto":
+        return "dots" if layered and num_params >= REMAT_MIN_PARAMS else None
+    if name != "none" and not layered:
+        raise ValueError(f"--remat {name} needs a Llama, Mistral or Gemma model (this is {model_type}, whose "
+                         "layers cannot be rematerialized); use --remat none")
+    return None if name == "none" else name
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -67,18 +89,30 @@ class Method:
             return lora_lib.lora_kernels(trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank)
         return contextlib.nullcontext()
 
+    @staticmethod
+    @contextlib.contextmanager
+    def fast_paths(attention: str, remat: str | None):
+        """Fused attention and GELU (unless ``attention`` is "plain") and layer remat (if asked)."""
+        with contextlib.ExitStack() as stack:
+            if attention != "plain":
+                stack.enter_context(fused_attention(attention.removesuffix("-lengths"),
+                                                    right_padded=attention.endswith("-lengths")))
+                stack.enter_context(rocoft_jax.fast_gelu())
+            if remat:
+                stack.enter_context(remat_layers(remat))
+            yield
+
     def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
               attention: str = "plain", remat: str | None = None):
         """The model's logits.
 
-        ``attention`` "xla" or "cudnn" runs HF attention fused (`fused_attention`);
+        ``attention`` other than "plain" runs HF attention fused (`fused_attention`)
+        and BERT-family GELU through `rocoft_jax.gelu`;
         ``remat`` ("full" or "dots", `rocoft_jax.remat.POLICIES`) recomputes each
         Llama/Mistral/Gemma layer in the backward pass (`remat_layers`).
         """
         if attention != "plain" or remat:
-            fused = fused_attention(attention.removesuffix("-lengths"), right_padded=attention.endswith("-lengths"))
-            with fused if attention != "plain" else contextlib.nullcontext(), \
-                    remat_layers(remat) if remat else contextlib.nullcontext():
+            with self.fast_paths(attention, remat):
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
