@@ -185,3 +185,14 @@ def test_unmatched_path_is_an_error():
     params = {"encoder": {"layer": {"0": {"mystery": {"kernel": np.zeros((4, 4))}}}}}
     with pytest.raises(ValueError, match="no partition rule matches 'encoder/layer/0/mystery/kernel'"):
         sharding.partition_specs(params, "bert", AbstractMesh((1, 2, 2), sharding.AXES))
+
+
+def test_print_sharding_lists_every_param_with_its_spec(tmp_path):
+    proc = python("-m", "train.run", "--mesh", "data=2,fsdp=2,tensor=2", "--print-sharding", "true",
+                  "--max-steps", "1", "--batch-size", "8", "--limit-eval", "8", "--output-dir", str(tmp_path / "run"),
+                  env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " P(" in line}
+    query = "roberta/encoder/layer/0/attention/self/query/kernel"
+    assert query in lines and "tensor" in lines[query] and "fsdp" in lines[query]
+    assert any(path.startswith("rocoft/") for path in lines)  # the trained slices too (replicated)
