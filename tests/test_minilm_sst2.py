@@ -2,7 +2,9 @@
 
 The reference runs (the paper's Algorithm 1 in PyTorch, and full fine-tuning,
 same model, data, budget and seed 0) reached 84.2% and 87.2% dev accuracy.
-Each run here takes a few minutes on 2 CPU cores.
+Those 600-step comparisons take about 10 minutes each on 2 CPU cores, so they
+are marked slow (``python -m pytest -m slow``); the default suite runs a
+150-step RoCoFT run (80.0% when measured) against a floor well above chance.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ import pytest
 from train import run
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-COMMON = ["--task", "sst2", "--data-dir", str(SHARED_GLUE), "--max-steps", "600", "--batch-size", "32",
-          "--max-length", "128", "--warmup-steps", "100", "--weight-decay", "0", "--train-bias", "false",
-          "--lr-schedule", "cosine", "--seed", "0"]
+COMMON = ["--task", "sst2", "--data-dir", str(SHARED_GLUE), "--batch-size", "32", "--max-length", "128",
+          "--weight-decay", "0", "--train-bias", "false", "--lr-schedule", "cosine", "--seed", "0"]
+ROCOFT = ["--method", "rocoft", "--rank", "3", "--mode", "row", "--strategy", "first", "--lr", "2e-3"]
+
+
+def dev_accuracy(minilm_dir: Path, out: Path, args: list[str]) -> float:
+    if not (SHARED_GLUE / "SST-2" / "dev.tsv").is_file():
+        pytest.skip("../shared/data/glue is absent")
+    assert run.main(["--model", str(minilm_dir), *COMMON, *args, "--output-dir", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())["metrics"]["accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +37,19 @@ def minilm_dir() -> Path:
     return path
 
 
+def test_minilm_sst2_rocoft_learns_in_150_steps(tmp_path, minilm_dir):
+    accuracy = dev_accuracy(minilm_dir, tmp_path / "run", [*ROCOFT, "--max-steps", "150", "--warmup-steps", "30"])
+    assert accuracy >= 0.75  # chance is 0.509 on this dev set
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method_args, reference",
-    [
-        (["--method", "rocoft", "--rank", "3", "--mode", "row", "--strategy", "first", "--lr", "2e-3"], 0.842),
-        (["--method", "full", "--lr", "5e-5"], 0.872),
-    ],
+    [(ROCOFT, 0.842), (["--method", "full", "--lr", "5e-5"], 0.872)],
     ids=["rocoft-rank3-rows", "full"],
 )
 def test_minilm_sst2_matches_the_pytorch_reference(tmp_path, minilm_dir, method_args, reference):
-    if not (SHARED_GLUE / "SST-2" / "dev.tsv").is_file():
-        pytest.skip("../shared/data/glue is absent")
-    out = tmp_path / "run"
-    assert run.main(["--model", str(minilm_dir), *COMMON, *method_args, "--output-dir", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
-    accuracy = results["metrics"]["accuracy"]
+    accuracy = dev_accuracy(minilm_dir, tmp_path / "run",
+                            [*method_args, "--max-steps", "600", "--warmup-steps", "100"])
     print(f"{method_args[1]}: dev accuracy {accuracy:.4f} (reference {reference})")
     assert abs(accuracy - reference) <= 0.015
