@@ -1,7 +1,8 @@
 """The run configuration: defaults, then a YAML file, then command-line flags.
 
-``--task rte`` picks up ``configs/glue/rte.yaml`` unless ``--config`` names
-another file; flags given on the command line override the file.
+``--task rte`` picks up ``configs/glue/rte.yaml`` (``--task boolq``:
+``configs/llm/boolq.yaml``) unless ``--config`` names another file; flags given
+on the command line override the file.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class TrainConfig:
     dtype: str = "fp32"
     attention: str = "auto"
     calibration_batches: int = 8
+    grad_accum: int = 1
+    remat: str = "auto"
+    # LLM tasks (LLM-Adapters data, causal LM, evaluation by generation)
+    train_file: str | None = None
+    cutoff: int = 256
+    train_on_inputs: bool = True
+    num_beams: int = 1
+    max_new_tokens: int = 0
+    eval_batch_size: int = 0
     # run control
     output_dir: str = "runs/default"
     data_dir: str | None = None
@@ -72,7 +82,9 @@ class TrainConfig:
 HELP = {
     "model": "HF hub id or local model dir (flax_model.msgpack, model.safetensors or pytorch_model.bin); "
              "'tiny' is a random-init 2-layer RoBERTa for the offline demo",
-    "task": "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or demo (generated offline)",
+    "task": "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or demo (generated offline); or an LLM task, trained "
+            "as a causal LM and scored by generation: boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, "
+            "multiarith, gsm8k, addsub, singleeq, svamp, aqua",
     "method": "rocoft (rows/columns), full, lora, or bitfit (biases + head)",
     "mode": "row (output units, Flax kernel[:, i]), column (input features, kernel[i, :]) or random entries",
     "strategy": "rows/columns to train: first, random, or Wanda-scored max, min, mixed",
@@ -97,11 +109,24 @@ HELP = {
     "attention": "auto (cuDNN fused attention on GPUs, padding as key lengths; HF's own elsewhere), plain, "
                  "xla, cudnn or cudnn-lengths; active attention dropout falls back to HF's attention",
     "calibration_batches": "training batches used to score rows/columns for Wanda strategies",
+    "grad_accum": "LLM tasks: micro-batches of --batch-size rows per optimizer step, accumulated inside the step "
+                  "(equal to one batch of grad_accum * batch_size rows)",
+    "remat": "recompute each decoder layer in the backward pass: none, full, dots (Llama/Mistral/Gemma only; see "
+             "rocoft_jax.remat), or auto (dots for those families from 6B parameters, else none)",
+    "train_file": "LLM tasks: training JSON in the LLM-Adapters format (e.g. commonsense_170k.json, math_10k.json); "
+                  "default: the task's train.json under --data-dir",
+    "cutoff": "LLM tasks: tokens per training example (LLM-Adapters' cutoff_len); longer ones are cut, without EOS",
+    "train_on_inputs": "LLM tasks: loss over the whole prompt and response (true, LLM-Adapters' default) or over "
+                       "the response only (false)",
+    "num_beams": "LLM tasks: beams of the beam search that generates answers (1 = greedy; LLM-Adapters uses 4)",
+    "max_new_tokens": "LLM tasks: tokens generated per answer; 0 = the task's (32 commonsense, 256 math)",
+    "eval_batch_size": "LLM tasks: prompts generated per batch, divisible by the device count; 0 = --batch-size",
     "output_dir": "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go",
-    "data_dir": "local GLUE folder (download_glue_data.py layout) or HF parquet files; default: the hub",
+    "data_dir": "local GLUE folder (download_glue_data.py layout) or HF parquet files; default: the hub. "
+                "LLM tasks: LLM-Adapters' dataset/ folder (required: the test set comes from DIR/<task>/test.json)",
     "limit_train": "use only the first N training examples (0 = all)",
-    "limit_eval": "evaluate on only the first N examples of each eval split (0 = all)",
-    "eval_every": "evaluate every N steps; 0 = every epoch",
+    "limit_eval": "evaluate on only the first N examples of each eval split (0 = all); alias --eval-limit",
+    "eval_every": "evaluate every N steps; 0 = every epoch (LLM tasks: only at the end)",
     "log_every": "write a train line to metrics.jsonl every N steps",
     "save_every": "save a checkpoint every N steps (one is always saved at the end); 0 = only at the end",
     "resume": "continue from the latest checkpoint in --output-dir (true|false)",
@@ -131,18 +156,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = {bool: _bool, int: int, float: float}.get(type(field.default), str)
         if field.name == "rank":
             kind = float
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-")] + (["--eval-limit"] if field.name == "limit_eval" else [])
         default = field.default
-        parser.add_argument(flag, type=kind, default=None, nargs="?" if kind is _bool else None,
+        parser.add_argument(*flags, type=kind, default=None, nargs="?" if kind is _bool else None,
                             const=True if kind is _bool else None,
                             help=f"{HELP[field.name]} (default: {default})")
 
 
-def default_config_file(task: str) -> Path | None:
-    from train.glue import get_task  # the task registry decides the canonical name
+def is_llm_task(task: str) -> bool:
+    """True for the LLM-Adapters eval sets, False for GLUE and demo; an unknown name is an error listing both."""
+    from train import glue, llm_data  # the task registries decide the names
 
-    name = get_task(task).name
-    for path in (CONFIG_DIR / "glue" / f"{name}.yaml", CONFIG_DIR / f"{name}.yaml"):
+    try:
+        glue.get_task(task)
+        return False
+    except glue.DataError:
+        pass
+    try:
+        llm_data.get_task(task)
+        return True
+    except glue.DataError:
+        raise glue.DataError(f"unknown task {task!r}; valid tasks: {', '.join(glue.TASKS)}, "
+                             f"{', '.join(llm_data.TASKS)}") from None
+
+
+def default_config_file(task: str) -> Path | None:
+    from train import glue, llm_data
+
+    folder, name = ("llm", llm_data.get_task(task).name) if is_llm_task(task) else ("glue", glue.get_task(task).name)
+    for path in (CONFIG_DIR / folder / f"{name}.yaml", CONFIG_DIR / f"{name}.yaml"):
         if path.is_file():
             return path
     return None

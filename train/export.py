@@ -28,7 +28,7 @@ from rocoft_jax.targets import flatten
 from train import checkpoint as ckpt
 from train import methods as methods_lib, models
 from train.config import ConfigError, TrainConfig
-from train.glue import DataError, get_task
+from train.glue import DataError
 
 
 def checkpoint_dir(path: Path) -> Path:
@@ -42,7 +42,7 @@ def load_trained(path: Path):
 
     meta, trainable = ckpt.load(checkpoint_dir(path))
     config = TrainConfig(**meta["config"])
-    model, params, tokenizer = load_model_and_tokenizer(config, get_task(config.task))
+    model, params, tokenizer = load_model_and_tokenizer(config)
     method = methods_lib.restore_method(params, meta["selection"])
     _, frozen = method.split(params)
     if ckpt.fingerprint(frozen) != meta["fingerprint"]:

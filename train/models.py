@@ -1,6 +1,8 @@
 """Loading HF Flax models: pretrained from the hub or a local dir, or random from a shape preset.
 
-Presets need no download. ``tiny`` is the offline default's model; the others
+Presets need no download. ``tiny`` is the offline default's model; ``tiny-llama``,
+``tiny-mistral``, ``tiny-gemma``, ``tiny-gptj``, ``tiny-bloom``, ``tiny-opt`` and ``tiny-gpt2`` are
+2-layer causal LMs sized for the offline byte tokenizer (`train.byte_tokenizer`); the others
 reproduce the shapes of well-known checkpoints for benchmarks.
 """
 
@@ -14,16 +16,32 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import transformers
-from transformers import AutoConfig, BertConfig, LlamaConfig, RobertaConfig
+from transformers import (AutoConfig, BertConfig, BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, LlamaConfig,
+                          MistralConfig, OPTConfig, RobertaConfig)
+
+from train import byte_tokenizer
 
 _ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                 pad_token_id=1, bos_token_id=0, eos_token_id=2)
+# The byte tokenizer's 259 ids, padded to a multiple of 8 so fsdp/tensor axes can split the vocabulary.
+_BYTES = dict(vocab_size=264, bos_token_id=byte_tokenizer.BOS_ID, eos_token_id=byte_tokenizer.EOS_ID,
+              pad_token_id=byte_tokenizer.PAD_ID)
 PRESETS = {
     "tiny": lambda: RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, max_position_embeddings=66, type_vocab_size=1,
                                   pad_token_id=1, bos_token_id=0, eos_token_id=2),
-    "tiny-llama": lambda: LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
+    "tiny-llama": lambda: LlamaConfig(**_BYTES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny-mistral": lambda: MistralConfig(**_BYTES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "tiny-gemma": lambda: GemmaConfig(**_BYTES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                      hidden_activation="gelu_pytorch_tanh", max_position_embeddings=2048),
+    "tiny-gptj": lambda: GPTJConfig(**_BYTES, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048),
+    "tiny-bloom": lambda: BloomConfig(**_BYTES, hidden_size=64, n_layer=2, n_head=4),
+    "tiny-opt": lambda: OPTConfig(**_BYTES, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                  word_embed_proj_dim=64, max_position_embeddings=2048),
+    "tiny-gpt2": lambda: GPT2Config(**_BYTES, n_embd=64, n_layer=2, n_head=4, n_positions=2048),
     "roberta-base": lambda: RobertaConfig(**_ROBERTA),
     "roberta-large": lambda: RobertaConfig(**_ROBERTA, hidden_size=1024, num_hidden_layers=24,
                                            num_attention_heads=16, intermediate_size=4096),
@@ -37,6 +55,9 @@ PRESETS = {
 }
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# Config attributes of dropout rates across families: BERT-likes, DistilBERT/BART/OPT, Llama-likes and Bloom, GPT-2/J.
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
 class ModelError(ValueError):
@@ -48,6 +69,10 @@ def _auto_class(head: str):
         return transformers.FlaxAutoModelForSequenceClassification
     if head == "causal-lm":
         return transformers.FlaxAutoModelForCausalLM
+    if head == "masked-lm":  # train.ntk's prompt-based f(x)
+        return transformers.FlaxAutoModelForMaskedLM
+    if head == "base":  # train.ntk's readout on the pooled output
+        return transformers.FlaxAutoModel
     raise ValueError(f"unknown head {head!r}")
 
 
@@ -69,7 +94,11 @@ def _unbound_model(config, head: str, dtype: str, remat: bool):
 
     ``remat`` is HF's gradient checkpointing, which not every family has.
     """
-    cls = _auto_class(head)._model_mapping[type(config)]
+    mapping = _auto_class(head)._model_mapping
+    if type(config) not in mapping:
+        raise ModelError(f"{config.model_type} has no HF Flax {head} class; for the LLM tasks use a Llama, Mistral, "
+                         "Gemma, GPT-J, Bloom, OPT or GPT-2 model")
+    cls = mapping[type(config)]
     kwargs = {"gradient_checkpointing": True} if remat else {}
     return cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
 
@@ -87,8 +116,9 @@ def random_model(config, head: str, dtype: str = "fp32", seed: int = 0):
 
 
 def random_model_fast(config, head: str, dtype: str = "bf16", seed: int = 0, remat: bool = False):
-    """Like `random_model`, for benchmarks: N(0, 0.02) kernels and embeddings, unit norm scales,
-    zero biases, drawn per leaf by one small jitted program per distinct shape.
+    """Like `random_model`, for benchmarks and the causal-LM presets: N(0, 0.02) kernels and
+    embeddings, unit norm scales, zero biases, drawn per leaf by one small jitted program per
+    distinct shape.
 
     HF's own init compiles the whole model (minutes for 24+ layers on a GPU);
     a benchmark needs only the shapes and plausible magnitudes.
@@ -113,6 +143,21 @@ def random_model_fast(config, head: str, dtype: str = "bf16", seed: int = 0, rem
         return draw(key, tuple(spec.shape), kind)
 
     return model, jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def dropout_overrides(model_config, rate: float) -> dict[str, float]:
+    """Every dropout rate ``model_config`` has, set to ``rate`` (``--dropout``)."""
+    return {key: rate for key in DROPOUT_KEYS if hasattr(model_config, key)}
+
+
+def load_config(name_or_dir: str):
+    """The HF config of a hub id or local model dir."""
+    check_source(name_or_dir)
+    try:
+        return AutoConfig.from_pretrained(name_or_dir)
+    except OSError as err:
+        raise ModelError(f"cannot load the config of --model {name_or_dir} ({str(err).splitlines()[0]}); "
+                         "give a local model dir or a reachable hub id") from err
 
 
 def _weights_kind(path: Path) -> dict:
@@ -151,6 +196,9 @@ def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_o
             f"cannot load model {name_or_dir!r} ({str(err).splitlines()[0]}); give a local model dir, "
             "or check the hub id and your network (HF_HUB_OFFLINE=1 needs a cached copy)"
         ) from err
+    except ValueError as err:  # a config class the Auto mapping lacks
+        raise ModelError(f"--model {name_or_dir} has no HF Flax {head} class ({str(err).splitlines()[0][:160]}); "
+                         "for the LLM tasks use a Llama, Mistral, Gemma, GPT-J, Bloom, OPT or GPT-2 model") from err
     params = model.params
     if dtype == "bf16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

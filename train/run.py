@@ -1,11 +1,13 @@
-"""Fine-tune an HF Flax model with RoCoFT (or a baseline) on a GLUE task.
+"""Fine-tune an HF Flax model with RoCoFT (or a baseline) on a GLUE task or an LLM-Adapters task.
 
     python -m train.run                                   # offline demo: tiny model, generated task
     python -m train.run --model roberta-large --task rte --rank 3
+    python -m train.run --model meta-llama/Llama-2-7b-hf --task boolq --data-dir LLM-Adapters/dataset
 
-Options come from configs/glue/<task>.yaml (the paper's Table 10), overridden by
-flags. Outputs go to --output-dir: results.json, metrics.jsonl, config.yaml,
-curves.png and checkpoints/.
+Options come from configs/glue/<task>.yaml or configs/llm/<task>.yaml (the paper's
+Table 10), overridden by flags. Outputs go to --output-dir: results.json,
+metrics.jsonl, config.yaml, curves.png and checkpoints/ (LLM tasks, scored by
+generation: also predictions.jsonl).
 """
 
 from __future__ import annotations

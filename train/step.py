@@ -60,17 +60,22 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, weight_de
     return tx, sched
 
 
-def compute_loss(logits, batch, kind: str):
-    """Mean loss over real examples (or, for causal LM, over real target tokens)."""
+def loss_sum(logits, batch, kind: str):
+    """``(summed loss, count)`` over real examples (or, for causal LM, over real target tokens).
+
+    A causal-LM token t is a target when ``loss_mask[t]`` (else ``attention_mask[t]``) is set; it is
+    predicted from the tokens before it.
+    """
     if kind == "classification":
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"]).mean()
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+        return jnp.sum(losses), jnp.float32(losses.size)
     if kind == "regression":
-        return jnp.mean((logits[..., 0].astype(jnp.float32) - batch["labels"]) ** 2)
+        return jnp.sum((logits[..., 0].astype(jnp.float32) - batch["labels"]) ** 2), jnp.float32(logits.shape[0])
     if kind == "causal-lm":
         weights = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
         per_token = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
-        return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return jnp.sum(per_token * weights), jnp.sum(weights)
     raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 
@@ -80,16 +85,40 @@ def init_state(trainable, tx, seed: int) -> TrainState:
 
 
 def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str,
-               attention: str = "plain", remat: str | None = None):
-    """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``."""
+               attention: str = "plain", remat: str | None = None, grad_accum: int = 1):
+    """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``.
+
+    With ``grad_accum`` N > 1 every batch array is (B, N, ...): N micro-batches of B rows, run one after
+    another by a ``lax.scan`` so activations are held for one micro-batch only. Summed losses, gradients
+    of the sums and target counts are accumulated and divided once at the end, so the step equals one
+    step on the N * B rows (up to rounding): micro-batches with more target tokens weigh more.
+    """
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
-    def loss_fn(trainable):
-        logits = method.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=True,
+    def summed(trainable, micro, rng):
+        logits = method.apply(model, trainable, frozen, micro, dropout_rng=rng, train=True,
                               attention=attention, remat=remat)
-        return compute_loss(logits, batch, loss_kind)
+        return loss_sum(logits, micro, loss_kind)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+    if grad_accum == 1:
+        def loss_fn(trainable):
+            total, count = summed(trainable, batch, dropout_rng)
+            return total / jnp.maximum(count, 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+    else:
+        micro_batches = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)  # (N, B, ...), B stays sharded
+        grad_of_sum = jax.value_and_grad(summed, has_aux=True)
+
+        def accumulate(carry, xs):
+            micro, i = xs
+            (total, count), grads = grad_of_sum(state.trainable, micro, jax.random.fold_in(dropout_rng, i))
+            return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+        zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.trainable))
+        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
+        count = jnp.maximum(count, 1.0)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
@@ -115,16 +144,17 @@ def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
 
 
 def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True,
-                  attention: str = "plain", remat: str | None = None):
+                  attention: str = "plain", remat: str | None = None, grad_accum: int = 1):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
 
     The train state's buffers are donated; metrics and eval logits come back
-    replicated, so every process can read them.
+    replicated, so every process can read them. With ``grad_accum`` > 1 train
+    batches are (B, grad_accum, ...), sharded over B like any batch.
     """
     sh = shardings
     train_fn = jax.jit(
         functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention,
-                          remat=remat),
+                          remat=remat, grad_accum=grad_accum),
         in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
         donate_argnums=(0,) if donate else ())
     eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention),

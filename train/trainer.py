@@ -3,6 +3,9 @@
 Data flows one way: config -> data and model -> method (selection) -> state
 -> steps -> checkpoints and reports. The batch of step s depends only on
 (seed, s) and dropout on fold_in(rng, s), so a resumed run replays exactly.
+A job supplies what differs between task kinds (batches, calibration,
+evaluation): `GlueJob` here for GLUE and the demo, `train.llm.LlmJob` for
+the LLM tasks; the loop, checkpoints and sharding are shared.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -25,14 +28,13 @@ from rocoft_jax import sharding
 from train import checkpoint as ckpt
 from train import distributed
 from train import input_pipeline as pipeline
+from train import llm
 from train import methods as methods_lib
 from train import models, reporting, step as step_lib
-from train.config import ConfigError, TrainConfig, save as save_config
+from train.config import ConfigError, TrainConfig, is_llm_task, save as save_config
 from train.demo_task import make_demo_tokenizer
 from train.glue import TaskSpec, get_task, load_task
 from train.metrics import compute_metrics
-
-DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
 def prepare_output_dir(config: TrainConfig) -> Path:
@@ -53,8 +55,11 @@ def prepare_output_dir(config: TrainConfig) -> Path:
     return out
 
 
-def load_model_and_tokenizer(config: TrainConfig, spec: TaskSpec):
-    """``(model, params, tokenizer)``; 'tiny' is random-init with the demo tokenizer."""
+def load_model_and_tokenizer(config: TrainConfig):
+    """``(model, params, tokenizer)``; 'tiny' is random-init with the demo tokenizer; LLM tasks load a causal LM."""
+    if is_llm_task(config.task):
+        return llm.load_model_and_tokenizer(config)
+    spec = get_task(config.task)
     if config.model == "tiny":
         overrides = {"num_labels": spec.num_labels, "hidden_dropout_prob": config.dropout,
                      "attention_probs_dropout_prob": config.dropout}
@@ -69,15 +74,7 @@ def load_model_and_tokenizer(config: TrainConfig, spec: TaskSpec):
 
 
 def _dropout_overrides(config: TrainConfig) -> dict[str, float]:
-    from transformers import AutoConfig
-
-    models.check_source(config.model)
-    try:
-        base = AutoConfig.from_pretrained(config.model)
-    except OSError as err:
-        raise models.ModelError(f"cannot load the config of --model {config.model} ({str(err).splitlines()[0]}); "
-                                "give a local model dir or a reachable hub id") from err
-    return {k: config.dropout for k in DROPOUT_KEYS if hasattr(base, k)}
+    return models.dropout_overrides(models.load_config(config.model), config.dropout)
 
 
 def load_splits(config: TrainConfig, spec: TaskSpec) -> dict[str, dict[str, list]]:
@@ -118,13 +115,9 @@ class Batches:
         return self.make(columns, rows)
 
 
-def build_method(config: TrainConfig, model, params, batches: Batches, train_columns) -> methods_lib.Method:
+def build_method(config: TrainConfig, model, params, job) -> methods_lib.Method:
     def calibrate(kernel_paths):
-        n = len(train_columns["label"])
-        rows = (pipeline.train_batch_indices(n, config.batch_size, config.seed, s)
-                for s in range(config.calibration_batches))
-        return rocoft_jax.activation_norms(model, params, (batches.local(train_columns, r) for r in rows),
-                                           kernel_paths)
+        return rocoft_jax.activation_norms(model, params, job.calibration_batches(), kernel_paths)
 
     try:
         return methods_lib.build_method(
@@ -135,7 +128,7 @@ def build_method(config: TrainConfig, model, params, batches: Batches, train_col
         raise ConfigError(str(err)) from err
 
 
-def evaluate(eval_fn, state, frozen, data, batches: Batches, spec: TaskSpec, config: TrainConfig) -> dict:
+def evaluate(eval_fn, trainable, frozen, data, batches: Batches, spec: TaskSpec, config: TrainConfig) -> dict:
     """Metrics over every example of each eval split exactly once, across processes."""
     metrics: dict[str, float] = {}
     for split in spec.eval_splits:
@@ -143,12 +136,61 @@ def evaluate(eval_fn, state, frozen, data, batches: Batches, spec: TaskSpec, con
         labels = np.asarray(columns["label"])
         logits, targets, weights = [], [], []
         for rows, w in pipeline.eval_rows(len(labels), config.batch_size):
-            logits.append(np.asarray(eval_fn(state.trainable, frozen, batches.make(columns, rows))))
+            logits.append(np.asarray(eval_fn(trainable, frozen, batches.make(columns, rows))))
             targets.append(labels[rows])
             weights.append(w)
         metrics.update(compute_metrics(spec, np.concatenate(logits), np.concatenate(targets),
                                        np.concatenate(weights), split=split))
     return metrics
+
+
+class EvalContext(NamedTuple):
+    """What a job's evaluation may use: the model, method, compiled eval step and output dir."""
+
+    model: Any
+    method: methods_lib.Method
+    eval_fn: Any
+    output_dir: Path
+
+
+class GlueJob:
+    """A GLUE task or the demo: classification (or STS-B regression) batches, dev metrics from the logits."""
+
+    eval_each_epoch = True
+
+    def __init__(self, config: TrainConfig):
+        if config.grad_accum != 1:
+            raise ConfigError("--grad-accum applies to the LLM tasks; for GLUE raise --batch-size instead")
+        self.config, self.spec = config, get_task(config.task)
+        self.name, self.metric_names = self.spec.name, self.spec.metric_names
+        self.loss_kind = "regression" if self.spec.is_regression else "classification"
+        self.examples_per_step = config.batch_size
+
+    def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
+        self.data = load_splits(self.config, self.spec)
+        self.columns = self.data["train"]
+        self.num_train = len(self.columns["label"])
+        self.batches = Batches(self.config, self.spec, tokenizer, batch_sharding)
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        return self.batches.train(self.columns, step)
+
+    def calibration_batches(self):
+        config = self.config
+        for s in range(config.calibration_batches):
+            yield self.batches.local(
+                self.columns, pipeline.train_batch_indices(self.num_train, config.batch_size, config.seed, s))
+
+    def evaluate(self, context: EvalContext, trainable, frozen) -> dict[str, float]:
+        return evaluate(context.eval_fn, trainable, frozen, self.data, self.batches, self.spec, self.config)
+
+    def results(self) -> dict[str, Any]:
+        return {}
+
+
+def make_job(config: TrainConfig):
+    """The job of ``config.task``; an unknown task is an error listing every task."""
+    return llm.LlmJob(config) if is_llm_task(config.task) else GlueJob(config)
 
 
 class _StopFlag:
@@ -178,33 +220,36 @@ def print_sharding(state, frozen, shardings) -> None:
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     """Runs the whole job and returns what results.json holds (on every process)."""
     main = distributed.is_main()
-    spec = get_task(config.task)
+    job = make_job(config)
     out = prepare_output_dir(config)
     n_devices = jax.device_count()
-    if config.batch_size % n_devices:
-        raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the {n_devices} devices; "
-                          f"use a multiple of {n_devices}")
+    for flag, size in (("--batch-size", config.batch_size), ("--eval-batch-size", config.eval_batch_size)):
+        if size % n_devices:
+            raise ConfigError(f"{flag} {size} is not divisible by the {n_devices} devices; "
+                              f"use a multiple of {n_devices}")
     try:
         mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh, n_devices))
     except ValueError as err:
         raise ConfigError(f"--mesh: {err}") from err
-    model, params, tokenizer = load_model_and_tokenizer(config, spec)
-    data = load_splits(config, spec)
-    train_columns = data["train"]
-    batches = Batches(config, spec, tokenizer, NamedSharding(mesh, sharding.BATCH))
-    method = build_method(config, model, params, batches, train_columns)
+    model, params, tokenizer = load_model_and_tokenizer(config)
+    job.prepare(tokenizer, NamedSharding(mesh, sharding.BATCH))
+    method = build_method(config, model, params, job)
     if main:
         print(f"{config.method}: {method.mask.summary()}")
+    try:
+        remat = methods_lib.resolve_remat(config.remat, model.config.model_type,
+                                          sum(x.size for x in jax.tree.leaves(params)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     trainable, frozen = method.split(params)
     del params
     fingerprint = ckpt.fingerprint(frozen)
 
-    per_epoch = pipeline.steps_per_epoch(len(train_columns["label"]), config.batch_size)
+    per_epoch = pipeline.steps_per_epoch(job.num_train, job.examples_per_step)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    eval_every = config.eval_every or per_epoch
+    eval_every = config.eval_every or (per_epoch if job.eval_each_epoch else 0)
     tx, schedule = step_lib.make_optimizer(config.lr, total_steps, config.warmup_steps, config.weight_decay,
                                            config.lr_schedule, config.max_grad_norm)
-    loss_kind = "regression" if spec.is_regression else "classification"
     family = method.mask.family
     try:
         state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, family, frozen)
@@ -215,18 +260,21 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
         attention = methods_lib.resolve_attention(config.attention)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, loss_kind, shardings, attention=attention)
+    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, job.loss_kind, shardings, attention=attention,
+                                               remat=remat, grad_accum=config.grad_accum)
     if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
-        example = batches.train(train_columns, 0)
+        example = job.train_batch(0)
         train_fn = train_fn.lower(state, frozen, example).compile()
-        eval_fn = eval_fn.lower(state.trainable, frozen, example).compile()
+        if isinstance(job, GlueJob):  # LLM tasks evaluate by generation, compiled in train.generate
+            eval_fn = eval_fn.lower(state.trainable, frozen, example).compile()
         distributed.barrier("compiled")
+    context = EvalContext(model, method, eval_fn, out)
     if config.print_sharding and main:
         print_sharding(state, frozen, shardings)
 
     mgr = ckpt.manager(out / "checkpoints")
     meta = {"model": config.model, "fingerprint": fingerprint, "config": config.to_dict(),
-            "selection": {**method.describe(), "task": spec.name}, "process_count": jax.process_count()}
+            "selection": {**method.describe(), "task": job.name}, "process_count": jax.process_count()}
     resume_step = None
     if config.resume:
         resume_step = mgr.latest_step()
@@ -245,12 +293,12 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     stop = _StopFlag()
     metrics: dict[str, float] = {}
     pending: list[tuple[int, Any]] = []
-    bar = tqdm(total=total_steps, initial=start, desc=f"{spec.name}/{config.method}", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=start, desc=f"{job.name}/{config.method}", dynamic_ncols=True,
                disable=not main)
     t_last, n_last = time.perf_counter(), start
     try:
         for step in range(start, total_steps):
-            state, step_metrics = train_fn(state, frozen, batches.train(train_columns, step))
+            state, step_metrics = train_fn(state, frozen, job.train_batch(step))
             pending.append((step + 1, step_metrics["loss"]))
             done = step + 1
             if done % config.log_every == 0 or done == total_steps:
@@ -260,13 +308,13 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
                 for s, loss in losses:
                     if s % config.log_every == 0 or s == total_steps:
                         log.write({"step": s, "loss": loss, "lr": float(schedule(s - 1))})
-                rate = (done - n_last) * config.batch_size / max(now - t_last, 1e-9)
+                rate = (done - n_last) * job.examples_per_step / max(now - t_last, 1e-9)
                 bar.set_postfix(loss=f"{losses[-1][1]:.4f}", lr=f"{float(schedule(done - 1)):.2e}",
                                 ex_s=f"{rate:.0f}")
                 t_last, n_last = now, done
             bar.update(1)
-            if done % eval_every == 0 and done != total_steps:
-                metrics = evaluate(eval_fn, state, frozen, data, batches, spec, config)
+            if eval_every and done % eval_every == 0 and done != total_steps:
+                metrics = job.evaluate(context, state.trainable, frozen)
                 log.write({"step": done, **metrics})
                 if main:
                     bar.write(reporting.eval_table(done, metrics))
@@ -281,14 +329,14 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
         stop.restore()
         bar.close()
 
-    metrics = evaluate(eval_fn, state, frozen, data, batches, spec, config)
+    metrics = job.evaluate(context, state.trainable, frozen)
     log.write({"step": total_steps, **metrics})
     save(total_steps)
-    results = {"task": spec.name, "model": config.model, "method": config.method, "mode": config.mode,
+    results = {"task": job.name, "model": config.model, "method": config.method, "mode": config.mode,
                "rank": config.rank, "strategy": config.strategy, "num_trainable": method.mask.num_trainable,
-               "num_total": method.mask.num_total, "steps": total_steps, "metrics": metrics}
+               "num_total": method.mask.num_total, "steps": total_steps, "metrics": metrics, **job.results()}
     if main:
         print(reporting.eval_table(total_steps, metrics))
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        reporting.plot_curves(log.records(), spec.metric_names, out / "curves.png")
+        reporting.plot_curves(log.records(), job.metric_names, out / "curves.png")
     return results

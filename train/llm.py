@@ -1,0 +1,162 @@
+"""The LLM tasks of `train.run`: causal-LM fine-tuning on LLM-Adapters data, scored by generation.
+
+``python -m train.run --task boolq`` (or any `llm_data.TASKS` name) trains an HF Flax causal LM with the
+next-token loss on an LLM-Adapters JSON file, then answers the task's test set (`train.generate`). The
+trainer's loop, checkpoints and sharding are those of the GLUE tasks; `LlmJob` supplies what differs.
+
+Each training example is tokenized as LLM-Adapters' finetune.py does (`llm_data.tokenize_example`: the
+training template, --cutoff, EOS; with --train-on-inputs false the prompt tokens are left out of the loss
+through ``loss_mask``) and right-padded, as the fused GPU attention requires. With one process a step's
+rows are padded to the smallest power-of-two bucket holding its longest example; with several, to --cutoff,
+so all processes agree on the shape without talking. With --grad-accum N the arrays are (B, N, T): N
+micro-batches of --batch-size rows, accumulated inside the jitted step (`train.step.train_step`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from rocoft_jax import sharding
+from train import distributed, generate, models
+from train import input_pipeline as pipeline
+from train.byte_tokenizer import make_byte_tokenizer
+from train.config import ConfigError, TrainConfig
+from train.glue import DataError
+from train.llm_data import IGNORE_INDEX, find_file, get_task, load_records, tokenize_example
+
+MODEL_INPUTS = ("input_ids", "attention_mask")
+DECODERS = ("llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2")
+
+
+def load_model_and_tokenizer(config: TrainConfig):
+    """``(model, params, tokenizer)`` of a causal LM; presets are random-init with the byte tokenizer."""
+    if config.model in models.PRESETS:
+        base = models.preset_config(config.model)
+        if base.model_type not in DECODERS:
+            causal = ", ".join(n for n in models.PRESETS if models.preset_config(n).model_type in DECODERS)
+            raise models.ModelError(f"--task {config.task} trains a causal LM, and preset {config.model!r} is a "
+                                    f"{base.model_type} encoder; pass a hub id, a local model dir, or one of {causal}")
+        model_config = models.preset_config(config.model, **models.dropout_overrides(base, config.dropout))
+        model, params = models.random_model_fast(model_config, "causal-lm", config.dtype, config.seed)
+        return model, params, make_byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    overrides = models.dropout_overrides(models.load_config(config.model), config.dropout)
+    model, params = models.load_pretrained(config.model, "causal-lm", config.dtype, **overrides)
+    return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
+
+
+def train_file(config: TrainConfig) -> Path:
+    """--train-file, else the task's train.json under --data-dir; a missing one names the files that exist."""
+    if config.train_file:
+        path = Path(config.train_file).expanduser()
+        if not path.is_file():
+            raise DataError(f"--train-file {path} does not exist; pass an LLM-Adapters JSON file (a list of "
+                            "instruction/input/output/answer records)")
+        return path
+    task = get_task(config.task)
+    folder = Path(_data_dir(config)) / task.folder
+    path = folder / "train.json"
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+        held = f"{folder} holds {', '.join(found)}" if found else f"{folder} holds no JSON file"
+        raise DataError(f"no training file for {task.name}: {held}; pass --train-file FILE (any LLM-Adapters "
+                        "JSON, e.g. commonsense_170k.json or math_10k.json)")
+    return path
+
+
+def _data_dir(config: TrainConfig) -> str:
+    if not config.data_dir:
+        folder = get_task(config.task).folder
+        raise ConfigError(f"--task {config.task} needs --data-dir: LLM-Adapters' dataset/ folder, whose "
+                          f"{folder}/test.json is the test set (and {folder}/train.json the default training file)")
+    return config.data_dir
+
+
+class LlmJob:
+    """An LLM task for the trainer's loop: training batches, calibration batches and evaluation by generation."""
+
+    loss_kind = "causal-lm"
+    metric_names = ("accuracy",)
+    eval_each_epoch = False  # generation is costly: by default only after the last step
+
+    def __init__(self, config: TrainConfig):
+        for name, least in (("cutoff", 1), ("grad_accum", 1), ("num_beams", 1), ("max_new_tokens", 0)):
+            if getattr(config, name) < least:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(config, name)}")
+        self.config, self.task = config, get_task(config.task)
+        self.name = self.task.name
+        self.test_path = find_file(_data_dir(config), self.task.name, "test")
+        self.train_path = train_file(config)
+        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
+        self.examples_per_step = config.batch_size * config.grad_accum
+        self.generator = None
+
+    def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
+        """Reads the training and test records (cut to --limit-train / --limit-eval)."""
+        config = self.config
+        self.tokenizer, self.sharding = tokenizer, batch_sharding
+        self.train_records = load_records(self.train_path)[: config.limit_train or None]
+        self.test_records = load_records(self.test_path)[: config.limit_eval or None]
+        self.num_train = len(self.train_records)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.buckets = (pipeline.bucket_lengths(config.cutoff)
+                        if config.bucket and jax.process_count() == 1 else None)
+
+    def local(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Tokenized, right-padded examples of ``rows`` (any shape), as arrays of shape ``rows.shape + (T,)``."""
+        examples = [tokenize_example(self.tokenizer, self.train_records[i], self.config.cutoff,
+                                     train_on_inputs=self.config.train_on_inputs) for i in rows.reshape(-1)]
+        longest = max(len(e["input_ids"]) for e in examples)
+        length = next(b for b in self.buckets if b >= longest) if self.buckets else self.config.cutoff
+        batch = {"input_ids": np.full((len(examples), length), self.pad_id, np.int32),
+                 "attention_mask": np.zeros((len(examples), length), np.int32),
+                 "loss_mask": np.zeros((len(examples), length), np.int32)}
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            batch["input_ids"][row, :n] = example["input_ids"]
+            batch["attention_mask"][row, :n] = 1
+            batch["loss_mask"][row, :n] = example["labels"] != IGNORE_INDEX
+        return {k: v.reshape(*rows.shape, length) for k, v in batch.items()}
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Example indices of global step ``step``: (B,), or (B, N) whose column j is micro-batch j."""
+        config = self.config
+        rows = pipeline.train_batch_indices(self.num_train, self.examples_per_step, config.seed, step)
+        return rows if config.grad_accum == 1 else rows.reshape(config.grad_accum, config.batch_size).T
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        rows = self.step_rows(step)
+        mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
+        return distributed.batch_to_global(self.local(mine), self.sharding, len(rows))
+
+    def calibration_batches(self):
+        """Model inputs of the first --calibration-batches micro-batches, for Wanda-scored selection."""
+        config = self.config
+        for step in range(config.calibration_batches):
+            batch = self.local(pipeline.train_batch_indices(self.num_train, config.batch_size, config.seed, step))
+            yield {k: batch[k] for k in MODEL_INPUTS}
+
+    def evaluate(self, context, trainable, frozen) -> dict[str, float]:
+        """Accuracy on the test records by generation; process 0 writes predictions.jsonl."""
+        if self.generator is None:
+            merged = jax.eval_shape(context.method.merge, trainable, frozen)
+            self.generator = generate.Generator(
+                context.model, context.method, self.tokenizer, self.task, max_new_tokens=self.max_new_tokens,
+                num_beams=self.config.num_beams, batch_size=self.config.eval_batch_size or self.config.batch_size,
+                param_shardings=sharding.shardings(merged, context.method.mask.family, self.sharding.mesh),
+                batch_sharding=self.sharding)
+        metrics, self.generation_stats = self.generator.evaluate(
+            trainable, frozen, self.test_records, context.output_dir if distributed.is_main() else None)
+        return metrics
+
+    def results(self) -> dict[str, Any]:
+        """What results.json adds for an LLM task."""
+        return {"train_file": str(self.train_path), "test_file": str(self.test_path),
+                "eval_examples": len(self.test_records), "num_beams": self.config.num_beams,
+                "max_new_tokens": self.max_new_tokens, "generation": self.generation_stats}
