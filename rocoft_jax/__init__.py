@@ -18,6 +18,7 @@ from rocoft_jax.optim import MaskedSlicesState, masked
 from rocoft_jax.selection import activation_norms
 from rocoft_jax.slices import merge, split, with_trained_leaves
 from rocoft_jax.targets import FAMILIES, detect_family
+from rocoft_jax import klr, ntk, ntk_metrics  # Section 5's NTK analysis
 
 __all__ = [
     "FAMILIES",
@@ -32,11 +33,14 @@ __all__ = [
     "fast_gelu",
     "fused_attention",
     "intercept_kernels",
+    "klr",
     "mask_from_description",
     "mask_leaves",
     "mask_params",
     "masked",
     "merge",
+    "ntk",
+    "ntk_metrics",
     "remat_layers",
     "sliced_kernels",
     "sliced_matmul",
