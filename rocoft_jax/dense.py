@@ -13,10 +13,7 @@ gradient: about 2/3 of the FLOPs of full fine-tuning. Plain autodiff of
 weight-gradient trap"). The merged kernel is rebuilt in the backward pass
 rather than saved, so no weight-sized residual is kept per layer; building it
 is a weight-sized copy, far cheaper than the activation-sized passes of
-scattering a correction into the output. An optimization barrier ties each
-build to the layer's activation: the merge depends on weights only, and XLA
-otherwise hoists them all to the start of the step and keeps dozens of
-merged copies alive at once (measured: 36.7 GiB peak on a Llama-2-7B step).
+scattering a correction into the output.
 
 `sliced_kernels` applies this to HF Flax models unchanged, by intercepting
 ``nn.Dense`` (and GPT-2's ``FlaxConv1D``) calls whose kernel path is selected.
@@ -47,15 +44,9 @@ def _matmul(x, kernel, in_axis: int, precision):
     return lax.dot_general(x, kernel, (((x.ndim - 1,), (in_axis,)), ((), ())), precision=precision)
 
 
-def _merged_when_needed(kernel, values, spec: KernelSlice, activation):
-    """``kernel`` with the slice put in, built no earlier than ``activation``."""
-    kernel, _ = lax.optimization_barrier((kernel, activation))
-    return put_slice(kernel, values, spec)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _sliced(x, kernel, values, spec: KernelSlice, precision):
-    return _matmul(x, _merged_when_needed(kernel, values, spec, x), 1 - spec.out_axis, precision)
+    return _matmul(x, put_slice(kernel, values, spec), 1 - spec.out_axis, precision)
 
 
 def _sliced_fwd(x, kernel, values, spec, precision):
@@ -65,7 +56,7 @@ def _sliced_fwd(x, kernel, values, spec, precision):
 def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):
     x, kernel, values = residuals
     out_axis, in_axis = spec.out_axis, 1 - spec.out_axis
-    merged = _merged_when_needed(kernel, values, spec, dy)
+    merged = put_slice(kernel, values, spec)
     dx = lax.dot_general(dy, merged, (((dy.ndim - 1,), (out_axis,)), ((), ())), precision=precision)
     batch_dims = tuple(range(x.ndim - 1))
     if spec.axis is None:  # random entries: no slice structure, so the full gradient is formed
