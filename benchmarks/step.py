@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.flops import useful_step_flops
+from rocoft_jax import remat as remat_lib
 from rocoft_jax import sharding
 from train import methods as methods_lib
 from train import models, step as step_lib
@@ -37,12 +38,9 @@ from train import models, step as step_lib
 JAX_METHODS = ("rocoft", "full", "lora")
 
 
-DECODERS = ("llama", "mistral", "gemma", "gpt2", "opt", "gptj", "bloom")
-
-
 def head_of(args) -> str:
     """Decoder families train with the causal-LM loss; encoders as 2-way classifiers."""
-    decoder = models.preset_config(args.model).model_type in DECODERS
+    decoder = models.preset_config(args.model).model_type in models.CAUSAL_LM_TYPES
     return "causal-lm" if decoder or args.causal else "sequence-classification"
 
 
@@ -54,7 +52,7 @@ def build(args, method_name: str):
                                                  "attention_probs_dropout_prob": 0.0}
     config = models.preset_config(args.model, **overrides)
     # Llama-likes have no HF remat option: their layers are rematerialized by interception instead.
-    intercepted = config.model_type in ("llama", "mistral", "gemma")
+    intercepted = config.model_type in remat_lib.MODEL_TYPES
     if args.remat == "dots" and not intercepted:
         raise SystemExit("--remat dots needs a Llama/Mistral/Gemma model; use --remat full (HF's own) here")
     hf_remat = args.remat != "none" and not intercepted

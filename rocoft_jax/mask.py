@@ -227,7 +227,8 @@ def mask_params(
                                    strict=train is not None)
     if train_bias:  # layers without a bias (Llama) simply have none to train
         biases = tuple("^" + re.escape(p[: -len("kernel")]) + "bias$" for p in kernels)
-        full = [p for p in rest if p in set(full) | set(targets_lib.match_paths(rest, biases, "bias", strict=False))]
+        trained = set(full) | set(targets_lib.match_paths(rest, biases, "bias", strict=False))
+        full = [p for p in rest if p in trained]
 
     return _build(params, leaves, slices, full, mode=mode, rank=rank, strategy=strategy,
                   family=fam.name if fam else None, seed=seed)

@@ -40,17 +40,30 @@ def class_order(labels, num_outputs: int = 1) -> np.ndarray:
     return (rows[:, None] * num_outputs + np.arange(num_outputs)).reshape(-1)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
 def plot_heatmaps(kernels: Mapping[str, np.ndarray], labels, path, *, num_outputs: int = 1, title: str = "") -> Path:
     """One heatmap per kernel, rows and columns ordered by class (lines between classes).
 
     Each kernel is divided by its largest absolute entry and drawn over its own range, so
     the structure shows even when a constant part dominates.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     order = class_order(labels, num_outputs)
     fig, axes = plt.subplots(1, len(kernels), figsize=(3.6 * len(kernels), 3.2), squeeze=False)
     bounds = np.flatnonzero(np.diff(np.sort(np.asarray(labels)))) + 1
@@ -66,19 +79,12 @@ def plot_heatmaps(kernels: Mapping[str, np.ndarray], labels, path, *, num_output
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_spectra(spectra: Mapping[str, np.ndarray], path, *, title: str = "") -> Path:
     """Rescaled eigenvalues (largest = 1) against their index, log scale, one line per subset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, values in spectra.items():
         values = np.asarray(values)
@@ -88,7 +94,4 @@ def plot_spectra(spectra: Mapping[str, np.ndarray], path, *, title: str = "") ->
     ax.legend()
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)

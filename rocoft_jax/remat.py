@@ -28,6 +28,7 @@ import jax
 from rocoft_jax import attention, dense
 
 LAYERS = frozenset({"FlaxLlamaDecoderLayer", "FlaxMistralDecoderLayer", "FlaxGemmaDecoderLayer"})
+MODEL_TYPES = frozenset({"llama", "mistral", "gemma"})  # the HF ``model_type`` of those layers' models
 _FLAGS = ("deterministic", "init_cache", "output_attentions")
 POLICIES = {
     "full": None,

@@ -250,6 +250,13 @@ def element_masks(params, mask, mode: str, out_axis: int, train_prefixes=()) -> 
     return out
 
 
+def assert_one_line_error(capsys, message: str) -> None:
+    """What a CLI wrote to stderr is one ``error: ...`` line that contains ``message``."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert message in err
+
+
 def assert_trees_close(actual, expected, atol: float, rtol: float = 0.0):
     chex.assert_trees_all_close(jax.tree.map(np.asarray, actual), jax.tree.map(np.asarray, expected),
                                 atol=atol, rtol=rtol)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 import yaml
+from conftest import assert_one_line_error
 
 from rocoft_jax import sharding
 from train import checkpoint as ckpt
@@ -283,8 +284,7 @@ def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
 def test_bad_llm_input_gives_one_line_and_exit_2(dataset, tmp_path, capsys, args, message):
     args = [a.replace("DATA", str(dataset)) for a in args]
     assert run.main(["--output-dir", str(tmp_path / "o"), "--max-steps", "1", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message.replace("DATA", str(dataset)) in err and "\n" not in err
+    assert_one_line_error(capsys, message.replace("DATA", str(dataset)))
 
 
 # ---------------------------------------------------------------- configs, remat, tokenizer

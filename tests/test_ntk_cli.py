@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 
 from rocoft_jax import ntk_metrics
 from train import ntk as ntk_cli
@@ -33,9 +34,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert ntk_cli.main([*args, "--output-dir", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    assert message in err
+    assert_one_line_error(capsys, message)
 
 
 def test_max_bytes_units():

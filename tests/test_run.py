@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_one_line_error
 
 from train import checkpoint as ckpt
 from train import run
@@ -86,8 +87,7 @@ def test_baselines_run_in_the_same_harness(tmp_path, method):
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, args, message):
     argv = ["--output-dir", str(tmp_path / "o"), *args]
     assert run.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert_one_line_error(capsys, message)
 
 
 def test_batch_not_divisible_by_devices(tmp_path):

@@ -93,7 +93,7 @@ class Generator:
         bar = tqdm(total=len(records), desc=f"generate {self.task.name}", unit="ex", dynamic_ncols=True,
                    disable=output_dir is None)
         for rows, weights in pipeline.eval_rows(len(records), self.batch_size):
-            length = next(b for b in buckets if b >= max(len(prompts[i]) for i in rows))
+            length = pipeline.fit_bucket(buckets, max(len(prompts[i]) for i in rows))
             mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
             batch = distributed.batch_to_global(left_pad([prompts[i] for i in mine], length, self.pad_id),
                                                 self.batch_sharding, len(rows))

@@ -89,6 +89,11 @@ def bucket_lengths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     return (*out, max_length)
 
 
+def fit_bucket(buckets: Sequence[int], longest: int) -> int:
+    """The smallest of ``buckets`` (ascending) that holds ``longest`` tokens."""
+    return next(b for b in buckets if b >= longest)
+
+
 def trim_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
     """Cuts right padding down to the smallest bucket that holds the batch's longest example.
 
@@ -96,8 +101,7 @@ def trim_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> d
     short-sentence tasks (SST-2) run several times faster. The step compiles
     once per bucket, a handful of times at most.
     """
-    longest = int(batch["attention_mask"].sum(axis=1).max())
-    length = next(b for b in buckets if b >= longest)
+    length = fit_bucket(buckets, int(batch["attention_mask"].sum(axis=1).max()))
     return {k: v[:, :length] if v.ndim == 2 and k in _MODEL_INPUTS else v for k, v in batch.items()}
 
 

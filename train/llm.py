@@ -30,15 +30,15 @@ from train.glue import DataError
 from train.llm_data import IGNORE_INDEX, find_file, get_task, load_records, tokenize_example
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
-DECODERS = ("llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2")
 
 
 def load_model_and_tokenizer(config: TrainConfig):
     """``(model, params, tokenizer)`` of a causal LM; presets are random-init with the byte tokenizer."""
     if config.model in models.PRESETS:
         base = models.preset_config(config.model)
-        if base.model_type not in DECODERS:
-            causal = ", ".join(n for n in models.PRESETS if models.preset_config(n).model_type in DECODERS)
+        if base.model_type not in models.CAUSAL_LM_TYPES:
+            causal = ", ".join(n for n in models.PRESETS
+                               if models.preset_config(n).model_type in models.CAUSAL_LM_TYPES)
             raise models.ModelError(f"--task {config.task} trains a causal LM, and preset {config.model!r} is a "
                                     f"{base.model_type} encoder; pass a hub id, a local model dir, or one of {causal}")
         model_config = models.preset_config(config.model, **models.dropout_overrides(base, config.dropout))
@@ -113,7 +113,7 @@ class LlmJob:
         examples = [tokenize_example(self.tokenizer, self.train_records[i], self.config.cutoff,
                                      train_on_inputs=self.config.train_on_inputs) for i in rows.reshape(-1)]
         longest = max(len(e["input_ids"]) for e in examples)
-        length = next(b for b in self.buckets if b >= longest) if self.buckets else self.config.cutoff
+        length = pipeline.fit_bucket(self.buckets, longest) if self.buckets else self.config.cutoff
         batch = {"input_ids": np.full((len(examples), length), self.pad_id, np.int32),
                  "attention_mask": np.zeros((len(examples), length), np.int32),
                  "loss_mask": np.zeros((len(examples), length), np.int32)}

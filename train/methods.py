@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import rocoft_jax
 from rocoft_jax import lora as lora_lib
 from rocoft_jax.attention import fused_attention
+from rocoft_jax import remat as remat_lib
 from rocoft_jax.remat import remat_layers
 from rocoft_jax import targets as targets_lib
 
@@ -49,7 +50,7 @@ def resolve_remat(name: str, model_type: str, num_params: int) -> str | None:
     """
     if name not in REMAT:
         raise ValueError(f"unknown remat {name!r}; choose one of {', '.join(REMAT)}")
-    layered = model_type in ("llama", "mistral", "gemma")
+    layered = model_type in remat_lib.MODEL_TYPES
     if name == "auto":
         return "dots" if layered and num_params >= REMAT_MIN_PARAMS else None
     if name != "none" and not layered:

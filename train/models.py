@@ -55,6 +55,8 @@ PRESETS = {
 }
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# The ``model_type`` of the families trained as causal LMs (HF Flax has *ForCausalLM for each).
+CAUSAL_LM_TYPES = ("llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2")
 # Config attributes of dropout rates across families: BERT-likes, DistilBERT/BART/OPT, Llama-likes and Bloom, GPT-2/J.
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
