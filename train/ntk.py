@@ -177,14 +177,9 @@ def load_model(config: NTKConfig, spec):
         model, params = models.random_model(model_cfg, "masked-lm" if prompt_head else "base")
         tokenizer = make_demo_tokenizer(model_max_length=model_cfg.max_position_embeddings - 2)
     else:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        models.check_source(config.model)
-        try:
-            model_cfg = AutoConfig.from_pretrained(config.model)
-        except OSError as err:
-            raise models.ModelError(f"cannot load the config of --model {config.model} "
-                                    f"({str(err).splitlines()[0]}); give a local model dir or a reachable hub id")
+        model_cfg = models.load_config(config.model)
         masked_lm = any(a.endswith("ForMaskedLM") for a in (model_cfg.architectures or []))
         prompt_head = config.head == "prompt" or (config.head == "auto" and masked_lm)
         model, params = models.load_pretrained(config.model, "masked-lm" if prompt_head else "base")
@@ -241,7 +236,7 @@ def run(config: NTKConfig) -> dict:
     forward, params, encode = load_model(config, spec)
     x_used, x_dev = encode(pipeline.select(train, used)), encode(dev)
     longest = max(int(x["attention_mask"].sum(1).max()) for x in (x_used, x_dev))
-    length = next(b for b in pipeline.bucket_lengths(config.max_length) if b >= longest)
+    length = pipeline.fit_bucket(pipeline.bucket_lengths(config.max_length), longest)
     x_used, x_dev = _trim(x_used, length), _trim(x_dev, length)
     for name in plan.subsets:  # e.g. a rank above a kernel's size: fail before any work
         try:
