@@ -20,6 +20,7 @@ from conftest import assert_trees_close, fast_jit
 
 import rocoft_jax
 from rocoft_jax.attention import fused_attention
+from rocoft_jax.remat import remat_layers
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=34)
@@ -163,6 +164,20 @@ def test_right_padded_poisons_rows_that_are_not_right_padded():
     with fused_attention(right_padded=True):
         out = np.asarray(fast_jit(functools.partial(forward, model))(params, ids, mask))
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+
+
+def test_right_padded_check_in_the_first_layer_reaches_outputs_and_gradients_under_remat():
+    """The prefix check runs in layer 0 only; rematerialized layers and the backward pass keep it."""
+    model, params = tiny("llama")
+    loss = lambda p, ids, mask: jnp.sum(forward(model, p, ids, mask))
+    with fused_attention(right_padded=True), remat_layers("dots"):
+        ids, mask = make_batch(lengths=(8, -5))
+        out = np.asarray(fast_jit(functools.partial(forward, model))(params, ids, mask))
+        bad = jax.jit(jax.grad(loss))(params, ids, mask)
+        good = jax.jit(jax.grad(loss))(params, *make_batch(lengths=(8, 5)))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    assert any(np.isnan(g).any() for g in jax.tree.leaves(bad))  # one bad row fails the whole step loudly
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(good))
 
 
 def test_head_mask_is_applied_on_the_fused_path():

@@ -19,6 +19,7 @@ from conftest import (
 )
 
 import rocoft_jax
+from rocoft_jax import dense
 from rocoft_jax.mask import KernelSlice
 
 D_IN, D_OUT = 24, 40
@@ -34,8 +35,8 @@ LAYOUTS = [
 ]
 
 
-def _spec(out_axis, mode, idx):
-    shape = (D_IN, D_OUT) if out_axis == 1 else (D_OUT, D_IN)
+def _spec(out_axis, mode, idx, d_in=D_IN, d_out=D_OUT):
+    shape = (d_in, d_out) if out_axis == 1 else (d_out, d_in)
     idx = np.asarray(idx, np.int32)
     if mode == "random":
         return KernelSlice(shape, None, out_axis, idx)
@@ -52,13 +53,24 @@ def _place(kernel, values, out_axis, mode, idx):
     return kernel.at[np.asarray(idx), :].set(values)
 
 
-def _inputs(out_axis, mode, idx, seed=0):
+def _inputs(out_axis, mode, idx, seed=0, d_in=D_IN, d_out=D_OUT, lead=(3, 5)):
     rng = np.random.default_rng(seed)
-    spec = _spec(out_axis, mode, idx)
+    spec = _spec(out_axis, mode, idx, d_in, d_out)
     kernel = jnp.asarray(rng.normal(size=spec.shape), jnp.float32)
     values = jnp.asarray(rng.normal(size=spec.slice_shape), jnp.float32)
-    x = jnp.asarray(rng.normal(size=(3, 5, D_IN)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(*lead, d_in)), jnp.float32)
     return spec, kernel, values, x
+
+
+# Leading shapes of x: few tokens (rank-r corrections on the frozen kernel) and many (merged kernel).
+LEADS = {"corrections": (3, 5), "merged": (4, 30)}
+
+
+@pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS[:4], ids=[c[0] for c in LAYOUTS[:4]])
+def test_both_paths_are_exercised(name, out_axis, mode, idx):
+    for path, lead in LEADS.items():
+        spec, kernel, _, x = _inputs(out_axis, mode, idx, lead=lead)
+        assert dense._merges(x, kernel, spec) == (path == "merged")
 
 
 def _reference(x, kernel, values, out_axis, mode, idx):
@@ -66,11 +78,12 @@ def _reference(x, kernel, values, out_axis, mode, idx):
     return x @ (w if out_axis == 1 else w.T)
 
 
+@pytest.mark.parametrize("lead", LEADS.values(), ids=LEADS.keys())
 @pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS, ids=[c[0] for c in LAYOUTS])
-def test_sliced_matmul_matches_the_merged_kernel(name, out_axis, mode, idx):
-    spec, kernel, values, x = _inputs(out_axis, mode, idx)
+def test_sliced_matmul_matches_the_merged_kernel(name, out_axis, mode, idx, lead):
+    spec, kernel, values, x = _inputs(out_axis, mode, idx, lead=lead)
     y = rocoft_jax.sliced_matmul(x, kernel, values, spec)
-    assert y.shape == (3, 5, D_OUT) and y.dtype == jnp.float32
+    assert y.shape == (*lead, D_OUT) and y.dtype == jnp.float32
     np.testing.assert_allclose(y, _reference(x, kernel, values, out_axis, mode, idx), atol=1e-5, rtol=1e-5)
     # With the kernel's own entries as the slice it is the plain matmul.
     own = jnp.asarray(np.asarray(kernel).reshape(-1)[idx] if mode == "random"
@@ -79,10 +92,11 @@ def test_sliced_matmul_matches_the_merged_kernel(name, out_axis, mode, idx):
                                x @ (kernel if out_axis == 1 else kernel.T), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lead", LEADS.values(), ids=LEADS.keys())
 @pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS, ids=[c[0] for c in LAYOUTS])
-def test_sliced_matmul_gradients_match_the_merged_kernel(name, out_axis, mode, idx):
-    spec, kernel, values, x = _inputs(out_axis, mode, idx)
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, D_OUT)), jnp.float32)
+def test_sliced_matmul_gradients_match_the_merged_kernel(name, out_axis, mode, idx, lead):
+    spec, kernel, values, x = _inputs(out_axis, mode, idx, lead=lead)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(*lead, D_OUT)), jnp.float32)
     sliced = lambda v, x: jnp.sum(cotangent * rocoft_jax.sliced_matmul(x, kernel, v, spec))
     merged = lambda v, x: jnp.sum(cotangent * _reference(x, kernel, v, out_axis, mode, idx))
     (gv, gx), (rv, rx) = jax.grad(sliced, argnums=(0, 1))(values, x), jax.grad(merged, argnums=(0, 1))(values, x)
@@ -91,9 +105,10 @@ def test_sliced_matmul_gradients_match_the_merged_kernel(name, out_axis, mode, i
     np.testing.assert_allclose(gx, rx, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lead", LEADS.values(), ids=LEADS.keys())
 @pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS[:4], ids=[c[0] for c in LAYOUTS[:4]])
-def test_bf16_kernel_with_fp32_slice_sees_updates_below_bf16_resolution(name, out_axis, mode, idx):
-    spec, kernel, _, x = _inputs(out_axis, mode, idx)
+def test_bf16_kernel_with_fp32_slice_sees_updates_below_bf16_resolution(name, out_axis, mode, idx, lead):
+    spec, kernel, _, x = _inputs(out_axis, mode, idx, lead=lead)
     kernel = jnp.ones_like(kernel).astype(jnp.bfloat16)  # bf16 spacing at 1.0 is 2**-7
     values = jnp.full(spec.slice_shape, 1.0 + 3e-3, jnp.float32)
     assert np.all(np.asarray(values.astype(jnp.bfloat16), np.float32) == 1.0)  # lost if stored in bf16
@@ -122,10 +137,12 @@ def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.parametrize("tokens", [64, 512], ids=["corrections", "merged"])
 @pytest.mark.parametrize("name, out_axis, mode, idx", LAYOUTS[:4], ids=[c[0] for c in LAYOUTS[:4]])
-def test_slice_gradient_costs_two_thirds_of_full_fine_tuning(name, out_axis, mode, idx):
-    spec, kernel, values, _ = _inputs(out_axis, mode, idx)
-    x = jnp.ones((512, D_IN), jnp.float32)
+def test_slice_gradient_costs_two_thirds_of_full_fine_tuning(name, out_axis, mode, idx, tokens):
+    # Wide enough that the rank-r corrections (r / d of the FLOPs) stay small, as in real layers.
+    spec, kernel, values, x = _inputs(out_axis, mode, idx, d_in=4 * D_IN, d_out=4 * D_OUT, lead=(tokens,))
+    assert dense._merges(x, kernel, spec) == (tokens == 512)
     sliced = jax.grad(lambda v, x, k: jnp.sum(rocoft_jax.sliced_matmul(x, k, v, spec) ** 2), argnums=(0, 1))
     full = jax.grad(lambda k, x: jnp.sum((x @ (k if out_axis == 1 else k.T)) ** 2), argnums=(0, 1))
     shapes = _dot_output_shapes(jax.make_jaxpr(sliced)(values, x, kernel).jaxpr)
