@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from rocoft_jax import sharding
+
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 ENCODERS = frozenset({
     "FlaxBertSelfAttention", "FlaxRobertaSelfAttention", "FlaxXLMRobertaSelfAttention",
@@ -159,13 +161,19 @@ def poison_unless_prefix(out, keep, lengths):
     return jnp.where(prefix[:, None, None, None], out, jnp.nan)
 
 
-def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded: bool, check_prefix: bool = True):
+def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded: bool, check_prefix: bool = True,
+           mesh=None):
     """``jax.nn.dot_product_attention`` with the padding ``keep`` (B, S) bool and the causal/window masks.
 
     With ``right_padded``, ``check_prefix`` NaNs the rows whose ``keep`` is not ones-then-zeros.
+    With a ``mesh``, q, k and v are laid out alike first (`sharding.heads_sharding`): cuDNN's
+    partitioner refuses differing layouts, which XLA's propagation gives them under fsdp.
 
     Returns ``(output, implementation used)``.
     """
+    if mesh is not None:
+        layout = sharding.heads_sharding(mesh, k.shape)
+        q, k, v = (jax.lax.with_sharding_constraint(t, layout) for t in (q, k, v))
     mask = lengths = None
     if keep is not None and right_padded:
         lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
@@ -186,7 +194,7 @@ def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded:
     return checkpoint_name(out, CHECKPOINT_NAME), chosen or "xla"
 
 
-def fused_call(module, family: str, arguments: dict, implementation, right_padded: bool, check_prefix: bool):
+def fused_call(module, family: str, arguments: dict, implementation, right_padded: bool, check_prefix: bool, mesh):
     """The module's output tuple, computed with `attend`; and the implementation used."""
     if family == "encoder":
         q, k, v = project_encoder(module, arguments)
@@ -199,7 +207,7 @@ def fused_call(module, family: str, arguments: dict, implementation, right_padde
         keep = None if mask is None else mask.astype(bool)  # HF: combine_masks = logical_and
         causal, window = True, find_window(module, k.shape[1])
     out, used = attend(q, k, v, keep, causal=causal, window=window, implementation=implementation,
-                       right_padded=right_padded, check_prefix=check_prefix)
+                       right_padded=right_padded, check_prefix=check_prefix, mesh=mesh)
     head_mask = arguments.get("layer_head_mask")  # HF's BertModel always passes one: ones (int32)
     if head_mask is not None:  # scaling head h's weights scales head h's output
         out = out * jnp.asarray(head_mask, out.dtype)[:, None]
@@ -210,7 +218,7 @@ def fused_call(module, family: str, arguments: dict, implementation, right_padde
 
 
 @contextlib.contextmanager
-def fused_attention(implementation=None, *, right_padded: bool = False):
+def fused_attention(implementation=None, *, right_padded: bool = False, mesh=None):
     """Context in which HF Flax self-attention runs through ``jax.nn.dot_product_attention``.
 
     Args:
@@ -219,6 +227,8 @@ def fused_attention(implementation=None, *, right_padded: bool = False):
       right_padded: pass padding as key lengths (cuDNN's native padding);
         every mask row must be ones then zeros, or that row's output is NaN
         (checked in the first layer, see the module doc).
+      mesh: the `rocoft_jax.sharding` mesh the jitted step runs on, if any:
+        q, k and v are then laid out alike (batch over data/fsdp, heads over tensor).
 
     Yields a ``collections.Counter`` of traced attention calls: "fused:xla",
     "fused:cudnn", or "fallback:<reason>" (dropout, output_attentions,
@@ -243,7 +253,7 @@ def fused_attention(implementation=None, *, right_padded: bool = False):
             counts[f"fallback:{reason}"] += 1
             return next_fun(*args, **kwargs)
         outputs, used = fused_call(context.module, family, arguments, implementation, right_padded,
-                                   check_prefix=is_first_layer(context.module))
+                                   check_prefix=is_first_layer(context.module), mesh=mesh)
         counts[f"fused:{used}"] += 1
         return outputs
 

@@ -43,6 +43,8 @@ _COMMON_TAIL = (
 )
 
 _COL_BIAS = P("tensor")
+# (B, T, heads, head_dim) activations entering attention: batch over data and fsdp, heads over tensor.
+_HEADS = P(("data", "fsdp"), None, "tensor")
 
 
 def _layers(col: str, row: str, embeddings: str, extra: tuple = ()) -> tuple[tuple[str, P], ...]:
@@ -129,6 +131,15 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
         kept = tuple(a for i, a in enumerate(kept) if dim % math.prod(mesh.shape[b] for b in kept[: i + 1]) == 0)
         fitted.append(kept[0] if len(kept) == 1 else (kept or None))
     return P(*fitted)
+
+
+def heads_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Where (B, T, heads, head_dim) queries, keys and values live on ``mesh``.
+
+    Give queries the layout fitted to the keys' shape: GQA keys have fewer heads,
+    and cuDNN's attention needs all three laid out alike.
+    """
+    return NamedSharding(mesh, _fit(_HEADS, shape, mesh))
 
 
 def partition_specs(tree, family: str | None, mesh: Mesh):

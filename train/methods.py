@@ -92,28 +92,29 @@ class Method:
 
     @staticmethod
     @contextlib.contextmanager
-    def fast_paths(attention: str, remat: str | None):
+    def fast_paths(attention: str, remat: str | None, mesh=None):
         """Fused attention and GELU (unless ``attention`` is "plain") and layer remat (if asked)."""
         with contextlib.ExitStack() as stack:
             if attention != "plain":
                 stack.enter_context(fused_attention(attention.removesuffix("-lengths"),
-                                                    right_padded=attention.endswith("-lengths")))
+                                                    right_padded=attention.endswith("-lengths"), mesh=mesh))
                 stack.enter_context(rocoft_jax.fast_gelu())
             if remat:
                 stack.enter_context(remat_layers(remat))
             yield
 
     def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
-              attention: str = "plain", remat: str | None = None):
+              attention: str = "plain", remat: str | None = None, mesh=None):
         """The model's logits.
 
         ``attention`` other than "plain" runs HF attention fused (`fused_attention`)
         and BERT-family GELU through `rocoft_jax.gelu`;
         ``remat`` ("full" or "dots", `rocoft_jax.remat.POLICIES`) recomputes each
-        Llama/Mistral/Gemma layer in the backward pass (`remat_layers`).
+        Llama/Mistral/Gemma layer in the backward pass (`remat_layers`);
+        ``mesh`` is the step's mesh, for the fused attention's layout.
         """
         if attention != "plain" or remat:
-            with self.fast_paths(attention, remat):
+            with self.fast_paths(attention, remat, mesh):
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -85,7 +85,7 @@ def init_state(trainable, tx, seed: int) -> TrainState:
 
 
 def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str,
-               attention: str = "plain", remat: str | None = None, grad_accum: int = 1):
+               attention: str = "plain", remat: str | None = None, grad_accum: int = 1, mesh=None):
     """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``.
 
     With ``grad_accum`` N > 1 every batch array is (B, N, ...): N micro-batches of B rows, run one after
@@ -97,7 +97,7 @@ def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, l
 
     def summed(trainable, micro, rng):
         logits = method.apply(model, trainable, frozen, micro, dropout_rng=rng, train=True,
-                              attention=attention, remat=remat)
+                              attention=attention, remat=remat, mesh=mesh)
         return loss_sum(logits, micro, loss_kind)
 
     if grad_accum == 1:
@@ -125,9 +125,10 @@ def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, l
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(trainable, frozen, batch, *, model, method: Method, attention: str = "plain"):
+def eval_step(trainable, frozen, batch, *, model, method: Method, attention: str = "plain", mesh=None):
     """fp32 logits of a batch, dropout off."""
-    return method.apply(model, trainable, frozen, batch, train=False, attention=attention).astype(jnp.float32)
+    return method.apply(model, trainable, frozen, batch, train=False, attention=attention,
+                        mesh=mesh).astype(jnp.float32)
 
 
 class StepShardings(NamedTuple):
@@ -152,12 +153,13 @@ def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShar
     batches are (B, grad_accum, ...), sharded over B like any batch.
     """
     sh = shardings
+    mesh = sh.batch.mesh
     train_fn = jax.jit(
         functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention,
-                          remat=remat, grad_accum=grad_accum),
+                          remat=remat, grad_accum=grad_accum, mesh=mesh),
         in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
         donate_argnums=(0,) if donate else ())
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention),
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention, mesh=mesh),
                       in_shardings=(sh.state.trainable, sh.frozen, sh.batch), out_shardings=sh.replicated)
     return train_fn, eval_fn
 
