@@ -77,7 +77,9 @@ def reference_kernel(subset: ntk.Subset, full: dict) -> np.ndarray:
         rows = [g for p, g in full.items() if p.endswith("/bias")]
     elif kind in ("row", "column"):
         mask = subset.apply.mask
-        rows = [jnp.take(full[p], s.indices, axis=s.axis + 2) for p, s in mask.slices.items()]
+        # (n, C, d_in, d_out): paper row i is kernel[:, i], paper column j is kernel[j, :] (NOTES.md)
+        axis = 3 if kind == "row" else 2
+        rows = [jnp.take(full[p], s.indices, axis=axis) for p, s in mask.slices.items()]
     else:
         scale = subset.apply.alpha / subset.apply.rank
         adapters = targets_lib.flatten(subset.theta)
