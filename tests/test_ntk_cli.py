@@ -75,28 +75,29 @@ def minilm_dir() -> Path:
     return Path(package.__file__).parent / "model"
 
 
-@pytest.mark.slow
 def test_minilm_sst2_16_shot_row_and_column_kernels_against_full(tmp_path, minilm_dir):
     """Real weights and data, offline on CPU: the readout variant (MiniLM has no MLM head).
 
-    2G holds one 20M-parameter group for 32 examples, so the full kernel runs in two groups.
+    It reads the mean of the token states, the pooling all-MiniLM-L6-v2 was trained with (its
+    1_Pooling/config.json). Its BERT pooler took no part in that training (zero bias), yet read
+    out it makes 86% of the full kernel's trace, a layer no subset holds. Measured here: row1
+    0.47 (p=1) / 0.55 (p=2), column1 0.85 / 0.84; with the pooler column1 measures 1.06 / 1.10,
+    which is genuine (README, NTK analysis). 2G holds one 20M-parameter group for 32 examples,
+    so the full kernel runs in two groups; the dev set only feeds the accuracies.
     """
     if not (SHARED_GLUE / "SST-2" / "dev.tsv").is_file():
         pytest.skip("../shared/data/glue is absent")
     out = tmp_path / "ntk"
     args = ["--model", str(minilm_dir), "--task", "sst2", "--data-dir", str(SHARED_GLUE), "--k", "16",
-            "--seeds", "2", "--subsets", "full,row1,column1", "--limit-eval", "64", "--max-bytes", "2G",
-            "--output-dir", str(out)]
+            "--seeds", "2", "--subsets", "full,row1,column1", "--pooling", "mean", "--limit-eval", "32",
+            "--max-bytes", "2G", "--output-dir", str(out)]
     assert ntk_cli.main(args) == 0
     results = json.loads((out / "ntk_results.json").read_text())
     print((out / "ntk_results.md").read_text())
     for name in ("row1", "column1"):
         for p in (1, 2):
             d = results[name][f"distance_p{p}"]
-            assert np.isfinite(d)
-            # rows: in (0, 1). Columns (one input feature per matrix) measure about 1.06 (p=1) and 1.10 (p=2)
-            # here: their kernel has negative entries where the full one has none. The metric lies in [0, 2].
-            assert 0.0 < d < (1.0 if name == "row1" else 2.0), (name, p, d)
+            assert np.isfinite(d) and 0.0 < d < 1.0, (name, p, d)
     for entry in results.values():
         assert len(entry["accuracies"]) == 2 and 0.0 <= entry["accuracy_mean"] <= 1.0
     for name in ("ntk_results.md", "ntk_run.json", "kernels.npz"):

@@ -68,7 +68,8 @@ HELP = {
     "head": "f(x): prompt (label words' logits at the mask; needs an MLM head), readout (fixed linear readout "
             "on the pooled output), or auto (prompt when the checkpoint is a *ForMaskedLM)",
     "prompt_config": "YAML with 'template' and 'label_words' (default configs/ntk/<task>.yaml)",
-    "pooling": "readout input: pooler (HF's pooled output) or mean (mean of the last hidden states)",
+    "pooling": "readout input: pooler (HF's pooled output) or mean (mean of the last hidden states; what "
+               "sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with)",
     "readout_seed": "seed of the fixed readout (shared by every few-shot seed and subset)",
     "strategy": "rows/columns of row<r>/column<r>: first (the paper's default) or random (seeded per seed)",
     "lora_alpha": "LoRA alpha of lora<r>; 0 means 2r (the kernel's scale does not affect accuracy or distances)",
