@@ -105,13 +105,17 @@ def time_method(args, method_name: str) -> dict:
     for _ in range(args.warmup):
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, frozen, batch)
+    # Steady state, as a training loop runs: each step is queued before waiting on the one before,
+    # and a step's time is the interval between consecutive completions.
+    state, metrics = compiled(state, frozen, batch)
+    done = []
+    for _ in range(args.steps + 1):
+        state, queued = compiled(state, frozen, batch)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+        done.append(time.perf_counter())
+        metrics = queued
+    jax.block_until_ready(metrics)
+    median = statistics.median(b - a for a, b in zip(done, done[1:]))
     if args.profile:
         _profile(compiled, state, frozen, batch, args.profile)
     stats = jax.devices()[0].memory_stats() or {}
