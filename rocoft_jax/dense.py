@@ -158,13 +158,16 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
     """Replaces the ``__call__`` of the layers at the given module paths.
 
     ``calls`` maps a module path (the kernel path without "kernel") to
-    ``fn(module, x, original_call) -> y``. Other modules run untouched.
+    ``fn(module, x, original_call) -> y``. Other modules run untouched, and so do
+    all while a model is being initialized (HF's ``init_cache`` initializes the
+    model to shape its KV cache: there are no kernels to read yet).
     """
 
     seen: set[tuple[str, ...]] = set()
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and _module_kernel_layout(context.module) is not None:
+        if (context.method_name == "__call__" and _module_kernel_layout(context.module) is not None
+                and not context.module.is_initializing()):
             path = tuple(context.module.path)
             fn = calls.get(path)
             if fn is not None:

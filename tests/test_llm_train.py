@@ -159,7 +159,7 @@ def test_eval_prompts_never_see_the_reference_output():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])  # rotary + GQA, learned positions, ALiBi
 def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset, tmp_path, family):
-    """Left padding, the KV cache and merged slices against argmax over the training forward pass."""
+    """Left padding, the KV cache and the sliced layers against argmax over the plain model on merged weights."""
     config = llm_config(dataset, model=f"tiny-{family}")
     model, params, tokenizer = llm.load_model_and_tokenizer(config)
     params = jax.tree.map(lambda x: 10 * x if x.ndim == 2 else x, params)  # spread the logits: no near-ties
@@ -167,11 +167,10 @@ def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset
     trainable, frozen = method.split(params)
     keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(trainable))))
     trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trainable)
-    merged = jax.eval_shape(method.merge, trainable, frozen)
     new_tokens = 5
     generator = generate.Generator(
         model, method, tokenizer, llm.get_task("boolq"), max_new_tokens=new_tokens, num_beams=1, batch_size=2,
-        param_shardings=sharding.shardings(merged, method.mask.family, one_device()), batch_sharding=batch_sharding())
+        batch_sharding=batch_sharding())
     records = load_records(dataset / "boolq" / "test.json")[:3]
     prompts = generate.encode_prompts(tokenizer, records)
     assert len({len(p) for p in prompts}) == 3  # a batch mixes prompt lengths: real left padding
@@ -180,8 +179,8 @@ def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset
     assert [line["index"] for line in lines] == [0, 1, 2]  # the batch-filling repeat is not scored
 
     width = max(map(len, prompts)) + new_tokens
-    forward = jax.jit(lambda ids, mask: method.apply(model, trainable, frozen, {"input_ids": ids,
-                                                                                 "attention_mask": mask}))
+    merged = method.merge(trainable, frozen)
+    forward = jax.jit(lambda ids, mask: model(ids, attention_mask=mask, params=merged).logits)
     generated = 0
     for prompt, line in zip(prompts, lines):
         sequence = list(prompt)

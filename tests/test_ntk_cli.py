@@ -30,6 +30,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
         (["--max-bytes", "lots"], "--max-bytes 'lots'"),
         (["--lambdas", "0.1,-1"], "--lambdas"),
         (["--head", "mlm"], "--head mlm"),
+        (["--pooling", "cls"], "--pooling cls: choose auto, pooler or mean"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
@@ -41,6 +42,28 @@ def test_max_bytes_units():
     assert ntk_cli.parse_bytes("512M") == 512 << 20
     assert ntk_cli.parse_bytes("2G") == 2 << 30
     assert ntk_cli.parse_bytes("1000") == 1000
+
+
+def _pooling_dir(root: Path, modules: list | None, pooling_dirs: dict) -> str:
+    root.mkdir()
+    if modules is not None:
+        (root / "modules.json").write_text(json.dumps(modules))
+    for name, config in pooling_dirs.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    return str(root)
+
+
+def test_auto_pooling_follows_a_sentence_transformers_pooling_config(tmp_path):
+    mean = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    cls = {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+    pooling_module = {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"}
+    assert ntk_cli.parse_args([]).pooling == "auto"
+    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "a", None, {"1_Pooling": mean})) == "mean"
+    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "b", [pooling_module], {"pool": mean})) == "mean"
+    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "c", None, {"1_Pooling": cls})) == "pooler"
+    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "d", None, {})) == "pooler"
+    assert ntk_cli.checkpoint_pooling("roberta-base") == "pooler"  # a hub id
 
 
 def test_demo_run_with_a_prompt_writes_results_consistent_with_its_kernels(tmp_path):
@@ -64,7 +87,7 @@ def test_demo_run_with_a_prompt_writes_results_consistent_with_its_kernels(tmp_p
                 ntk_metrics.relative_distance(k, kernels["full"], p), rel=1e-12)
     assert "| row1 | 896 |" in (out / "ntk_results.md").read_text()
     run = json.loads((out / "ntk_run.json").read_text())
-    assert run["head"] == "PromptForward" and run["num_dev"] == 16
+    assert run["head"] == "PromptForward" and run["pooling"] is None and run["num_dev"] == 16
     for picture in ("heatmaps.png", "spectrum.png"):
         assert (out / picture).read_bytes()[:8] == PNG
 
@@ -78,9 +101,9 @@ def minilm_dir() -> Path:
 def test_minilm_sst2_16_shot_row_and_column_kernels_against_full(tmp_path, minilm_dir):
     """Real weights and data, offline on CPU: the readout variant (MiniLM has no MLM head).
 
-    It reads the mean of the token states, the pooling all-MiniLM-L6-v2 was trained with (its
-    1_Pooling/config.json). Its BERT pooler took no part in that training (zero bias), yet read
-    out it makes 86% of the full kernel's trace, a layer no subset holds. Measured here: row1
+    --pooling auto reads the mean of the token states, the pooling all-MiniLM-L6-v2 was trained
+    with (its 1_Pooling/config.json). Its BERT pooler took no part in that training (zero bias), yet
+    read out it makes 86% of the full kernel's trace, a layer no subset holds. Measured here: row1
     0.47 (p=1) / 0.55 (p=2), column1 0.85 / 0.84; with the pooler column1 measures 1.06 / 1.10,
     which is genuine (README, NTK analysis). 2G holds one 20M-parameter group for 32 examples,
     so the full kernel runs in two groups; the dev set only feeds the accuracies.
@@ -89,7 +112,7 @@ def test_minilm_sst2_16_shot_row_and_column_kernels_against_full(tmp_path, minil
         pytest.skip("../shared/data/glue is absent")
     out = tmp_path / "ntk"
     args = ["--model", str(minilm_dir), "--task", "sst2", "--data-dir", str(SHARED_GLUE), "--k", "16",
-            "--seeds", "2", "--subsets", "full,row1,column1", "--pooling", "mean", "--limit-eval", "32",
+            "--seeds", "2", "--subsets", "full,row1,column1", "--limit-eval", "32",
             "--max-bytes", "2G", "--output-dir", str(out)]
     assert ntk_cli.main(args) == 0
     results = json.loads((out / "ntk_results.json").read_text())
@@ -98,6 +121,7 @@ def test_minilm_sst2_16_shot_row_and_column_kernels_against_full(tmp_path, minil
         for p in (1, 2):
             d = results[name][f"distance_p{p}"]
             assert np.isfinite(d) and 0.0 < d < 1.0, (name, p, d)
+    assert json.loads((out / "ntk_run.json").read_text())["pooling"] == "mean"
     for entry in results.values():
         assert len(entry["accuracies"]) == 2 and 0.0 <= entry["accuracy_mean"] <= 1.0
     for name in ("ntk_results.md", "ntk_run.json", "kernels.npz"):

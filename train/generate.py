@@ -2,9 +2,10 @@
 
 Each test record's instruction goes into the evaluation prompt (`llm_data.format_eval_prompt`; the
 reference output never does). Prompts are left-padded into batches and continued by greedy or beam search,
-never sampling, with HF Flax ``generate`` and its KV cache, run on the merged weights (`Method.merge`
-writes the slices into their kernels once per evaluation, so decoding is the plain model). The decoded
-prompt plus generation goes through `llm_data.extract_answer` and `llm_data.is_correct`.
+never sampling, with HF Flax ``generate`` and its KV cache, run through the method's own layers (the
+sliced matmul for RoCoFT), as in training: no merged copy of the weights is made, which at 7B would be
+another 13 GB. The decoded prompt plus generation goes through `llm_data.extract_answer` and
+`llm_data.is_correct`.
 
 Prompts are padded to a power-of-two length bucket, so ``generate`` compiles once per bucket and is reused
 by later evaluations. Each process feeds its rows of every global batch and receives all generations; with
@@ -22,6 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+import rocoft_jax
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -42,24 +45,23 @@ class Generator:
     """Answers a task's test records with one model and method; compiled programs persist across evaluations."""
 
     def __init__(self, model, method, tokenizer, task: LlmTask, *, max_new_tokens: int, num_beams: int,
-                 batch_size: int, param_shardings, batch_sharding: NamedSharding):
-        self.model, self.tokenizer, self.task = model, tokenizer, task
+                 batch_size: int, batch_sharding: NamedSharding):
+        self.model, self.method, self.tokenizer, self.task = model, method, tokenizer, task
         self.max_new_tokens, self.num_beams, self.batch_size = max_new_tokens, num_beams, batch_size
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.batch_sharding = batch_sharding
         self.config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                        eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        self._merge = jax.jit(method.merge, out_shardings=param_shardings)
-        self._generate = jax.jit(self._continue, in_shardings=(param_shardings, batch_sharding, batch_sharding),
-                                 out_shardings=NamedSharding(batch_sharding.mesh, PartitionSpec()))
+        self._generate = jax.jit(self._continue, out_shardings=NamedSharding(batch_sharding.mesh, PartitionSpec()))
         self._compiled: dict[int, object] = {}
         self.compile_seconds = 0.0
 
-    def _continue(self, params, input_ids, attention_mask):
+    def _continue(self, trainable, frozen, input_ids, attention_mask):
         """The generated tokens after each left-padded prompt; pad after EOS."""
-        out = self.model.generate(input_ids, generation_config=self.config, attention_mask=attention_mask,
-                                  params=params)
+        with self.method.layers(trainable):
+            out = self.model.generate(input_ids, generation_config=self.config, attention_mask=attention_mask,
+                                      params=rocoft_jax.with_trained_leaves(frozen, trainable))
         return out.sequences[:, input_ids.shape[1]:]
 
     def check_positions(self, prompts: list[list[int]]) -> None:
@@ -71,19 +73,18 @@ class Generator:
                             f"--max-new-tokens {self.max_new_tokens} it exceeds the model's {limit} positions; "
                             "lower --max-new-tokens or use a model with more positions")
 
-    def _compiled_for(self, params, ids, mask):
+    def _compiled_for(self, trainable, frozen, ids, mask):
         """The program for this prompt length, compiled on first use; processes meet after compiling."""
         length = ids.shape[1]
         if length not in self._compiled:
             start = time.perf_counter()
-            self._compiled[length] = self._generate.lower(params, ids, mask).compile()
+            self._compiled[length] = self._generate.lower(trainable, frozen, ids, mask).compile()
             self.compile_seconds += time.perf_counter() - start
             distributed.barrier(f"generate_{length}")
         return self._compiled[length]
 
     def evaluate(self, trainable, frozen, records: list[dict], output_dir: Path | None) -> tuple[dict, dict]:
         """``({"accuracy"}, stats)`` over ``records``; writes predictions.jsonl when ``output_dir`` is given."""
-        params = self._merge(trainable, frozen)
         prompts = encode_prompts(self.tokenizer, records)
         self.check_positions(prompts)
         buckets = pipeline.bucket_lengths(max(len(p) for p in prompts))
@@ -97,7 +98,7 @@ class Generator:
             mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
             batch = distributed.batch_to_global(left_pad([prompts[i] for i in mine], length, self.pad_id),
                                                 self.batch_sharding, len(rows))
-            args = (params, batch["input_ids"], batch["attention_mask"])
+            args = (trainable, frozen, batch["input_ids"], batch["attention_mask"])
             tokens = np.asarray(self._compiled_for(*args)(*args))
             for i, new in zip(rows[weights > 0], tokens[weights > 0]):
                 line, n_new = self.score(int(i), records[i], prompts[i], new.tolist())

@@ -21,7 +21,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from rocoft_jax import sharding
 from train import distributed, generate, models
 from train import input_pipeline as pipeline
 from train.byte_tokenizer import make_byte_tokenizer
@@ -145,11 +144,9 @@ class LlmJob:
     def evaluate(self, context, trainable, frozen) -> dict[str, float]:
         """Accuracy on the test records by generation; process 0 writes predictions.jsonl."""
         if self.generator is None:
-            merged = jax.eval_shape(context.method.merge, trainable, frozen)
             self.generator = generate.Generator(
                 context.model, context.method, self.tokenizer, self.task, max_new_tokens=self.max_new_tokens,
                 num_beams=self.config.num_beams, batch_size=self.config.eval_batch_size or self.config.batch_size,
-                param_shardings=sharding.shardings(merged, context.method.mask.family, self.sharding.mesh),
                 batch_sharding=self.sharding)
         metrics, self.generation_stats = self.generator.evaluate(
             trainable, frozen, self.test_records, context.output_dir if distributed.is_main() else None)

@@ -7,9 +7,9 @@ each parameter subset on them (`rocoft_jax.ntk`), fits kernel logistic regressio
 chosen on a held-out quarter of the k-shot set (`rocoft_jax.klr`), and classifies the dev set
 (the first eval split). f(x) is prompt-based for models with a masked-LM head (template and
 label words from configs/ntk/<task>.yaml), else a readout on the pooled output fixed at init
-(`--head`). Writes to --output-dir: ntk_results.json (subset -> accuracy_mean, accuracy_std,
+(`--head`; `--pooling auto` follows a sentence-transformers dir's Pooling config). Writes to --output-dir: ntk_results.json (subset -> accuracy_mean, accuracy_std,
 and for subsets other than full distance_p1, distance_p2, means over seeds), ntk_results.md
-(mean (std)), ntk_run.json (the options and sizes), heatmaps.png, spectrum.png and kernels.npz
+(mean (std)), ntk_run.json (the options, the pooling used, and sizes), heatmaps.png, spectrum.png and kernels.npz
 (seed 0).
 """
 
@@ -43,7 +43,7 @@ class NTKConfig:
     data_dir: str | None = None
     head: str = "auto"
     prompt_config: str | None = None
-    pooling: str = "pooler"
+    pooling: str = "auto"
     readout_seed: int = 0
     strategy: str = "first"
     lora_alpha: float = 0.0
@@ -68,8 +68,9 @@ HELP = {
     "head": "f(x): prompt (label words' logits at the mask; needs an MLM head), readout (fixed linear readout "
             "on the pooled output), or auto (prompt when the checkpoint is a *ForMaskedLM)",
     "prompt_config": "YAML with 'template' and 'label_words' (default configs/ntk/<task>.yaml)",
-    "pooling": "readout input: pooler (HF's pooled output) or mean (mean of the last hidden states; what "
-               "sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with)",
+    "pooling": "readout input: pooler (HF's pooled output), mean (mean of the last hidden states), or auto "
+               "(mean when the model dir's sentence-transformers Pooling config averages the tokens, as "
+               "all-MiniLM-L6-v2's does; else the pooler)",
     "readout_seed": "seed of the fixed readout (shared by every few-shot seed and subset)",
     "strategy": "rows/columns of row<r>/column<r>: first (the paper's default) or random (seeded per seed)",
     "lora_alpha": "LoRA alpha of lora<r>; 0 means 2r (the kernel's scale does not affect accuracy or distances)",
@@ -137,8 +138,8 @@ def check(config: NTKConfig) -> Plan:
                 " (some of each class's examples are held out to choose lambda)" if flag == "k" else ""))
     if config.head not in HEADS:
         raise ConfigError(f"--head {config.head}: choose one of {', '.join(HEADS)}")
-    if config.pooling not in ("pooler", "mean"):
-        raise ConfigError(f"--pooling {config.pooling}: choose pooler or mean")
+    if config.pooling not in ("auto", "pooler", "mean"):
+        raise ConfigError(f"--pooling {config.pooling}: choose auto, pooler or mean")
     if config.strategy not in ("first", "random"):
         raise ConfigError(f"--strategy {config.strategy}: choose first or random (Wanda scores need calibration)")
     if not 0.0 < config.holdout < 1.0:
@@ -162,6 +163,21 @@ def sample_kshot(labels: np.ndarray, k: int, num_classes: int, seed: int) -> np.
             raise ConfigError(f"--k {k}: class {cls} has only {len(pool)} training examples")
         rows.append(np.sort(rng.choice(pool, k, replace=False)))
     return np.concatenate(rows)
+
+
+def checkpoint_pooling(model: str) -> str:
+    """What --pooling auto reads out: "mean" when ``model`` is a dir whose sentence-transformers Pooling
+    module (modules.json, else 1_Pooling/) averages the tokens, else "pooler" (hub ids, plain dirs, and
+    CLS pooling, for which the pooler is our nearest option)."""
+    root = Path(model)
+    path = root / "1_Pooling"
+    if (root / "modules.json").is_file():
+        pooling = [m["path"] for m in json.loads((root / "modules.json").read_text())
+                   if m.get("type", "").endswith(".Pooling")]
+        path = root / pooling[0] if pooling else None
+    if path is None or not (path / "config.json").is_file():
+        return "pooler"
+    return "mean" if json.loads((path / "config.json").read_text()).get("pooling_mode_mean_tokens") else "pooler"
 
 
 def load_model(config: NTKConfig, spec):
@@ -194,7 +210,11 @@ def load_model(config: NTKConfig, spec):
         return forward, params, lambda cols: prompts.encode_prompts(tokenizer, cols, spec.text_keys, prompt,
                                                                     config.max_length)
     readout = ntk_outputs.init_readout(model.config.hidden_size, spec.num_labels, config.readout_seed)
-    forward = ntk_outputs.ReadoutForward(model, readout, config.pooling)
+    pooling = config.pooling
+    if pooling == "auto":
+        pooling = "pooler" if config.model == "tiny" else checkpoint_pooling(config.model)
+        print(f"--pooling auto: reading out {pooling}")
+    forward = ntk_outputs.ReadoutForward(model, readout, pooling)
 
     def encode(cols):
         enc = pipeline.encode(tokenizer, cols, spec.text_keys, config.max_length)
@@ -290,7 +310,7 @@ def run(config: NTKConfig) -> dict:
     (out / "ntk_results.md").write_text(_markdown(results, config, spec.name, len(dev_labels)))
     run_info = {**dataclasses.asdict(config), "max_bytes": plan.max_bytes, "num_outputs": c_out,
                 "num_dev": len(dev_labels), "eval_split": spec.eval_splits[0], "sequence_length": length,
-                "head": type(forward).__name__}
+                "head": type(forward).__name__, "pooling": getattr(forward, "pooling", None)}
     (out / "ntk_run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     print(_markdown(results, config, spec.name, len(dev_labels)))
     return results
