@@ -17,7 +17,7 @@ either: both products run on W0 and the slice enters as rank-r terms. Rows
 overwrite the r selected outputs with ``x @ S`` and add
 ``dy[..., idx] @ (S - W0[:, idx])^T`` to dx; columns add
 ``x[..., idx] @ (S - W0[idx])`` to y and overwrite dx's r selected features.
-With many tokens (encoder batches) the merged kernel is cheaper (`_merges`).
+With many tokens (encoder training batches) the merged kernel is cheaper (`_merges`).
 
 `sliced_kernels` applies this to HF Flax models unchanged, by intercepting
 ``nn.Dense`` (and GPT-2's ``FlaxConv1D``) calls whose kernel path is selected.
@@ -62,7 +62,7 @@ def _delta(kernel, values, spec: KernelSlice):
 
 
 def _merges(x, kernel, spec: KernelSlice) -> bool:
-    """Whether to build the merged kernel rather than add rank-r corrections.
+    """Whether a differentiated call builds the merged kernel rather than add rank-r corrections.
 
     The corrections cost about one activation-sized pass (N x d_other for N
     tokens) where a merge costs a weight-sized one (d_in x d_out), and XLA keeps
@@ -77,10 +77,9 @@ def _merges(x, kernel, spec: KernelSlice) -> bool:
     return tokens > 2 * kernel.shape[1 - spec.axis]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _sliced(x, kernel, values, spec: KernelSlice, precision):
+def _forward(x, kernel, values, spec: KernelSlice, precision, merge: bool):
     out_axis, in_axis = spec.out_axis, 1 - spec.out_axis
-    if _merges(x, kernel, spec):
+    if merge:
         return _matmul(x, put_slice(kernel, values, spec), in_axis, precision)
     y = _matmul(x, kernel, in_axis, precision)
     if spec.axis == out_axis:  # rows: the selected outputs come from the slice alone
@@ -89,8 +88,16 @@ def _sliced(x, kernel, values, spec: KernelSlice, precision):
     return y + _matmul(jnp.take(x, spec.indices, axis=-1), _delta(kernel, values, spec), in_axis, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _sliced(x, kernel, values, spec: KernelSlice, precision):
+    # Not differentiated (evaluation, generation): no merged kernels, whose copies XLA may hoist
+    # and hold at once (13 GB at 7B); the corrections cost one extra activation pass at most.
+    return _forward(x, kernel, values, spec, precision, merge=spec.axis is None)
+
+
 def _sliced_fwd(x, kernel, values, spec, precision):
-    return _sliced(x, kernel, values, spec, precision), (x, kernel, values)
+    y = _forward(x, kernel, values, spec, precision, merge=_merges(x, kernel, spec))
+    return y, (x, kernel, values)
 
 
 def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):

@@ -85,6 +85,9 @@ def test_sliced_matmul_matches_the_merged_kernel(name, out_axis, mode, idx, lead
     y = rocoft_jax.sliced_matmul(x, kernel, values, spec)
     assert y.shape == (*lead, D_OUT) and y.dtype == jnp.float32
     np.testing.assert_allclose(y, _reference(x, kernel, values, out_axis, mode, idx), atol=1e-5, rtol=1e-5)
+    # Differentiated calls take their own forward (merged with many tokens); it must agree too.
+    y_vjp, _ = jax.vjp(lambda v: rocoft_jax.sliced_matmul(x, kernel, v, spec), values)
+    np.testing.assert_allclose(y_vjp, _reference(x, kernel, values, out_axis, mode, idx), atol=1e-5, rtol=1e-5)
     # With the kernel's own entries as the slice it is the plain matmul.
     own = jnp.asarray(np.asarray(kernel).reshape(-1)[idx] if mode == "random"
                       else np.take(np.asarray(kernel), idx, axis=spec.axis))
