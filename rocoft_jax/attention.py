@@ -38,8 +38,9 @@ handles natively; rows whose mask is not ones-then-zeros come out NaN, never
 silently wrong. Only the first layer checks this (the attention module whose
 path has no layer index but 0) and writes the NaN, which then flows through
 every later layer: one check instead of an activation-sized select per layer
-and pass (about 1 ms of a 60 ms roberta-large step). Rows with no key left (left padding under the causal mask)
-attend uniformly, as in HF, except under cuDNN.
+and pass (about 1 ms of a 60 ms roberta-large step). Rows with no key left
+(left padding under the causal mask) attend uniformly, as in HF, except under
+cuDNN.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def _forward(x, kernel, values, spec: KernelSlice, precision, merge: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _sliced(x, kernel, values, spec: KernelSlice, precision):
-    # Not differentiated (evaluation, generation): no merged kernels, whose copies XLA may hoist
-    # and hold at once (13 GB at 7B); the corrections cost one extra activation pass at most.
+    # Not differentiated (evaluation, generation): no merged kernels, whose copies XLA may hoist and
+    # hold at once (as the 7B training step did: 12 GiB); the corrections cost one extra activation pass.
     return _forward(x, kernel, values, spec, precision, merge=spec.axis is None)
 
 
@@ -104,24 +104,25 @@ def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):
     x, kernel, values = residuals
     out_axis = spec.out_axis
     batch_dims = tuple(range(x.ndim - 1))
-    rows = spec.axis == out_axis
-    if _merges(x, kernel, spec):
-        dx = _matmul_t(dy, put_slice(kernel, values, spec), out_axis, precision)
-    else:
-        dx = _matmul_t(dy, kernel, out_axis, precision)
-        if rows:  # a rank-r correction through the selected outputs
-            dx = dx + _matmul_t(jnp.take(dy, spec.indices, axis=-1), _delta(kernel, values, spec), out_axis,
-                                precision)
-        else:  # the selected input features' gradients come from the slice alone
-            dx = dx.at[..., spec.indices].set(_matmul_t(dy, values.astype(kernel.dtype), out_axis, precision))
     if spec.axis is None:  # random entries: no slice structure, so the full gradient is formed
+        dx = _matmul_t(dy, put_slice(kernel, values, spec), out_axis, precision)
         full = lax.dot_general(x, dy, ((batch_dims, batch_dims), ((), ())), precision=precision)
         dvalues = jnp.ravel(full if out_axis == 1 else full.T)[spec.indices]
-    else:
-        lhs, rhs = (x, jnp.take(dy, spec.indices, axis=-1)) if rows else (jnp.take(x, spec.indices, axis=-1), dy)
-        dvalues = lax.dot_general(lhs, rhs, ((batch_dims, batch_dims), ((), ())), precision=precision)
-        if out_axis == 0:  # kernel laid out (d_out, d_in): the slice is too
-            dvalues = dvalues.T
+        return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
+    rows = spec.axis == out_axis
+    picked = jnp.take(dy if rows else x, spec.indices, axis=-1)  # the selected outputs' dy, or features of x
+    if _merges(x, kernel, spec):
+        dx = _matmul_t(dy, put_slice(kernel, values, spec), out_axis, precision)
+    elif rows:  # a rank-r correction through the selected outputs
+        dx = _matmul_t(dy, kernel, out_axis, precision) + _matmul_t(picked, _delta(kernel, values, spec), out_axis,
+                                                                     precision)
+    else:  # the selected input features' gradients come from the slice alone
+        dx = _matmul_t(dy, kernel, out_axis, precision).at[..., spec.indices].set(
+            _matmul_t(dy, values.astype(kernel.dtype), out_axis, precision))
+    lhs, rhs = (x, picked) if rows else (picked, dy)
+    dvalues = lax.dot_general(lhs, rhs, ((batch_dims, batch_dims), ((), ())), precision=precision)
+    if out_axis == 0:  # kernel laid out (d_out, d_in): the slice is too
+        dvalues = dvalues.T
     return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
 
 

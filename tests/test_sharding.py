@@ -52,7 +52,8 @@ SHARDED_VS_SINGLE = textwrap.dedent('''
         frozen = to_global(frozen, sh.frozen)
         train_fn, _ = step_lib.compile_steps(model, method, tx, loss_kind, sh, attention=attention)
         text = train_fn.lower(state, frozen, batch_to_global(batch, sh.batch, 8)).as_text()
-        heads_layout = text.count('sdy.sharding_constraint') and text.count('[{"data", "fsdp"}, {}, {"tensor"}, {}]>')
+        heads_layout = sum('sdy.sharding_constraint' in line and '[{"data", "fsdp"}, {}, {"tensor"}, {}]>' in line
+                           for line in text.splitlines())
         losses = []
         for _ in range(3):
             state, m = train_fn(state, frozen, batch_to_global(batch, sh.batch, 8))

@@ -7,10 +7,11 @@ each parameter subset on them (`rocoft_jax.ntk`), fits kernel logistic regressio
 chosen on a held-out quarter of the k-shot set (`rocoft_jax.klr`), and classifies the dev set
 (the first eval split). f(x) is prompt-based for models with a masked-LM head (template and
 label words from configs/ntk/<task>.yaml), else a readout on the pooled output fixed at init
-(`--head`; `--pooling auto` follows a sentence-transformers dir's Pooling config). Writes to --output-dir: ntk_results.json (subset -> accuracy_mean, accuracy_std,
-and for subsets other than full distance_p1, distance_p2, means over seeds), ntk_results.md
-(mean (std)), ntk_run.json (the options, the pooling used, and sizes), heatmaps.png, spectrum.png and kernels.npz
-(seed 0).
+(`--head`; `--pooling auto` follows a sentence-transformers dir's Pooling config). Writes to
+--output-dir: ntk_results.json (subset -> accuracy_mean, accuracy_std, and for subsets other
+than full distance_p1, distance_p2, means over seeds), ntk_results.md (mean (std)),
+ntk_run.json (the options, the pooling used, and sizes), heatmaps.png, spectrum.png and
+kernels.npz (seed 0).
 """
 
 from __future__ import annotations
