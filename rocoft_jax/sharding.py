@@ -142,6 +142,14 @@ def heads_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, _fit(_HEADS, shape, mesh))
 
 
+def activation_spec(mesh: Mesh, shape: tuple[int, ...]) -> P:
+    """Where (B, T, features) activations live: batch over data and fsdp, features over tensor.
+
+    The layout of a column-parallel layer's output, for kernels that run per shard.
+    """
+    return _fit(P(("data", "fsdp"), *(None,) * (len(shape) - 2), "tensor"), shape, mesh)
+
+
 def partition_specs(tree, family: str | None, mesh: Mesh):
     """A PartitionSpec per leaf of ``tree`` (params, trainable tree or optimizer state).
 

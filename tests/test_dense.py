@@ -27,6 +27,7 @@ D_IN, D_OUT = 24, 40
 LAYOUTS = [
     # (name, out_axis, mode, selection)
     ("dense-row", 1, "row", [1, 7, 30]),
+    ("dense-row-unsorted", 1, "row", [30, 1, 7]),
     ("dense-column", 1, "column", [0, 5, 23]),
     ("conv1d-row", 0, "row", [2, 3, 39]),
     ("conv1d-column", 0, "column", [4, 11]),

@@ -327,3 +327,16 @@ def test_merge_rejects_a_trainable_tree_of_another_mask():
     with pytest.raises(ValueError,
                        match=r"trainable tree lacks 'classifier/dense/bias'; it does not belong to this mask"):
         rocoft_jax.merge({"rocoft": trainable["rocoft"], "train": {}}, frozen, mask)
+
+
+@pytest.mark.parametrize("concat_max, concatenate", [(step_lib.CONCAT_NORM_MAX, True), (0, True),
+                                                     (step_lib.CONCAT_NORM_MAX, False)],
+                         ids=["concatenated", "too-large", "sharded"])
+def test_global_norm_matches_numpy_on_mixed_leaves(monkeypatch, concat_max, concatenate):
+    monkeypatch.setattr(step_lib, "CONCAT_NORM_MAX", concat_max)
+    rng = np.random.default_rng(0)
+    tree = {"a": rng.normal(size=(7, 3)).astype(np.float32), "b": {"c": rng.normal(size=(5,)).astype(np.float32),
+                                                                   "d": rng.normal(size=(2, 2, 2)).astype(jnp.bfloat16)}}
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+    norm = jax.jit(step_lib.global_norm, static_argnums=1)(tree, concatenate)
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-6)

@@ -8,6 +8,7 @@ from conftest import assert_trees_close
 from test_attention import make_batch, tiny
 
 import rocoft_jax
+from rocoft_jax import gelu as gelu_lib
 from rocoft_jax.gelu import gelu
 
 
@@ -20,6 +21,29 @@ def test_values_and_derivative_match_the_exact_gelu():
     np.testing.assert_allclose(gelu(x), reference(x), atol=1e-6, rtol=1e-6)
     ours, theirs = jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(reference))(x)
     np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_gpu_kernel_matches_the_exact_gelu():
+    """The Pallas kernel CUDA runs (Zelen-Severo CDF), executed by the Pallas interpreter here."""
+    x = jnp.linspace(-12.0, 12.0, 10 * gelu_lib.BLOCK, dtype=jnp.float32)
+    value = gelu_lib.pallas_elementwise(gelu_lib._value, x, interpret=True)
+    slope = gelu_lib.pallas_elementwise(gelu_lib._grad, x, jnp.ones_like(x), interpret=True)
+    np.testing.assert_allclose(value, reference(x), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(slope, jax.vmap(jax.grad(reference))(x), atol=1e-6, rtol=1e-6)
+    # In bf16 it rounds like the erf form: at most one bf16 step apart.
+    xb = jnp.asarray(np.random.default_rng(0).normal(0, 3, (4, gelu_lib.BLOCK)), jnp.bfloat16)
+    ours = np.asarray(gelu_lib.pallas_elementwise(gelu_lib._value, xb, interpret=True), np.float32)
+    np.testing.assert_allclose(ours, np.asarray(gelu(xb), np.float32), rtol=2**-7, atol=1e-6)
+
+
+def test_cuda_lowering_runs_both_passes_as_kernels_and_odd_sizes_through_xla():
+    both = jax.jit(jax.value_and_grad(lambda x: jnp.sum(gelu(x).astype(jnp.float32))))
+    kernel = "__gpu$xla.gpu.triton"
+    x = jnp.ones((4, gelu_lib.BLOCK), jnp.bfloat16)
+    assert both.trace(x).lower(lowering_platforms=("cuda",)).as_text().count(kernel) == 2
+    assert both.lower(x).as_text().count(kernel) == 0  # CPU: XLA and erf
+    odd = jnp.ones((3, 5), jnp.bfloat16)
+    assert both.trace(odd).lower(lowering_platforms=("cuda",)).as_text().count(kernel) == 0
 
 
 def test_bf16_error_is_no_larger_than_hf_gelu_in_bf16():

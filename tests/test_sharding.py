@@ -54,18 +54,19 @@ SHARDED_VS_SINGLE = textwrap.dedent('''
         text = train_fn.lower(state, frozen, batch_to_global(batch, sh.batch, 8)).as_text()
         heads_layout = sum('sdy.sharding_constraint' in line and '[{"data", "fsdp"}, {}, {"tensor"}, {}]>' in line
                            for line in text.splitlines())
+        per_shard = text.count("sdy.manual_computation")  # kernels run per shard (rocoft_jax.gelu)
         losses = []
         for _ in range(3):
             state, m = train_fn(state, frozen, batch_to_global(batch, sh.batch, 8))
             losses.append(float(m["loss"]))
-        return losses, jax.tree.map(np.asarray, state.trainable), train_fn._cache_size(), heads_layout
+        return losses, jax.tree.map(np.asarray, state.trainable), train_fn._cache_size(), heads_layout, per_shard
 
-    single, t1, _, _ = run(sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    single, t1, _, _, _ = run(sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
     mesh = sharding.make_mesh(sharding.parse_mesh("data=2,fsdp=2,tensor=2", 8))
-    sharded, t8, compiles, heads_layout = run(mesh)
+    sharded, t8, compiles, heads_layout, per_shard = run(mesh)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t8)))
     print(json.dumps({"single": single, "sharded": sharded, "max_param_diff": diff, "compiles": compiles,
-                      "heads_layout": heads_layout, "layers": config.num_hidden_layers}))
+                      "heads_layout": heads_layout, "per_shard": per_shard, "layers": config.num_hidden_layers}))
 ''')
 
 
@@ -75,9 +76,11 @@ def python(*args: str, env_extra: dict | None = None, timeout: int = 600) -> sub
                           timeout=timeout)
 
 
-# The Llama case takes the GPU default attention path (cuDNN falls back to XLA on CPU, after the same
-# layout constraints): cuDNN's partitioner refuses q, k and v laid out differently, as fsdp gave them.
+# The fused cases take the GPU default path (cuDNN falls back to XLA on CPU, after the same layout
+# constraints): cuDNN's partitioner refuses q, k and v laid out differently, as fsdp gave them, and the
+# GELU kernel, which has no partitioning rule, runs per shard.
 @pytest.mark.parametrize("preset, loss, attention", [("tiny", "classification", "plain"),
+                                                     ("tiny", "classification", "cudnn-lengths"),
                                                      ("tiny-llama", "causal-lm", "cudnn-lengths")])
 def test_sharded_mesh_matches_single_device(preset, loss, attention):
     proc = python("-c", SHARDED_VS_SINGLE, preset, loss, attention)
@@ -88,6 +91,8 @@ def test_sharded_mesh_matches_single_device(preset, loss, attention):
     assert out["compiles"] == 1  # no step recompiles after the first
     if attention != "plain":  # q, k, v of every layer: batch over data and fsdp, heads over tensor
         assert out["heads_layout"] >= 3 * out["layers"]
+    # GELU forward and backward of every layer run per shard; Llama has none.
+    assert out["per_shard"] == (2 * out["layers"] if (preset, attention) == ("tiny", "cudnn-lengths") else 0)
 
 
 def free_port() -> int:

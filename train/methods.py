@@ -98,7 +98,7 @@ class Method:
             if attention != "plain":
                 stack.enter_context(fused_attention(attention.removesuffix("-lengths"),
                                                     right_padded=attention.endswith("-lengths"), mesh=mesh))
-                stack.enter_context(rocoft_jax.fast_gelu())
+                stack.enter_context(rocoft_jax.fast_gelu(mesh))
             if remat:
                 stack.enter_context(remat_layers(remat))
             yield
