@@ -340,3 +340,25 @@ def test_global_norm_matches_numpy_on_mixed_leaves(monkeypatch, concat_max, conc
     expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
     norm = jax.jit(step_lib.global_norm, static_argnums=1)(tree, concatenate)
     np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+
+
+def test_gpu_compiler_options_of_encoders_compile_and_change_no_numbers():
+    """The GPU step options for BERT-family models (no dot merging) are valid XLA options; results are equal."""
+    from train import methods, models
+    assert step_lib.compiler_options("bert", "gpu") and step_lib.compiler_options("bert", "cpu") is None
+    assert step_lib.compiler_options("llama", "gpu") is None  # merged q/k/v matmuls have no biases to lose
+    config = models.preset_config("tiny", num_labels=2)
+    model, params = models.random_model(config, "sequence-classification", "fp32", seed=0)
+    method = methods.build_method("rocoft", params, rank=2, mode="row")
+    trainable, frozen = method.split(params)
+    tx, _ = step_lib.make_optimizer(1e-2, 10, 0, 0.0, "constant")
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(3, config.vocab_size, (4, 16)).astype(np.int32),
+             "attention_mask": np.ones((4, 16), np.int32), "labels": np.array([0, 1, 1, 0], np.int32)}
+    step = functools.partial(step_lib.train_step, model=model, method=method, tx=tx, loss_kind="classification")
+    results = []
+    for options in (None, step_lib.compiler_options(method.mask.family, "gpu")):
+        state, metrics = jax.jit(step, compiler_options=options)(step_lib.init_state(trainable, tx, 0), frozen, batch)
+        results.append((float(metrics["loss"]), state.trainable))
+    assert results[0][0] == results[1][0]
+    assert_trees_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)

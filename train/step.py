@@ -164,6 +164,19 @@ def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
                          NamedSharding(mesh, sharding.BATCH), NamedSharding(mesh, P()))
 
 
+# XLA's dot merger joins the query and key projections (one input) into one matmul, and then adds
+# their biases in two extra activation-sized passes instead of in the matmul. One H200, roberta-large
+# RoCoFT, B=32, T=512: 52.8 -> 52.1 ms with merging off.
+_UNMERGED_FAMILIES = frozenset({"bert"})
+
+
+def compiler_options(family: str | None, backend: str) -> dict | None:
+    """XLA options for the steps of a model family on a backend (None: XLA's defaults)."""
+    if family in _UNMERGED_FAMILIES and backend == "gpu":
+        return {"xla_gpu_dot_merger_threshold_mb": 0}
+    return None
+
+
 def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True,
                   attention: str = "plain", remat: str | None = None, grad_accum: int = 1):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
@@ -174,13 +187,15 @@ def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShar
     """
     sh = shardings
     mesh = sh.batch.mesh
+    options = compiler_options(method.mask.family, jax.default_backend())
     train_fn = jax.jit(
         functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention,
                           remat=remat, grad_accum=grad_accum, mesh=mesh),
         in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
-        donate_argnums=(0,) if donate else ())
+        donate_argnums=(0,) if donate else (), compiler_options=options)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention, mesh=mesh),
-                      in_shardings=(sh.state.trainable, sh.frozen, sh.batch), out_shardings=sh.replicated)
+                      in_shardings=(sh.state.trainable, sh.frozen, sh.batch), out_shardings=sh.replicated,
+                      compiler_options=options)
     return train_fn, eval_fn
 
 
