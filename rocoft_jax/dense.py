@@ -57,24 +57,9 @@ def _matmul_t(dy, kernel, out_axis: int, precision):
     return lax.dot_general(dy, kernel, (((dy.ndim - 1,), (out_axis,)), ((), ())), precision=precision)
 
 
-def _pick(a, indices, axis: int):
-    """``a``'s entries at the static ``indices`` along ``axis``.
-
-    A contiguous range (the default "first" selection) is a plain slice, which
-    fuses into its consumer; other selections gather with clamped indices
-    (static and in range, so clamping changes nothing), which spares the
-    NaN-filling select kernel of jnp.take's default mode per call.
-    """
-    idx = np.asarray(indices)
-    axis = axis % a.ndim
-    if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
-        return lax.slice_in_dim(a, int(idx[0]), int(idx[0]) + idx.size, axis=axis)
-    return jnp.take(a, idx, axis=axis, mode="clip")
-
-
 def _delta(kernel, values, spec: KernelSlice):
     """The slice minus the frozen entries it replaces, in the kernel's dtype."""
-    frozen = _pick(kernel, spec.indices, spec.axis)
+    frozen = jnp.take(kernel, spec.indices, axis=spec.axis)
     return (values.astype(jnp.float32) - frozen.astype(jnp.float32)).astype(kernel.dtype)
 
 
@@ -94,7 +79,7 @@ def _merged(kernel, values, spec: KernelSlice):
     selected[spec.indices] = True
     shape = [1, 1]
     shape[spec.axis] = size
-    spread = _pick(values.astype(kernel.dtype), position, spec.axis)
+    spread = jnp.take(values.astype(kernel.dtype), position, axis=spec.axis)
     return jnp.where(selected.reshape(shape), spread, kernel)
 
 
@@ -124,7 +109,7 @@ def _forward(x, kernel, values, spec: KernelSlice, precision, merged=None):
     if spec.axis == out_axis:  # rows: the selected outputs come from the slice alone
         return y.at[..., spec.indices].set(_matmul(x, values.astype(kernel.dtype), in_axis, precision))
     # columns: a rank-r correction through the selected input features
-    return y + _matmul(_pick(x, spec.indices, -1), _delta(kernel, values, spec), in_axis, precision)
+    return y + _matmul(jnp.take(x, spec.indices, axis=-1), _delta(kernel, values, spec), in_axis, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -151,7 +136,7 @@ def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):
         dvalues = jnp.ravel(full if out_axis == 1 else full.T)[spec.indices]
         return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
     rows = spec.axis == out_axis
-    picked = _pick(dy if rows else x, spec.indices, -1)  # the selected outputs' dy, or features of x
+    picked = jnp.take(dy if rows else x, spec.indices, axis=-1)  # the selected outputs' dy, or features of x
     if merged is not None:
         dx = _matmul_t(dy, merged, out_axis, precision)
     elif rows:  # a rank-r correction through the selected outputs
