@@ -59,10 +59,9 @@ def _cdf_pdf_zs(x):
     return jnp.where(x >= 0, 1.0 - tail, tail), pdf
 
 
-def _value(x, dy, cdf_pdf):
+def _value(x, _, cdf_pdf):
     xf = x.astype(jnp.float32)
-    cdf, pdf = cdf_pdf(xf)
-    return (xf * cdf).astype(x.dtype)
+    return (xf * cdf_pdf(xf)[0]).astype(x.dtype)
 
 
 def _grad(x, dy, cdf_pdf):
