@@ -18,7 +18,7 @@ overwrite the r selected outputs with ``x @ S`` and add
 ``dy[..., idx] @ (S - W0[:, idx])^T`` to dx; columns add
 ``x[..., idx] @ (S - W0[idx])`` to y and overwrite dx's r selected features.
 With many tokens (encoder training batches) the merged kernel is cheaper (`_merges`):
-it is built by one select over the kernel and kept for the backward pass.
+it is built once (`put_slice`) and kept for the backward pass.
 
 `sliced_kernels` applies this to HF Flax models unchanged, by intercepting
 ``nn.Dense`` (and GPT-2's ``FlaxConv1D``) calls whose kernel path is selected.
@@ -34,14 +34,13 @@ from typing import Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from rocoft_jax import targets as targets_lib
 from rocoft_jax.mask import ROCOFT, KernelSlice, RoCoFTMask
-from rocoft_jax.slices import put_slice
+from rocoft_jax.slices import put_slice, take_slice
 
 # Name of every sliced layer's output, for ``jax.checkpoint`` policies (`rocoft_jax.remat`).
 CHECKPOINT_NAME = "rocoft_jax/sliced_dense"
@@ -59,28 +58,8 @@ def _matmul_t(dy, kernel, out_axis: int, precision):
 
 def _delta(kernel, values, spec: KernelSlice):
     """The slice minus the frozen entries it replaces, in the kernel's dtype."""
-    frozen = jnp.take(kernel, spec.indices, axis=spec.axis)
+    frozen = take_slice(kernel, spec)
     return (values.astype(jnp.float32) - frozen.astype(jnp.float32)).astype(kernel.dtype)
-
-
-def _merged(kernel, values, spec: KernelSlice):
-    """``kernel`` with the slice written in, as one elementwise select over it.
-
-    ``kernel.at[idx].set(values)`` costs a copy and a scatter kernel per layer
-    and pass (about 1 ms of a 55 ms roberta-large step, mostly launches); the
-    select fuses into one.
-    """
-    if spec.axis is None:
-        return put_slice(kernel, values, spec)
-    size = kernel.shape[spec.axis]
-    position = np.zeros(size, np.int32)
-    position[spec.indices] = np.arange(len(spec.indices))
-    selected = np.zeros(size, bool)
-    selected[spec.indices] = True
-    shape = [1, 1]
-    shape[spec.axis] = size
-    spread = jnp.take(values.astype(kernel.dtype), position, axis=spec.axis)
-    return jnp.where(selected.reshape(shape), spread, kernel)
 
 
 def _merges(x, kernel, spec: KernelSlice) -> bool:
@@ -116,12 +95,12 @@ def _forward(x, kernel, values, spec: KernelSlice, precision, merged=None):
 def _sliced(x, kernel, values, spec: KernelSlice, precision):
     # Not differentiated (evaluation, generation): no merged kernels, whose copies XLA may hoist and
     # hold at once (as the 7B training step did: 12 GiB); the corrections cost one extra activation pass.
-    merged = _merged(kernel, values, spec) if spec.axis is None else None
+    merged = put_slice(kernel, values, spec) if spec.axis is None else None
     return _forward(x, kernel, values, spec, precision, merged)
 
 
 def _sliced_fwd(x, kernel, values, spec, precision):
-    merged = _merged(kernel, values, spec) if _merges(x, kernel, spec) else None
+    merged = put_slice(kernel, values, spec) if _merges(x, kernel, spec) else None
     y = _forward(x, kernel, values, spec, precision, merged)
     return y, (x, kernel, values, merged)
 
