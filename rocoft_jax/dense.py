@@ -88,7 +88,7 @@ def _forward(x, kernel, values, spec: KernelSlice, precision, merged=None):
     if spec.axis == out_axis:  # rows: the selected outputs come from the slice alone
         return y.at[..., spec.indices].set(_matmul(x, values.astype(kernel.dtype), in_axis, precision))
     # columns: a rank-r correction through the selected input features
-    return y + _matmul(jnp.take(x, spec.indices, axis=-1), _delta(kernel, values, spec), in_axis, precision)
+    return y + _matmul(take_slice(x, spec, axis=-1), _delta(kernel, values, spec), in_axis, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -115,7 +115,7 @@ def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):
         dvalues = jnp.ravel(full if out_axis == 1 else full.T)[spec.indices]
         return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
     rows = spec.axis == out_axis
-    picked = jnp.take(dy if rows else x, spec.indices, axis=-1)  # the selected outputs' dy, or features of x
+    picked = take_slice(dy if rows else x, spec, axis=-1)  # the selected outputs' dy, or features of x
     if merged is not None:
         dx = _matmul_t(dy, merged, out_axis, precision)
     elif rows:  # a rank-r correction through the selected outputs

@@ -34,6 +34,13 @@ class KernelSlice:
     out_axis: int
     indices: np.ndarray
 
+    def __post_init__(self):
+        # The slice's gathers clip instead of filling out-of-bounds rows (`take_slice`): check here.
+        bound = math.prod(self.shape) if self.axis is None else self.shape[self.axis]
+        if self.indices.size and not 0 <= int(self.indices.min()) <= int(self.indices.max()) < bound:
+            raise ValueError(f"selected indices {int(self.indices.min())}..{int(self.indices.max())} do not fit a "
+                             f"kernel of shape {self.shape}; was the selection made for a different base model?")
+
     @property
     def size(self) -> int:
         if self.axis is None:

@@ -18,11 +18,17 @@ from rocoft_jax import targets as targets_lib
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask
 
 
-def take_slice(kernel, spec: KernelSlice):
-    """The trained part of ``kernel``."""
+def take_slice(kernel, spec: KernelSlice, axis: int | None = None):
+    """The trained part of ``kernel``, or the entries of ``spec``'s indices along another array's ``axis``.
+
+    `KernelSlice` checks its indices against the kernel, so the gathers clip,
+    which XLA folds away for these constant indices, where ``jnp.take``'s
+    default would select a fill value for out-of-bounds rows in every gather.
+    (A roberta-large step on one H100 did not measurably change: 56.1-56.4 ms.)
+    """
     if spec.axis is None:
         return jnp.ravel(kernel)[spec.indices]
-    return jnp.take(kernel, spec.indices, axis=spec.axis)
+    return jnp.take(kernel, spec.indices, axis=spec.axis if axis is None else axis, mode="clip")
 
 
 def put_slice(kernel, values, spec: KernelSlice):
@@ -44,7 +50,7 @@ def put_slice(kernel, values, spec: KernelSlice):
     selected[spec.indices] = True
     shape = [1] * kernel.ndim
     shape[spec.axis] = size
-    return jnp.where(selected.reshape(shape), jnp.take(values, position, axis=spec.axis), kernel)
+    return jnp.where(selected.reshape(shape), jnp.take(values, position, axis=spec.axis, mode="clip"), kernel)
 
 
 def split(params, mask: RoCoFTMask, dtype=jnp.float32):

@@ -251,6 +251,18 @@ def test_mask_from_description_rebuilds_the_same_selection(model_name, mode, ran
         assert other.indices.dtype == np.int32
 
 
+def test_mask_from_description_rejects_indices_outside_the_kernel():
+    # The sliced matmul's gathers clip out-of-bounds indices, so a saved selection that does not fit
+    # these kernels (a smaller base model) must fail here rather than train the wrong rows.
+    _, params = tiny_roberta()
+    description = json.loads(json.dumps(rocoft_jax.mask_params(params, 2, "row").describe()))
+    path = next(iter(description["indices"]))
+    description["indices"][path] = [0, 4096]
+    with pytest.raises(ValueError, match=r"selected indices 0\.\.4096 do not fit a kernel of shape \(32, \d+\); "
+                                         r"was the selection made for a different base model\?"):
+        rocoft_jax.mask_from_description(params, description)
+
+
 def test_mask_leaves_labels_whole_leaves():
     _, params = tiny_roberta()
     full = rocoft_jax.mask_leaves(params, (".*",), name="full")
