@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from rocoft_jax import sharding
+from rocoft_jax import dense as dense_lib, sharding
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 ENCODERS = frozenset({
@@ -131,14 +131,15 @@ def split_heads(x, head_dim: int):
 
 def project_encoder(module, arguments):
     """Q, K, V (B, T, heads, head_dim) through the BERT-style Dense submodules."""
-    h = arguments["hidden_states"]
-    return tuple(split_heads(dense(h), module.head_dim) for dense in (module.query, module.key, module.value))
+    projections = dense_lib.dense_sharing_input([module.query, module.key, module.value], arguments["hidden_states"])
+    return tuple(split_heads(y, module.head_dim) for y in projections)
 
 
 def project_decoder(module, arguments):
     """Q, K, V through the Llama-style projections, rotary embedding applied; K/V keep their own heads."""
-    h = arguments["hidden_states"]
-    q, k, v = (split_heads(dense(h), module.head_dim) for dense in (module.q_proj, module.k_proj, module.v_proj))
+    projections = dense_lib.dense_sharing_input([module.q_proj, module.k_proj, module.v_proj],
+                                                arguments["hidden_states"])
+    q, k, v = (split_heads(y, module.head_dim) for y in projections)
     k, q = module.rotary_emb(k, q, arguments["position_ids"])
     return q, k, v
 

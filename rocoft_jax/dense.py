@@ -20,6 +20,11 @@ overwrite the r selected outputs with ``x @ S`` and add
 With many tokens (encoder training batches) the merged kernel is cheaper (`_merges`):
 it is built once (`put_slice`) and kept for the backward pass.
 
+Layers that read one input and train rows (attention's q, k and v) run as one
+op (`dense_sharing_input`), whose backward pass forms all their slice
+gradients from one product, reading the input once instead of once per layer:
+one H200, roberta-large T=512, 52.5 -> 52.4 ms per step.
+
 `sliced_kernels` applies this to HF Flax models unchanged, by intercepting
 ``nn.Dense`` (and GPT-2's ``FlaxConv1D``) calls whose kernel path is selected.
 """
@@ -27,13 +32,15 @@ it is built once (`put_slice`) and kept for the backward pass.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
@@ -105,33 +112,71 @@ def _sliced_fwd(x, kernel, values, spec, precision):
     return y, (x, kernel, values, merged)
 
 
+def _input_grad(dy, picked, kernel, values, spec: KernelSlice, precision, merged):
+    """``dy @ W^T``, on the merged kernel when there is one, else on the frozen one plus rank-r terms."""
+    out_axis = spec.out_axis
+    if merged is not None:
+        return _matmul_t(dy, merged, out_axis, precision)
+    if spec.axis == out_axis:  # rows: a rank-r correction through the selected outputs
+        return _matmul_t(dy, kernel, out_axis, precision) + _matmul_t(picked, _delta(kernel, values, spec), out_axis,
+                                                                       precision)
+    # columns: the selected input features' gradients come from the slice alone
+    return _matmul_t(dy, kernel, out_axis, precision).at[..., spec.indices].set(
+        _matmul_t(dy, values.astype(kernel.dtype), out_axis, precision))
+
+
+def _token_product(lhs, rhs, precision):
+    """``lhs^T rhs`` summed over every token (all axes but the last)."""
+    batch_dims = tuple(range(lhs.ndim - 1))
+    return lax.dot_general(lhs, rhs, ((batch_dims, batch_dims), ((), ())), precision=precision)
+
+
+def _laid_out(dvalues, spec: KernelSlice):
+    """A (d_in, r) or (r, d_out) slice gradient in the kernel's layout."""
+    return dvalues.T if spec.out_axis == 0 else dvalues
+
+
 def _sliced_bwd(spec: KernelSlice, precision, residuals, dy):
     x, kernel, values, merged = residuals
-    out_axis = spec.out_axis
-    batch_dims = tuple(range(x.ndim - 1))
     if spec.axis is None:  # random entries: no slice structure, so the full gradient is formed
-        dx = _matmul_t(dy, merged, out_axis, precision)
-        full = lax.dot_general(x, dy, ((batch_dims, batch_dims), ((), ())), precision=precision)
-        dvalues = jnp.ravel(full if out_axis == 1 else full.T)[spec.indices]
+        dx = _matmul_t(dy, merged, spec.out_axis, precision)
+        full = _token_product(x, dy, precision)
+        dvalues = jnp.ravel(full if spec.out_axis == 1 else full.T)[spec.indices]
         return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
-    rows = spec.axis == out_axis
+    rows = spec.axis == spec.out_axis
     picked = take_slice(dy if rows else x, spec, axis=-1)  # the selected outputs' dy, or features of x
-    if merged is not None:
-        dx = _matmul_t(dy, merged, out_axis, precision)
-    elif rows:  # a rank-r correction through the selected outputs
-        dx = _matmul_t(dy, kernel, out_axis, precision) + _matmul_t(picked, _delta(kernel, values, spec), out_axis,
-                                                                     precision)
-    else:  # the selected input features' gradients come from the slice alone
-        dx = _matmul_t(dy, kernel, out_axis, precision).at[..., spec.indices].set(
-            _matmul_t(dy, values.astype(kernel.dtype), out_axis, precision))
-    lhs, rhs = (x, picked) if rows else (picked, dy)
-    dvalues = lax.dot_general(lhs, rhs, ((batch_dims, batch_dims), ((), ())), precision=precision)
-    if out_axis == 0:  # kernel laid out (d_out, d_in): the slice is too
-        dvalues = dvalues.T
-    return dx.astype(x.dtype), None, dvalues.astype(values.dtype)
+    dx = _input_grad(dy, picked, kernel, values, spec, precision, merged)
+    dvalues = _token_product(x, picked, precision) if rows else _token_product(picked, dy, precision)
+    return dx.astype(x.dtype), None, _laid_out(dvalues, spec).astype(values.dtype)
 
 
 _sliced.defvjp(_sliced_fwd, _sliced_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _sliced_rows_sharing_input(x, kernels, values, specs, precision):
+    return tuple(_sliced(x, k, v, s, precision) for k, v, s in zip(kernels, values, specs))
+
+
+def _sliced_rows_sharing_input_fwd(x, kernels, values, specs, precision):
+    merged = tuple(put_slice(k, v, s) if _merges(x, k, s) else None for k, v, s in zip(kernels, values, specs))
+    ys = tuple(_forward(x, k, v, s, precision, m) for k, v, s, m in zip(kernels, values, specs, merged))
+    return ys, (x, kernels, values, merged)
+
+
+def _sliced_rows_sharing_input_bwd(specs, precision, residuals, dys):
+    x, kernels, values, merged = residuals
+    picked = [take_slice(dy, s, axis=-1) for dy, s in zip(dys, specs)]
+    dx = sum(_input_grad(dy, p, k, v, s, precision, m)
+             for dy, p, k, v, s, m in zip(dys, picked, kernels, values, specs, merged))
+    # Every slice gradient from one product: x is read once instead of once per layer.
+    together = _token_product(x, jnp.concatenate(picked, axis=-1), precision)
+    parts = jnp.split(together, np.cumsum([len(s.indices) for s in specs])[:-1], axis=-1)
+    dvalues = tuple(_laid_out(d, s).astype(v.dtype) for d, s, v in zip(parts, specs, values))
+    return dx.astype(x.dtype), tuple(None for _ in kernels), dvalues
+
+
+_sliced_rows_sharing_input.defvjp(_sliced_rows_sharing_input_fwd, _sliced_rows_sharing_input_bwd)
 
 
 def sliced_matmul(x, kernel, values, spec: KernelSlice, dtype=None, precision=None):
@@ -173,7 +218,8 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
     ``calls`` maps a module path (the kernel path without "kernel") to
     ``fn(module, x, original_call) -> y``. Other modules run untouched, and so do
     all while a model is being initialized (HF's ``init_cache`` initializes the
-    model to shape its KV cache: there are no kernels to read yet).
+    model to shape its KV cache: there are no kernels to read yet). Yields the
+    set of paths used so far, which others that run those layers add to.
     """
 
     seen: set[tuple[str, ...]] = set()
@@ -189,7 +235,7 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        yield
+        yield seen
     if len(seen) < len(calls):
         # A selected kernel that no Dense call used would silently stay untrained.
         unused = sorted("/".join(p) for p in set(calls) - seen)
@@ -208,8 +254,58 @@ def sliced_kernels(trainable, mask: RoCoFTMask):
     missing = set(mask.slices) - set(values)
     if missing:
         raise ValueError(f"no trained slice for {sorted(missing)[0]!r}; pass the trainable tree from split()")
-    calls = {}
-    for path, spec in mask.slices.items():
-        module_path = tuple(path.split("/")[:-1])
-        calls[module_path] = lambda module, x, _, v=values[path], s=spec: _sliced_call(module, x, v, s)
-    return intercept_kernels(calls)
+    slices = {tuple(path.split("/")[:-1]): (values[path], spec) for path, spec in mask.slices.items()}
+    calls = {module_path: lambda module, x, _, v=v, s=s: _sliced_call(module, x, v, s)
+             for module_path, (v, s) in slices.items()}
+    return _activate(slices, calls)
+
+
+class _Active(NamedTuple):
+    slices: dict  # module path -> (trained values, KernelSlice)
+    seen: set  # module paths used, shared with `intercept_kernels`
+
+
+# The innermost active `sliced_kernels` context, for `dense_sharing_input`.
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("rocoft_jax_sliced_kernels", default=None)
+
+
+@contextlib.contextmanager
+def _activate(slices, calls):
+    with intercept_kernels(calls) as seen:
+        token = _ACTIVE.set(_Active(slices, seen))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+
+def _shares_rows(modules, entries) -> bool:
+    """Whether these Dense layers can run as one: all train rows, in one dtype and precision."""
+    return (len(modules) > 1 and all(type(m) is nn.Dense for m in modules)
+            and all(spec.axis == spec.out_axis == 1 for _, spec in entries)
+            and len({(m.dtype, m.precision, m.get_variable("params", "kernel").dtype) for m in modules}) == 1)
+
+
+def dense_sharing_input(modules, x) -> list:
+    """``[module(x) for module in modules]`` for Dense layers that read the same input (q, k and v).
+
+    Under `sliced_kernels`, where all of them train rows, one custom VJP runs
+    them, so the backward pass reads ``x`` once for all their slice gradients
+    (``x^T [dy_1[..., idx_1], dy_2[..., idx_2], ...]``) instead of once per layer.
+    Anything else runs the layers one by one, through their usual interceptors.
+    """
+    active = _ACTIVE.get()
+    entries = [None if active is None else active.slices.get(tuple(m.path)) for m in modules]
+    if any(e is None for e in entries) or any(m.is_initializing() for m in modules) \
+            or not _shares_rows(modules, entries):
+        return [m(x) for m in modules]
+    values, specs = zip(*entries)
+    x, *kernels = promote_dtype(x, *(m.get_variable("params", "kernel") for m in modules), dtype=modules[0].dtype)
+    ys = _sliced_rows_sharing_input(x, tuple(kernels), values, specs, modules[0].precision)
+    out = []
+    for module, y in zip(modules, ys):
+        if module.has_variable("params", "bias"):
+            y = y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
+        out.append(checkpoint_name(y, CHECKPOINT_NAME))
+        active.seen.add(tuple(module.path))
+    return out

@@ -212,6 +212,21 @@ def efficient_forward(model, trainable, frozen, mask, batch):
         return model(**model_inputs(batch), params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
 
 
+def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, nested jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    shapes += dot_output_shapes(sub.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    shapes += dot_output_shapes(sub)
+    return shapes
+
+
 # ---------------------------------------------------------------- independent references and tree checks
 
 

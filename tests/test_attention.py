@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
-from conftest import assert_trees_close, fast_jit
+from conftest import assert_trees_close, dot_output_shapes, fast_jit
 
 import rocoft_jax
 from rocoft_jax.attention import fused_attention
@@ -264,6 +264,10 @@ def test_composes_with_sliced_kernels(name, order):
     (_, logits), grads = grad(True)(trainable, frozen, *make_batch())
     assert_trees_close(logits, ref_logits, atol=1e-5)
     assert_grads_close(grads, ref_grads, rtol=1e-3)
+    # The fused path runs q, k and v as one sliced op: their 2 + 2 + 2 rows' gradients are one product.
+    jaxpr = jax.make_jaxpr(jax.grad(lambda tr: loss(tr, frozen, *make_batch(), fuse=True)[0]))(trainable)
+    shared = dot_output_shapes(jaxpr.jaxpr).count((model.config.hidden_size, 6))
+    assert shared == model.config.num_hidden_layers
 
 
 def test_rejects_unknown_implementation():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import (
     classification_batch,
+    dot_output_shapes,
     efficient_forward,
     full_forward,
     lm_batch,
@@ -129,21 +130,6 @@ def test_bf16_kernel_with_fp32_slice_sees_updates_below_bf16_resolution(name, ou
 # ---------------------------------------------------------------- the weight-gradient trap
 
 
-def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
-    """Output shapes of every dot_general in a jaxpr, nested jaxprs included."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    shapes += _dot_output_shapes(sub.jaxpr)
-                elif hasattr(sub, "eqns"):
-                    shapes += _dot_output_shapes(sub)
-    return shapes
-
-
 @pytest.mark.parametrize("tokens", [64, 512], ids=["corrections", "merged"])
 @pytest.mark.parametrize("name, out_axis, mode, idx", SLICED, ids=[c[0] for c in SLICED])
 def test_slice_gradient_costs_two_thirds_of_full_fine_tuning(name, out_axis, mode, idx, tokens):
@@ -152,12 +138,35 @@ def test_slice_gradient_costs_two_thirds_of_full_fine_tuning(name, out_axis, mod
     assert dense._merges(x, kernel, spec) == (tokens == 512)
     sliced = jax.grad(lambda v, x, k: jnp.sum(rocoft_jax.sliced_matmul(x, k, v, spec) ** 2), argnums=(0, 1))
     full = jax.grad(lambda k, x: jnp.sum((x @ (k if out_axis == 1 else k.T)) ** 2), argnums=(0, 1))
-    shapes = _dot_output_shapes(jax.make_jaxpr(sliced)(values, x, kernel).jaxpr)
+    shapes = dot_output_shapes(jax.make_jaxpr(sliced)(values, x, kernel).jaxpr)
     assert kernel.shape not in shapes and kernel.shape[::-1] not in shapes  # no full weight gradient
-    full_shapes = _dot_output_shapes(jax.make_jaxpr(full)(kernel, x).jaxpr)
+    full_shapes = dot_output_shapes(jax.make_jaxpr(full)(kernel, x).jaxpr)
     assert kernel.shape in full_shapes or kernel.shape[::-1] in full_shapes  # the check can see one
     flops = lambda f, *args: jax.jit(f).lower(*args).compile().cost_analysis()["flops"]
     assert flops(sliced, values, x, kernel) < 0.75 * flops(full, kernel, x)
+
+
+@pytest.mark.parametrize("tokens", [32, 512], ids=["corrections", "merged"])
+def test_layers_sharing_an_input_match_separate_layers_with_one_slice_gradient_product(tokens):
+    # q, k and v: different row selections and widths, one input.
+    widths, picks = (D_OUT, 16, 16), ([1, 7, 30], [0, 5], [3, 9, 11, 15])
+    rng = np.random.default_rng(3)
+    specs = tuple(_spec(1, "row", idx, d_out=w) for w, idx in zip(widths, picks))
+    kernels = tuple(jnp.asarray(rng.normal(size=s.shape), jnp.float32) for s in specs)
+    values = tuple(jnp.asarray(rng.normal(size=s.slice_shape), jnp.float32) for s in specs)
+    x = jnp.asarray(rng.normal(size=(tokens, D_IN)), jnp.float32)
+    cotangents = tuple(jnp.asarray(rng.normal(size=(tokens, w)), jnp.float32) for w in widths)
+    loss = lambda ys: sum(jnp.sum(y * c) for y, c in zip(ys, cotangents))
+    shared = lambda x, v: loss(dense._sliced_rows_sharing_input(x, kernels, v, specs, None))
+    separate = lambda x, v: loss([rocoft_jax.sliced_matmul(x, k, vi, s) for k, vi, s in zip(kernels, v, specs)])
+    assert dense._merges(x, kernels[0], specs[0]) == (tokens == 512)
+    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, values)
+                                              for f in (shared, separate))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(shared, argnums=1))(x, values).jaxpr)
+    assert (D_IN, 9) in shapes and not {(D_IN, 3), (D_IN, 2), (D_IN, 4)} & set(shapes)
 
 
 def test_efficient_model_gradient_forms_no_full_weight_gradient():
@@ -168,11 +177,11 @@ def test_efficient_model_gradient_forms_no_full_weight_gradient():
         mask = rocoft_jax.mask_params(params, 2, mode, train=())
         trainable, frozen = rocoft_jax.split(params, mask)
         loss = lambda tr, fr, mask=mask: jnp.sum(efficient_forward(model, tr, fr, mask, batch) ** 2)
-        shapes = _dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(trainable, frozen).jaxpr)
+        shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(trainable, frozen).jaxpr)
         assert not kernel_shapes & set(shapes), mode
         assert (32, 2) in shapes if mode == "row" else (2, 32) in shapes  # the r-sized slice gradients
     full = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(full_forward(model, p, batch) ** 2)))(params)
-    assert kernel_shapes <= set(_dot_output_shapes(full.jaxpr))
+    assert kernel_shapes <= set(dot_output_shapes(full.jaxpr))
 
 
 # ---------------------------------------------------------------- interception of HF layers
