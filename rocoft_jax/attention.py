@@ -20,7 +20,9 @@ FlaxMistralAttention and FlaxGemmaAttention (rotary embeddings, GQA without
 repeating K/V, causal mask, Mistral's window ``triu(causal, -sliding_window)``,
 with HF's diagonal-only mask when ``sliding_window`` is None reproduced too).
 Q/K/V/O go through the modules' own Dense submodules, so other interceptors
-(`sliced_kernels`) still apply, and the returned tuple is the original's.
+(`sliced_kernels`) still apply, and the returned tuple is the original's; under
+`sliced_kernels`, Q, K and V that all train rows run as one op on the shared
+input (`rocoft_jax.dense.dense_sharing_input`).
 
 The original ``__call__`` runs instead (exact by construction) when:
   - attention dropout is active (``not deterministic`` and a rate > 0);
