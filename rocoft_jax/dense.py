@@ -159,9 +159,8 @@ def _sliced_rows_sharing_input(x, kernels, values, specs, precision):
 
 
 def _sliced_rows_sharing_input_fwd(x, kernels, values, specs, precision):
-    merged = tuple(put_slice(k, v, s) if _merges(x, k, s) else None for k, v, s in zip(kernels, values, specs))
-    ys = tuple(_forward(x, k, v, s, precision, m) for k, v, s, m in zip(kernels, values, specs, merged))
-    return ys, (x, kernels, values, merged)
+    ys, residuals = zip(*(_sliced_fwd(x, k, v, s, precision) for k, v, s in zip(kernels, values, specs)))
+    return ys, (x, kernels, values, tuple(merged for *_, merged in residuals))
 
 
 def _sliced_rows_sharing_input_bwd(specs, precision, residuals, dys):
@@ -205,7 +204,11 @@ def _sliced_call(module, x, values, spec: KernelSlice):
         raise ValueError(f"{type(module).__name__} at {'/'.join(module.path)} has output axis {out_axis}, "
                          f"but the mask assumed {spec.out_axis}; rebuild the mask with the right family")
     kernel = module.get_variable("params", kernel_name)
-    y = sliced_matmul(x, kernel, values, spec, dtype=module.dtype, precision=module.precision)
+    return _finish(module, sliced_matmul(x, kernel, values, spec, dtype=module.dtype, precision=module.precision))
+
+
+def _finish(module, y):
+    """A sliced layer's output: its bias added, named for remat policies."""
     if module.has_variable("params", "bias"):
         y = y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
     return checkpoint_name(y, CHECKPOINT_NAME)
@@ -302,10 +305,5 @@ def dense_sharing_input(modules, x) -> list:
     values, specs = zip(*entries)
     x, *kernels = promote_dtype(x, *(m.get_variable("params", "kernel") for m in modules), dtype=modules[0].dtype)
     ys = _sliced_rows_sharing_input(x, tuple(kernels), values, specs, modules[0].precision)
-    out = []
-    for module, y in zip(modules, ys):
-        if module.has_variable("params", "bias"):
-            y = y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
-        out.append(checkpoint_name(y, CHECKPOINT_NAME))
-        active.seen.add(tuple(module.path))
-    return out
+    active.seen.update(tuple(m.path) for m in modules)
+    return [_finish(module, y) for module, y in zip(modules, ys)]
