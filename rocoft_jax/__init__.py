@@ -11,7 +11,7 @@ Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
 
 from rocoft_jax.attention import fused_attention
 from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
-from rocoft_jax.gelu import fast_gelu
+from rocoft_jax.mlp import fast_gelu
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
 from rocoft_jax.remat import remat_layers
 from rocoft_jax.optim import MaskedSlicesState, masked

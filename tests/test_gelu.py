@@ -30,6 +30,11 @@ def test_gpu_kernel_matches_the_exact_gelu():
     slope = gelu_lib.pallas_elementwise(gelu_lib._grad, x, jnp.ones_like(x), interpret=True)
     np.testing.assert_allclose(value, reference(x), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(slope, jax.vmap(jax.grad(reference))(x), atol=1e-6, rtol=1e-6)
+    # The forward pass of the fused output layer writes both from one kernel.
+    both = gelu_lib.pallas_elementwise(gelu_lib._value_and_slope, x, outputs=2, interpret=True)
+    np.testing.assert_allclose(both[0], value, atol=0, rtol=0)
+    np.testing.assert_allclose(both[1], slope, atol=0, rtol=0)
+    np.testing.assert_allclose(gelu_lib.gelu_and_slope(x)[1], slope, atol=1e-6, rtol=1e-6)  # XLA on CPU
     # In bf16 it rounds like the erf form: at most one bf16 step apart.
     xb = jnp.asarray(np.random.default_rng(0).normal(0, 3, (4, gelu_lib.BLOCK)), jnp.bfloat16)
     ours = np.asarray(gelu_lib.pallas_elementwise(gelu_lib._value, xb, interpret=True), np.float32)
