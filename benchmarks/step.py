@@ -4,12 +4,14 @@
     python -m benchmarks.step --model roberta-large --batch-size 32 --seq-len 512
 
 Weights are random (shape presets of `train.models`, or any HF config dir), so
-nothing is downloaded. Each timed method runs in its own subprocess, so peak
-memory is its own. When torch is importable, the PyTorch peers
-(`benchmarks.torch_step`: the paper's Algorithm 1 and peft LoRA r=8 on q,v)
-run on the same device too, with PYTHONPATH cleared so they use the
-environment's own transformers (the JAX side may need transformers<5 on
-PYTHONPATH while PyTorch uses 5.x).
+nothing is downloaded. The batch has no padding, so, as `train.run` does with
+such batches, it carries no attention mask and attention runs unmasked
+(`--keep-mask` times an all-ones mask instead, as padded batches run). Each
+timed method runs in its own subprocess, so peak memory is its own. When torch
+is importable, the PyTorch peers (`benchmarks.torch_step`: the paper's
+Algorithm 1 and peft LoRA r=8 on q,v) run on the same device too, with
+PYTHONPATH cleared so they use the environment's own transformers (the JAX
+side may need transformers<5 on PYTHONPATH while PyTorch uses 5.x).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.flops import useful_step_flops
 from rocoft_jax import remat as remat_lib
 from rocoft_jax import sharding
+from train import input_pipeline as pipeline
 from train import methods as methods_lib
 from train import models, step as step_lib
 
@@ -67,12 +69,14 @@ def build(args, method_name: str):
     state, shardings = step_lib.init_sharded_state(trainable, tx, 0, mesh, method.mask.family, frozen)
     rng = np.random.default_rng(0)
     batch = {
-        "input_ids": jnp.asarray(rng.integers(3, config.vocab_size, (args.batch_size, args.seq_len)), jnp.int32),
-        "attention_mask": jnp.ones((args.batch_size, args.seq_len), jnp.int32),
+        "input_ids": rng.integers(3, config.vocab_size, (args.batch_size, args.seq_len)).astype(np.int32),
+        "attention_mask": np.ones((args.batch_size, args.seq_len), np.int32),
     }
     loss = "causal-lm" if head == "causal-lm" else "classification"
     if loss == "classification":
-        batch["labels"] = jnp.asarray(rng.integers(0, 2, (args.batch_size,)), jnp.int32)
+        batch["labels"] = rng.integers(0, 2, (args.batch_size,)).astype(np.int32)
+    if not args.keep_mask:  # as train.run's host drops it: attention then runs unmasked
+        batch = pipeline.drop_full_mask(batch)
     train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings,
                                          attention=methods_lib.resolve_attention(args.attention),
                                          remat=args.remat if intercepted and args.remat != "none" else None)
@@ -146,6 +150,9 @@ def parse_args(argv=None):
     p.add_argument("--causal", action="store_true", help="causal-LM loss for an HF config dir")
     p.add_argument("--attention", default="auto", help="auto (cuDNN on GPU), plain, xla, cudnn or cudnn-lengths "
                                                            "(padding as key lengths: right-padded batches only)")
+    p.add_argument("--keep-mask", action="store_true",
+                   help="time the step with an all-ones attention mask, as padded batches run (default: no mask, "
+                        "as train.run's batches without padding)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute each layer in the backward pass: full, or all but the projections (dots, "
                         "Llama-likes; see rocoft_jax.remat)")

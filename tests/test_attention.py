@@ -21,6 +21,7 @@ from conftest import assert_trees_close, dot_output_shapes, fast_jit
 import rocoft_jax
 from rocoft_jax.attention import fused_attention
 from rocoft_jax.remat import remat_layers
+from train.methods import build_method
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=34)
@@ -117,9 +118,10 @@ def reference_logits(name, lengths=LENGTHS):
 
 @pytest.fixture
 def count_fused_calls(monkeypatch):
+    """The keyword arguments of each traced `jax.nn.dot_product_attention` call (which still runs)."""
     calls = []
     original = jax.nn.dot_product_attention
-    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or original(*a, **k))
     return calls
 
 
@@ -156,6 +158,37 @@ def test_implementation_and_key_lengths(name, implementation, right_padded):
         out = fast_jit(functools.partial(forward, model))(params, ids, mask)
     assert dict(counts) == {"fused:xla": model.config.num_hidden_layers}
     assert_trees_close(out, ref, atol=1e-5)
+
+
+FULL = (8, 8, 8)  # no padding
+
+
+@pytest.mark.parametrize("name", ["roberta", "llama", "mistral"])  # Mistral: its window still applies
+def test_unpadded_runs_no_mask_and_equals_an_all_ones_mask(name, count_fused_calls):
+    model, params = tiny(name)
+    ids, _ = make_batch(FULL)
+    with fused_attention("xla", unpadded=True) as counts:
+        out = fast_jit(functools.partial(forward, model))(params, ids, None)  # HF builds an all-ones mask
+    layers = model.config.num_hidden_layers
+    assert dict(counts) == {"fused:xla": layers}
+    assert [(k["mask"], k["key_value_seq_lengths"]) for k in count_fused_calls] == [(None, None)] * layers
+    assert_trees_close(out, reference_logits(name, FULL), atol=1e-5)
+
+
+def test_method_apply_runs_a_batch_without_mask_unmasked(count_fused_calls):
+    """`Method.apply` tells the fused attention that a batch without "attention_mask" has no padding."""
+    model, params = tiny("roberta")
+    method = build_method("rocoft", params, rank=2, mode="row")
+    trainable, frozen = method.split(params)
+    apply = fast_jit(lambda tr, fr, batch: method.apply(model, tr, fr, batch, attention="xla"))
+    ids, ones = make_batch(FULL)
+    masked = apply(trainable, frozen, {"input_ids": ids, "attention_mask": ones})
+    assert [k["mask"] is None for k in count_fused_calls] == [False] * model.config.num_hidden_layers
+    count_fused_calls.clear()
+    unmasked = apply(trainable, frozen, {"input_ids": ids})
+    assert [k["mask"] is None for k in count_fused_calls] == [True] * model.config.num_hidden_layers
+    assert_trees_close(unmasked, masked, atol=1e-5)
+    assert_trees_close(unmasked, reference_logits("roberta", FULL), atol=1e-5)
 
 
 def test_right_padded_poisons_rows_that_are_not_right_padded():

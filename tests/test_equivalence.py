@@ -342,6 +342,20 @@ def test_global_norm_matches_numpy_on_mixed_leaves(monkeypatch, concat_max, conc
     np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
 
 
+def test_causal_lm_loss_without_a_mask_targets_every_token():
+    """A batch without "attention_mask" (no padding) weighs every next token, as an all-ones mask does."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 6, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, (2, 6)).astype(np.int32)
+    total, count = step_lib.loss_sum(logits, {"input_ids": ids}, "causal-lm")
+    masked = step_lib.loss_sum(logits, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, "causal-lm")
+    log_probs = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs[:, :-1], ids[:, 1:, None], axis=-1).sum()
+    assert float(count) == float(masked[1]) == 10
+    np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(total), float(masked[0]), rtol=1e-6)
+
+
 def test_gpu_compiler_options_of_encoders_compile_and_change_no_numbers():
     """The GPU step options for BERT-family models (no dot merging) are valid XLA options; results are equal."""
     from train import methods, models

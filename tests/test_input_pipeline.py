@@ -1,12 +1,17 @@
 """Tokenization shapes, and the batch guarantees resume and multi-host rely on."""
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from transformers import PreTrainedTokenizerFast
 
+from rocoft_jax import sharding
 from train import input_pipeline as ip
+from train.config import TrainConfig
 from train.demo_task import make_demo_task, make_demo_tokenizer
-from train.glue import DataError
+from train.glue import DataError, get_task
+from train.trainer import Batches
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,28 @@ def test_eval_rows_cover_each_example_once(n, bs, count):
 def test_select_takes_raw_rows():
     columns = {"sentence": ["a", "b", "c"], "label": [0, 1, 0]}
     assert ip.select(columns, np.array([2, 0])) == {"sentence": ["c", "a"], "label": [0, 0]}
+
+
+def test_drop_full_mask_drops_an_all_ones_mask_and_keeps_padding():
+    ids = np.arange(24, dtype=np.int32).reshape(2, 3, 4)  # (B, N, T), as under --grad-accum
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    dropped = ip.drop_full_mask(full)
+    assert set(dropped) == {"input_ids", "loss_mask"} and dropped["input_ids"] is ids
+    assert "attention_mask" in full  # the input is left alone
+    padded = {**full, "attention_mask": np.ones_like(ids)}
+    padded["attention_mask"][1, 2, 3] = 0
+    assert ip.drop_full_mask(padded) is padded
+    assert ip.drop_full_mask({"input_ids": ids}) == {"input_ids": ids}
+
+
+@pytest.mark.parametrize("max_length, dropped", [(4, True), (32, False)])
+def test_train_batches_drop_a_full_mask_and_eval_batches_keep_it(tokenizer, max_length, dropped):
+    """Cut to 4 tokens every row is full; at 32 (bucket 16) the demo sentences leave padding."""
+    columns = make_demo_task(num_train=8, num_eval=1)["train"]
+    mesh = sharding.make_mesh(sharding.parse_mesh("", 1), jax.devices()[:1])
+    config = TrainConfig(max_length=max_length, batch_size=4)
+    batches = Batches(config, get_task("demo"), tokenizer, NamedSharding(mesh, sharding.BATCH))
+    train = batches.train(columns, 0)
+    assert ("attention_mask" not in train) == dropped
+    evaluated = batches.make(columns, np.arange(4))
+    assert np.asarray(evaluated["attention_mask"]).all() == dropped  # eval batches always carry the mask

@@ -7,9 +7,11 @@ trainer's loop, checkpoints and sharding are those of the GLUE tasks; `LlmJob` s
 Each training example is tokenized as LLM-Adapters' finetune.py does (`llm_data.tokenize_example`: the
 training template, --cutoff, EOS; with --train-on-inputs false the prompt tokens are left out of the loss
 through ``loss_mask``) and right-padded, as the fused GPU attention requires. With one process a step's
-rows are padded to the smallest power-of-two bucket holding its longest example; with several, to --cutoff,
-so all processes agree on the shape without talking. With --grad-accum N the arrays are (B, N, T): N
-micro-batches of --batch-size rows, accumulated inside the jitted step (`train.step.train_step`).
+rows are padded to the smallest power-of-two bucket holding its longest example, and a step with no padding
+left drops its attention mask (`input_pipeline.drop_full_mask`: attention runs unmasked, in a second variant
+of the step); with several, rows are padded to --cutoff and keep the mask, so all processes agree on the batch
+without talking. With --grad-accum N the arrays are (B, N, T): N micro-batches of --batch-size rows,
+accumulated inside the jitted step (`train.step.train_step`).
 """
 
 from __future__ import annotations
@@ -132,7 +134,10 @@ class LlmJob:
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         rows = self.step_rows(step)
         mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
-        return distributed.batch_to_global(self.local(mine), self.sharding, len(rows))
+        batch = self.local(mine)
+        if jax.process_count() == 1:  # several processes must run one program (see the module doc)
+            batch = pipeline.drop_full_mask(batch)
+        return distributed.batch_to_global(batch, self.sharding, len(rows))
 
     def calibration_batches(self):
         """Model inputs of the first --calibration-batches micro-batches, for Wanda-scored selection."""

@@ -92,12 +92,16 @@ class Method:
 
     @staticmethod
     @contextlib.contextmanager
-    def fast_paths(attention: str, remat: str | None, mesh=None):
-        """Fused attention and GELU (unless ``attention`` is "plain") and layer remat (if asked)."""
+    def fast_paths(attention: str, remat: str | None, mesh=None, unpadded: bool = False):
+        """Fused attention and GELU (unless ``attention`` is "plain") and layer remat (if asked).
+
+        ``unpadded``: the batch has no padding, so attention runs with no mask (`fused_attention`).
+        """
         with contextlib.ExitStack() as stack:
             if attention != "plain":
                 stack.enter_context(fused_attention(attention.removesuffix("-lengths"),
-                                                    right_padded=attention.endswith("-lengths"), mesh=mesh))
+                                                    right_padded=attention.endswith("-lengths"), unpadded=unpadded,
+                                                    mesh=mesh))
                 stack.enter_context(rocoft_jax.fast_gelu(mesh))
             if remat:
                 stack.enter_context(remat_layers(remat))
@@ -112,9 +116,11 @@ class Method:
         ``remat`` ("full" or "dots", `rocoft_jax.remat.POLICIES`) recomputes each
         Llama/Mistral/Gemma layer in the backward pass (`remat_layers`);
         ``mesh`` is the step's mesh, for the fused attention's layout.
+        A ``batch`` without "attention_mask" has no padding: HF builds an all-ones
+        mask, which the fused attention is told to skip (``unpadded``).
         """
         if attention != "plain" or remat:
-            with self.fast_paths(attention, remat, mesh):
+            with self.fast_paths(attention, remat, mesh, unpadded="attention_mask" not in batch):
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -63,8 +63,8 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, weight_de
 def loss_sum(logits, batch, kind: str):
     """``(summed loss, count)`` over real examples (or, for causal LM, over real target tokens).
 
-    A causal-LM token t is a target when ``loss_mask[t]`` (else ``attention_mask[t]``) is set; it is
-    predicted from the tokens before it.
+    A causal-LM token t is a target when ``loss_mask[t]`` (else ``attention_mask[t]``) is set, or always when
+    the batch has neither (no padding); it is predicted from the tokens before it.
     """
     if kind == "classification":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
@@ -72,9 +72,12 @@ def loss_sum(logits, batch, kind: str):
     if kind == "regression":
         return jnp.sum((logits[..., 0].astype(jnp.float32) - batch["labels"]) ** 2), jnp.float32(logits.shape[0])
     if kind == "causal-lm":
-        weights = batch.get("loss_mask", batch["attention_mask"])[:, 1:].astype(jnp.float32)
+        weights = batch.get("loss_mask", batch.get("attention_mask"))
         per_token = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
+        if weights is None:
+            return jnp.sum(per_token), jnp.float32(per_token.size)
+        weights = weights[:, 1:].astype(jnp.float32)
         return jnp.sum(per_token * weights), jnp.sum(weights)
     raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 

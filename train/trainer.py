@@ -91,14 +91,16 @@ class Batches:
     """Tokenizes this process's rows of each global batch and assembles global arrays.
 
     Only this process's share is tokenized. With one process, padding is cut to
-    a length bucket; with several, every batch is padded to --max-length so all
-    processes agree on the shape without talking to each other.
+    a length bucket, and a train batch left with no padding drops its mask
+    (`pipeline.drop_full_mask`: attention runs unmasked, in a second variant of
+    the step); with several, every batch is padded to --max-length and keeps its
+    mask, so all processes agree on the batch without talking to each other.
     """
 
     def __init__(self, config: TrainConfig, spec: TaskSpec, tokenizer, batch_sharding):
         self.config, self.spec, self.tokenizer, self.sharding = config, spec, tokenizer, batch_sharding
-        self.buckets = (pipeline.bucket_lengths(config.max_length)
-                        if config.bucket and jax.process_count() == 1 else None)
+        self.one_process = jax.process_count() == 1
+        self.buckets = pipeline.bucket_lengths(config.max_length) if config.bucket and self.one_process else None
 
     def local(self, columns, rows) -> dict[str, np.ndarray]:
         """Tokenized rows on the host (also used for calibration)."""
@@ -106,13 +108,17 @@ class Batches:
                                 self.config.max_length)
         return pipeline.trim_to_bucket(batch, self.buckets) if self.buckets else batch
 
-    def make(self, columns, global_rows) -> dict[str, jax.Array]:
+    def make(self, columns, global_rows, train: bool = False) -> dict[str, jax.Array]:
+        """The global batch of ``global_rows``; a ``train`` batch may drop an all-ones mask (see the class doc)."""
         mine = pipeline.shard_for_process(global_rows, jax.process_index(), jax.process_count())
-        return distributed.batch_to_global(self.local(columns, mine), self.sharding, len(global_rows))
+        batch = self.local(columns, mine)
+        if train and self.one_process:
+            batch = pipeline.drop_full_mask(batch)
+        return distributed.batch_to_global(batch, self.sharding, len(global_rows))
 
     def train(self, columns, step: int) -> dict[str, jax.Array]:
         rows = pipeline.train_batch_indices(len(columns["label"]), self.config.batch_size, self.config.seed, step)
-        return self.make(columns, rows)
+        return self.make(columns, rows, train=True)
 
 
 def build_method(config: TrainConfig, model, params, job) -> methods_lib.Method:
