@@ -128,6 +128,7 @@ def time_method(args, method_name: str) -> dict:
     return {
         "method": f"jax-{method_name}" + ("" if args.remat == "none" else f"-remat-{args.remat}"),
         "num_devices": num_devices,
+        "attention_mask": args.keep_mask,
         "step_ms": 1e3 * median,
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "tokens_per_s_per_device": args.batch_size * args.seq_len / median / num_devices,
