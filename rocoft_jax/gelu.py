@@ -98,7 +98,10 @@ def pallas_elementwise(fn, x, dy=None, *, outputs: int = 1, interpret: bool = Fa
 
 
 def _elementwise(fn, mesh, x, dy=None, outputs: int = 1):
-    """``fn`` through a Pallas kernel on CUDA GPUs (per device under a mesh), else through XLA and erf."""
+    """``fn`` through a Pallas kernel on CUDA GPUs (per device under a mesh), else through XLA and erf.
+
+    ``outputs`` > 1 only without a mesh.
+    """
     xla = lambda x, dy=None: fn(x, dy, _cdf_pdf_erf)
 
     def local(x, dy=None):
@@ -112,8 +115,7 @@ def _elementwise(fn, mesh, x, dy=None, outputs: int = 1):
     # A Pallas call has no partitioning rule: run it on each device's shard of the activations.
     spec = sharding.activation_spec(mesh, x.shape)
     args = (x,) if dy is None else (x, dy)
-    out_specs = (spec,) * outputs if outputs > 1 else spec
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs, check_vma=False)(*args)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -136,7 +138,7 @@ def _gelu_bwd(mesh, x, dy):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def gelu_and_slope(x, mesh=None):
-    """``(GELU(x), GELU'(x))`` from one pass, for a backward pass that applies the slope inside a matmul
-    (`rocoft_jax.dense.dense_after_gelu`). Not differentiable itself."""
-    return _elementwise(_value_and_slope, mesh, x, outputs=2)
+def gelu_and_slope(x):
+    """``(GELU(x), GELU'(x))`` from one pass, on one device, for a backward pass that applies the slope
+    inside a matmul (`rocoft_jax.dense.dense_after_gelu`). Not differentiable itself."""
+    return _elementwise(_value_and_slope, None, x, outputs=2)
