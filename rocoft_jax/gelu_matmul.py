@@ -28,7 +28,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import backend
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
+
+try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # a jax without Mosaic GPU: `available` is False and XLA forms the product
+    plgpu = None
+
+# The oldest jax this kernel was lowered with (0.10.2; run on H100s with 0.11.2): Mosaic GPU's API moves fast.
+MIN_JAX = (0, 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +165,9 @@ def matmul_t_scale(dy, w, s, tiling: Tiling = Tiling()):
 
 
 def available() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x), which the kernel is written for."""
+    """Whether the kernel can run: a Hopper GPU (compute capability 9.x) and a jax whose Mosaic GPU it was written for."""
+    if plgpu is None or jax.__version_info__[:2] < MIN_JAX:
+        return False
     device = jax.devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 

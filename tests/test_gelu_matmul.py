@@ -39,6 +39,14 @@ def test_kernel_lowers_for_cuda_and_rejects_shapes_it_cannot_tile():
         gelu_matmul.matmul_t_scale(*operands(100, 128, 256))
 
 
+def test_unavailable_without_a_hopper_gpu_or_on_an_older_jax(monkeypatch):
+    assert not gelu_matmul.available()  # this CPU
+    monkeypatch.setattr(jax, "devices", lambda *_: [type("H100", (), {"platform": "gpu", "compute_capability": "9.0"})()])
+    assert gelu_matmul.available()
+    monkeypatch.setattr(gelu_matmul, "MIN_JAX", (99, 0))
+    assert not gelu_matmul.available()
+
+
 @pytest.mark.skipif(not gelu_matmul.available(), reason="needs a Hopper GPU")
 def test_kernel_matches_xla_on_hopper():
     dy, w, s = operands(16384, 1024, 4096)
