@@ -69,25 +69,29 @@ def test_fused_op_lowers_one_kernel_where_available(monkeypatch):
     assert lowered(jnp.ones((2, 100, 256), jnp.bfloat16)).count(MOSAIC) == 0  # 200 tokens: XLA
 
 
-@pytest.mark.parametrize("mode", ["row", "column"])
-def test_model_keeps_logits_and_slice_gradients(monkeypatch, mode):
-    """RoBERTa with every MLP fused (as on a Hopper GPU) against HF's own path, fp32."""
+@pytest.mark.parametrize("mode, train", [("row", True), ("column", False)])
+def test_model_keeps_logits_and_slice_gradients(monkeypatch, mode, train):
+    """RoBERTa with every MLP fused (as on a Hopper GPU) against HF's own path, fp32; in training its
+    dropout draws the same masks."""
     monkeypatch.setattr(gelu_matmul, "available", lambda: True)
     model, params = tiny("roberta")
     mask = rocoft_jax.mask_params(params, 2, mode, family="bert")
     trainable, frozen = rocoft_jax.split(params, mask)
-    ids, attention_mask = make_batch(lengths=(48, 30, 40), seq=48)  # 144 tokens > 2 x 64: merged kernels
+    ids, attention_mask = make_batch(lengths=(32, 20, 25, 32, 16), seq=32)  # 160 tokens > 2 x 64: merged kernels
+    kwargs = {"train": True, "dropout_rng": jax.random.PRNGKey(3)} if train else {}
 
     def logits(trainable, fast):
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         with rocoft_jax.sliced_kernels(trainable, mask):
             if not fast:
-                return model(ids, attention_mask=attention_mask, params=params).logits
+                return model(ids, attention_mask=attention_mask, params=params, **kwargs).logits
             with rocoft_jax.fast_gelu() as counts:
-                out = model(ids, attention_mask=attention_mask, params=params).logits
+                out = model(ids, attention_mask=attention_mask, params=params, **kwargs).logits
             assert counts["gelu+dense"] == counts["gelu"] == model.config.num_hidden_layers
             return out
 
-    np.testing.assert_allclose(logits(trainable, True), logits(trainable, False), atol=1e-5)
+    fused = logits(trainable, True)
+    assert np.isfinite(fused).all()
+    np.testing.assert_allclose(fused, logits(trainable, False), atol=1e-5)
     grads = [jax.grad(lambda t, f=f: jnp.sum(jnp.sin(logits(t, f))))(trainable) for f in (True, False)]
     assert_trees_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
