@@ -273,8 +273,10 @@ def assert_one_line_error(capsys, message: str) -> None:
 
 
 def assert_trees_close(actual, expected, atol: float, rtol: float = 0.0):
-    chex.assert_trees_all_close(jax.tree.map(np.asarray, actual), jax.tree.map(np.asarray, expected),
-                                atol=atol, rtol=rtol)
+    """Leaf by leaf within tolerance, and finite: NaN would equal NaN, and the test could not fail."""
+    actual, expected = jax.tree.map(np.asarray, actual), jax.tree.map(np.asarray, expected)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(expected)), "the reference is not finite"
+    chex.assert_trees_all_close(actual, expected, atol=atol, rtol=rtol)
 
 
 def assert_unchanged_outside(new, start, masks: dict[str, np.ndarray]):
