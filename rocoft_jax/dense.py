@@ -300,7 +300,7 @@ class _Active(NamedTuple):
     seen: set  # module paths used, shared with `intercept_kernels`
 
 
-# The innermost active `sliced_kernels` context, for `dense_sharing_input`.
+# The innermost active `sliced_kernels` context, for the layers that run as one op (`_entry`).
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("rocoft_jax_sliced_kernels", default=None)
 
 
@@ -312,6 +312,17 @@ def _activate(slices, calls):
             yield
         finally:
             _ACTIVE.reset(token)
+
+
+def _entry(module):
+    """``(trained values, KernelSlice)`` of ``module`` in the innermost `sliced_kernels` context, or None."""
+    active = _ACTIVE.get()
+    return None if active is None else active.slices.get(tuple(module.path))
+
+
+def _mark_used(modules) -> None:
+    """Records layers run outside their interceptor, for `intercept_kernels`' check that every slice was used."""
+    _ACTIVE.get().seen.update(tuple(m.path) for m in modules)
 
 
 def _shares_rows(modules, entries) -> bool:
@@ -329,15 +340,14 @@ def dense_sharing_input(modules, x) -> list:
     (``x^T [dy_1[..., idx_1], dy_2[..., idx_2], ...]``) instead of once per layer.
     Anything else runs the layers one by one, through their usual interceptors.
     """
-    active = _ACTIVE.get()
-    entries = [None if active is None else active.slices.get(tuple(m.path)) for m in modules]
+    entries = [_entry(m) for m in modules]
     if any(e is None for e in entries) or any(m.is_initializing() for m in modules) \
             or not _shares_rows(modules, entries):
         return [m(x) for m in modules]
     values, specs = zip(*entries)
     x, *kernels = promote_dtype(x, *(m.get_variable("params", "kernel") for m in modules), dtype=modules[0].dtype)
     ys = _sliced_rows_sharing_input(x, tuple(kernels), values, specs, modules[0].precision)
-    active.seen.update(tuple(m.path) for m in modules)
+    _mark_used(modules)
     return [_finish(module, y) for module, y in zip(modules, ys)]
 
 
@@ -349,8 +359,7 @@ def fuses_after_gelu(module, x, mesh=None) -> bool:
     layer that trains rows or columns and would build its merged kernel anyway (`_merges`): the fused
     backward pass multiplies by the slope inside the input-gradient matmul, which needs one kernel.
     """
-    active = _ACTIVE.get()
-    entry = None if active is None else active.slices.get(tuple(module.path))
+    entry = _entry(module)
     if entry is None or type(module) is not nn.Dense or module.is_initializing() or entry[1].axis is None:
         return False
     return ((mesh is None or mesh.size == 1) and gelu_matmul.available()
@@ -364,9 +373,8 @@ def dense_after_gelu(module, h):
     returns ``dh = (dy @ W^T) * GELU'(h)`` from one matmul (`rocoft_jax.gelu_matmul`), so
     ``dy @ W^T`` is never written out and read back; the slice's gradient is the usual one.
     """
-    active = _ACTIVE.get()
-    values, spec = active.slices[tuple(module.path)]
+    values, spec = _entry(module)
     h, kernel = promote_dtype(h, module.get_variable("params", "kernel"), dtype=module.dtype)
     y = _sliced_after_gelu(h, kernel, values, spec, module.precision)
-    active.seen.add(tuple(module.path))
+    _mark_used([module])
     return _finish(module, y)
