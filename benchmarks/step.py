@@ -76,7 +76,7 @@ def build(args, method_name: str):
     if loss == "classification":
         batch["labels"] = rng.integers(0, 2, (args.batch_size,)).astype(np.int32)
     if not args.keep_mask:  # as train.run's host drops it: attention then runs unmasked
-        batch = pipeline.drop_full_mask(batch)
+        batch = pipeline.drop_full_mask(batch, jax.process_count())
     train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings,
                                          attention=methods_lib.resolve_attention(args.attention),
                                          remat=args.remat if intercepted and args.remat != "none" else None)

@@ -114,13 +114,14 @@ def test_select_takes_raw_rows():
 def test_drop_full_mask_drops_an_all_ones_mask_and_keeps_padding():
     ids = np.arange(24, dtype=np.int32).reshape(2, 3, 4)  # (B, N, T), as under --grad-accum
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
-    dropped = ip.drop_full_mask(full)
+    dropped = ip.drop_full_mask(full, process_count=1)
     assert set(dropped) == {"input_ids", "loss_mask"} and dropped["input_ids"] is ids
     assert "attention_mask" in full  # the input is left alone
     padded = {**full, "attention_mask": np.ones_like(ids)}
     padded["attention_mask"][1, 2, 3] = 0
-    assert ip.drop_full_mask(padded) is padded
-    assert ip.drop_full_mask({"input_ids": ids}) == {"input_ids": ids}
+    assert ip.drop_full_mask(padded, process_count=1) is padded
+    assert ip.drop_full_mask({"input_ids": ids}, process_count=1) == {"input_ids": ids}
+    assert ip.drop_full_mask(full, process_count=2) is full  # processes must run one program
 
 
 @pytest.mark.parametrize("max_length, dropped", [(4, True), (32, False)])

@@ -105,18 +105,18 @@ def trim_to_bucket(batch: Mapping[str, np.ndarray], buckets: Sequence[int]) -> d
     return {k: v[:, :length] if v.ndim == 2 and k in _MODEL_INPUTS else v for k, v in batch.items()}
 
 
-def drop_full_mask(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``batch`` without "attention_mask" when that mask is all ones, else ``batch`` unchanged.
+def drop_full_mask(batch: dict[str, np.ndarray], process_count: int) -> dict[str, np.ndarray]:
+    """``batch`` without "attention_mask" when that mask is all ones and there is one process, else ``batch``.
 
     A batch without the key has no padding: the fused attention then runs with no mask
     (`train.methods.Method.apply`), cuDNN's fastest form, and HF's own attention builds
-    the ones itself. For train batches with one process only: eval and calibration code
-    reads the mask, and with several processes each sees only its own rows while all must
-    run one compiled program. The new batch structure makes ``jax.jit`` compile a second
-    variant of the step.
+    the ones itself. With several processes each sees only its own rows while all must
+    run one compiled program, so the mask stays. For train batches only: eval and
+    calibration code reads the mask. The new batch structure makes ``jax.jit`` compile a
+    second variant of the step.
     """
     mask = batch.get("attention_mask")
-    if mask is None or not mask.all():
+    if process_count > 1 or mask is None or not mask.all():
         return batch
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 

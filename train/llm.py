@@ -134,9 +134,7 @@ class LlmJob:
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         rows = self.step_rows(step)
         mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
-        batch = self.local(mine)
-        if jax.process_count() == 1:  # several processes must run one program (see the module doc)
-            batch = pipeline.drop_full_mask(batch)
+        batch = pipeline.drop_full_mask(self.local(mine), jax.process_count())
         return distributed.batch_to_global(batch, self.sharding, len(rows))
 
     def calibration_batches(self):

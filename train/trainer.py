@@ -99,8 +99,8 @@ class Batches:
 
     def __init__(self, config: TrainConfig, spec: TaskSpec, tokenizer, batch_sharding):
         self.config, self.spec, self.tokenizer, self.sharding = config, spec, tokenizer, batch_sharding
-        self.one_process = jax.process_count() == 1
-        self.buckets = pipeline.bucket_lengths(config.max_length) if config.bucket and self.one_process else None
+        self.buckets = (pipeline.bucket_lengths(config.max_length)
+                        if config.bucket and jax.process_count() == 1 else None)
 
     def local(self, columns, rows) -> dict[str, np.ndarray]:
         """Tokenized rows on the host (also used for calibration)."""
@@ -112,8 +112,8 @@ class Batches:
         """The global batch of ``global_rows``; a ``train`` batch may drop an all-ones mask (see the class doc)."""
         mine = pipeline.shard_for_process(global_rows, jax.process_index(), jax.process_count())
         batch = self.local(columns, mine)
-        if train and self.one_process:
-            batch = pipeline.drop_full_mask(batch)
+        if train:
+            batch = pipeline.drop_full_mask(batch, jax.process_count())
         return distributed.batch_to_global(batch, self.sharding, len(global_rows))
 
     def train(self, columns, step: int) -> dict[str, jax.Array]:
