@@ -11,6 +11,7 @@ Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
 
 from rocoft_jax.attention import fused_attention
 from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
+from rocoft_jax.first_token import first_token_only, reads_first_token_only
 from rocoft_jax.mlp import fast_gelu
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
 from rocoft_jax.remat import remat_layers
@@ -31,6 +32,7 @@ __all__ = [
     "activation_norms",
     "detect_family",
     "fast_gelu",
+    "first_token_only",
     "fused_attention",
     "intercept_kernels",
     "klr",
@@ -41,6 +43,7 @@ __all__ = [
     "merge",
     "ntk",
     "ntk_metrics",
+    "reads_first_token_only",
     "remat_layers",
     "sliced_kernels",
     "sliced_matmul",

@@ -92,8 +92,9 @@ class Method:
 
     @staticmethod
     @contextlib.contextmanager
-    def fast_paths(attention: str, remat: str | None, mesh=None, unpadded: bool = False):
-        """Fused attention and GELU (unless ``attention`` is "plain") and layer remat (if asked).
+    def fast_paths(model, attention: str, remat: str | None, mesh=None, unpadded: bool = False):
+        """Fused attention and GELU, and the last layer for token 0 alone where ``model``'s head reads
+        nothing else (unless ``attention`` is "plain"); layer remat (if asked).
 
         ``unpadded``: the batch has no padding, so attention runs with no mask (`fused_attention`).
         """
@@ -103,6 +104,8 @@ class Method:
                                                     right_padded=attention.endswith("-lengths"), unpadded=unpadded,
                                                     mesh=mesh))
                 stack.enter_context(rocoft_jax.fast_gelu(mesh))
+                if rocoft_jax.reads_first_token_only(model):
+                    stack.enter_context(rocoft_jax.first_token_only(model))
             if remat:
                 stack.enter_context(remat_layers(remat))
             yield
@@ -111,8 +114,9 @@ class Method:
               attention: str = "plain", remat: str | None = None, mesh=None):
         """The model's logits.
 
-        ``attention`` other than "plain" runs HF attention fused (`fused_attention`)
-        and BERT-family GELU through `rocoft_jax.gelu`;
+        ``attention`` other than "plain" runs HF attention fused (`fused_attention`),
+        BERT-family GELU through `rocoft_jax.gelu`, and the last layer of a head that
+        reads token 0 alone for that token only (`rocoft_jax.first_token_only`);
         ``remat`` ("full" or "dots", `rocoft_jax.remat.POLICIES`) recomputes each
         Llama/Mistral/Gemma layer in the backward pass (`remat_layers`);
         ``mesh`` is the step's mesh, for the fused attention's layout.
@@ -120,7 +124,7 @@ class Method:
         mask, which the fused attention is told to skip (``unpadded``).
         """
         if attention != "plain" or remat:
-            with self.fast_paths(attention, remat, mesh, unpadded="attention_mask" not in batch):
+            with self.fast_paths(model, attention, remat, mesh, unpadded="attention_mask" not in batch):
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
