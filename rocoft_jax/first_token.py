@@ -6,14 +6,16 @@ layer, then, only the keys and values need every token: the other tokens'
 queries, attention rows, output projection, LayerNorms and MLP feed nothing.
 XLA cannot drop them itself, since they are dense over the token axis.
 `first_token_only` runs that layer through the modules' own submodules:
-HF's self-attention with token 0 as its query and every token as keys and
-values (its ``key_value_states`` path), then the rest of the layer on token 0.
+its self-attention for the query at token 0 (the query, key and value layers
+are the module's own; the attention math is HF's, restated), then the rest of
+the layer on token 0.
 Other interceptors (`sliced_kernels`, LoRA, `fast_gelu`) still apply, and
 the layer returns a one-token hidden state, which the head indexes at 0.
 
-It is exact (same ops, same order, for the rows the head reads) and falls back
-to the whole layer where it could not be: active dropout, whose masks are
-drawn over every token; ``output_attentions``; cross-attention; a KV cache.
+It is exact (same ops, same order, for the rows the head reads), dropout
+included: every dropout mask of the layer is drawn at its full-sequence shape,
+as HF draws it, and cut to token 0. It falls back to the whole layer for
+``output_attentions``, cross-attention and a KV cache.
 One H100, roberta-large B=32 T=512: see docs/performance.md.
 """
 
@@ -23,8 +25,12 @@ import collections
 import contextlib
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.attention import dot_product_attention_weights
+from jax import lax
 
-from rocoft_jax.attention import bind_arguments
+from rocoft_jax.attention import bind_arguments, split_heads
 
 LAYERS = frozenset({"FlaxBertLayer", "FlaxRobertaLayer", "FlaxXLMRobertaLayer", "FlaxElectraLayer"})
 HEADS = frozenset({"FlaxBertForSequenceClassification", "FlaxRobertaForSequenceClassification",
@@ -40,10 +46,7 @@ def _is_last_layer(module) -> bool:
     return module.path[-2:] == ("layer", str(module.config.num_hidden_layers - 1))
 
 
-def _fallback_reason(layer, arguments) -> str | None:
-    config = layer.config
-    if not arguments["deterministic"] and (config.hidden_dropout_prob > 0 or config.attention_probs_dropout_prob > 0):
-        return "dropout"
+def _fallback_reason(arguments) -> str | None:
     if arguments["output_attentions"]:
         return "output_attentions"
     if arguments["encoder_hidden_states"] is not None:
@@ -53,14 +56,53 @@ def _fallback_reason(layer, arguments) -> str | None:
     return None
 
 
+def _first_query_attention(module, hidden, attention_mask, head_mask, deterministic: bool):
+    """HF's ``FlaxBertSelfAttention.__call__`` (encoder self-attention) for the query at token 0 alone.
+
+    Its dropout keeps row 0 of the (1, 1, T, S) mask HF's ``broadcast_dropout`` draws from the same key.
+    """
+    query = split_heads(module.query(hidden[:, :1]), module.head_dim)
+    key = split_heads(module.key(hidden), module.head_dim)
+    value = split_heads(module.value(hidden), module.head_dim)
+    bias = None
+    if attention_mask is not None:
+        mask = jnp.expand_dims(attention_mask, axis=(-3, -2))
+        bias = lax.select(mask > 0, jnp.full(mask.shape, 0.0).astype(module.dtype),
+                          jnp.full(mask.shape, jnp.finfo(module.dtype).min).astype(module.dtype))
+    weights = dot_product_attention_weights(query, key, bias=bias, dtype=module.dtype, precision=None)
+    rate = module.config.attention_probs_dropout_prob
+    if not deterministic and rate > 0.0:
+        keep_prob = 1.0 - rate
+        keep = jax.random.bernoulli(module.make_rng("dropout"), keep_prob, (1, 1) + (hidden.shape[1], key.shape[1]))
+        weights = weights * (keep[:, :, :1].astype(module.dtype) / jnp.asarray(keep_prob, dtype=module.dtype))
+    if head_mask is not None:
+        weights = jnp.einsum("...hqk,h->...hqk", weights, head_mask)
+    out = jnp.einsum("...hqk,...khd->...qhd", weights, value)
+    return out.reshape(out.shape[:2] + (-1,))
+
+
+@contextlib.contextmanager
+def _dropout_over(tokens: int):
+    """Context in which ``nn.Dropout`` on (B, 1, ...) draws its mask at (B, tokens, ...), as HF's layer
+    does, and keeps token 0's."""
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, nn.Dropout):
+            return next_fun(*args, **kwargs)
+        x, *rest = args
+        return next_fun(jnp.broadcast_to(x, x.shape[:1] + (tokens,) + x.shape[2:]), *rest, **kwargs)[:, :1]
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
 def _first_token_layer(layer, arguments):
-    """HF's ``FlaxBertLayer.__call__`` for the query at token 0: ``(hidden state (B, 1, D),)``."""
+    """HF's ``FlaxBertLayer.__call__`` for token 0: ``(hidden state (B, 1, D),)``."""
     hidden, deterministic = arguments["hidden_states"], arguments["deterministic"]
-    first = hidden[:, :1]
-    attended = layer.attention.self(first, arguments["attention_mask"], arguments["layer_head_mask"],
-                                    key_value_states=hidden, deterministic=deterministic)[0]
-    attention_output = layer.attention.output(attended, first, deterministic=deterministic)
-    return (layer.output(layer.intermediate(attention_output), attention_output, deterministic=deterministic),)
+    attended = _first_query_attention(layer.attention.self, hidden, arguments["attention_mask"],
+                                      arguments["layer_head_mask"], deterministic)
+    with _dropout_over(hidden.shape[1]):
+        attention_output = layer.attention.output(attended, hidden[:, :1], deterministic=deterministic)
+        return (layer.output(layer.intermediate(attention_output), attention_output, deterministic=deterministic),)
 
 
 @contextlib.contextmanager
@@ -70,7 +112,7 @@ def first_token_only(model):
     ``model`` is the HF Flax model whose output the caller reads
     (`reads_first_token_only` must hold: its last hidden state keeps one token).
     Yields a ``collections.Counter`` of traced last-layer calls: "first_token",
-    or "fallback:<reason>" (dropout, output_attentions, cross_attention, kv_cache).
+    or "fallback:<reason>" (output_attentions, cross_attention, kv_cache).
 
     Example::
 
@@ -88,7 +130,7 @@ def first_token_only(model):
                 or not _is_last_layer(module)):
             return next_fun(*args, **kwargs)
         arguments = bind_arguments(module, args, kwargs)
-        reason = _fallback_reason(module, arguments)
+        reason = _fallback_reason(arguments)
         if reason is not None:
             counts[f"fallback:{reason}"] += 1
             return next_fun(*args, **kwargs)
