@@ -6,7 +6,9 @@
 Weights are random (shape presets of `train.models`, or any HF config dir), so
 nothing is downloaded. The batch has no padding, so, as `train.run` does with
 such batches, it carries no attention mask and attention runs unmasked
-(`--keep-mask` times an all-ones mask instead, as padded batches run). Each
+(`--keep-mask` times an all-ones mask instead, as padded batches run). Dropout
+is off on both stacks unless `--dropout` sets the encoders' hidden and
+attention dropout, as `train.run`'s default of 0.1 does. Each
 timed method runs in its own subprocess, so peak memory is its own. When torch
 is importable, the PyTorch peers (`benchmarks.torch_step`: the paper's
 Algorithm 1 and peft LoRA r=8 on q,v) run on the same device too, with
@@ -49,9 +51,9 @@ def head_of(args) -> str:
 def build(args, method_name: str):
     """Model, method, state, frozen tree, batch and the compiled train step, as `train.run` builds them."""
     head = head_of(args)
-    # Dropout off on both stacks (the PyTorch peers too), so attention can fuse.
-    overrides = {} if head == "causal-lm" else {"num_labels": 2, "hidden_dropout_prob": 0.0,
-                                                 "attention_probs_dropout_prob": 0.0}
+    # Dropout (off by default, so attention can fuse) as the PyTorch peers get it.
+    overrides = {} if head == "causal-lm" else {"num_labels": 2, "hidden_dropout_prob": args.dropout,
+                                                 "attention_probs_dropout_prob": args.dropout}
     config = models.preset_config(args.model, **overrides)
     # Llama-likes have no HF remat option: their layers are rematerialized by interception instead.
     intercepted = config.model_type in remat_lib.MODEL_TYPES
@@ -154,6 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-mask", action="store_true",
                    help="time the step with an all-ones attention mask, as padded batches run (default: no mask, "
                         "as train.run's batches without padding)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="hidden and attention dropout of encoder models, both stacks (train.run's default: 0.1; "
+                        "active attention dropout runs HF's attention)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute each layer in the backward pass: full, or all but the projections (dots, "
                         "Llama-likes; see rocoft_jax.remat)")
@@ -226,14 +231,15 @@ def main(argv=None) -> None:
         rows.append(_subprocess_json(
             [sys.executable, "-m", "benchmarks.torch_step", "--peer", peer, "--model", args.model,
              "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype],
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
+             "--dropout", str(args.dropout)],
             f"torch-{peer}", env=torch_env))
     for row in rows:
         if "step_ms" in row and "useful_flop_util" not in row:
             useful = useful_step_flops(models.preset_config(args.model), args.batch_size, args.seq_len,
                                        head_of(args))
             row["useful_flop_util"] = useful / (row["step_ms"] / 1e3) / args.peak
-    result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "dropout": args.dropout,
               "device": jax.devices()[0].device_kind, "results": rows, "ratios": _ratios(rows)}
     ratios = "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items())
     print(json.dumps(result) if args.json else f"{_table(rows)}\n{ratios}")

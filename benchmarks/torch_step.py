@@ -64,11 +64,14 @@ class RowLinear(nn.Module):
         return F.linear(x, torch.cat([self.trainable, self.frozen], 0), self.bias)
 
 
-def build_model(name: str, dtype: torch.dtype, device: str):
-    """Random-init model on `device` (built there, so a 7B init is fast), cast to `dtype`."""
+def build_model(name: str, dtype: torch.dtype, device: str, dropout: float = 0.0):
+    """Random-init model on `device` (built there, so a 7B init is fast), cast to `dtype`.
+
+    ``dropout``: RoBERTa's hidden and attention dropout (Llama has none by default).
+    """
     family, kw = PRESETS[name]
     if family == "roberta":
-        config = RobertaConfig(**kw, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        config = RobertaConfig(**kw, num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                                attn_implementation="sdpa")
         cls = RobertaForSequenceClassification
     else:
@@ -148,12 +151,13 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--dropout", type=float, default=0.0, help="RoBERTa's hidden and attention dropout")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    family, model = build_model(args.model, dtype, args.device)
+    family, model = build_model(args.model, dtype, args.device, args.dropout)
     if args.peer == "algorithm1":
         model = apply_algorithm1(model, family, args.rank)
     elif args.peer == "lora":
@@ -195,7 +199,7 @@ def main(argv=None) -> dict:
         "first_loss": float(losses[0]),
         "compile": args.compile,
         "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "dtype": args.dtype, "attn": attn, "torch": torch.__version__,
+        "dtype": args.dtype, "dropout": args.dropout, "attn": attn, "torch": torch.__version__,
     }
 
 
