@@ -107,7 +107,8 @@ HELP = {
     "seed": "seeds selection, head init, data order and dropout",
     "dtype": "fp32, or bf16 (frozen weights and compute in bf16; trained values stay fp32)",
     "attention": "auto (cuDNN fused attention on GPUs, padding as key lengths; HF's own elsewhere), plain, "
-                 "xla, cudnn or cudnn-lengths; active attention dropout falls back to HF's attention",
+                 "xla, cudnn or cudnn-lengths; an encoder's active attention dropout runs in Pallas kernels on "
+                 "GPUs, a decoder's in HF's attention",
     "calibration_batches": "training batches used to score rows/columns for Wanda strategies",
     "grad_accum": "LLM tasks: micro-batches of --batch-size rows per optimizer step, accumulated inside the step "
                   "(equal to one batch of grad_accum * batch_size rows)",
