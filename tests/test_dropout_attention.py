@@ -1,6 +1,12 @@
 """`rocoft_jax.dropout_attention` against materialized attention, and inside BERT against HF's dropout (CPU:
 the Pallas kernels run in interpret mode)."""
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +16,8 @@ from conftest import _concrete, assert_trees_close, classification_batch
 
 import rocoft_jax
 from rocoft_jax import dropout_attention as dropout_lib
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def operands(b=2, t=128, h=2, d=16, dtype=jnp.float32):
@@ -82,3 +90,46 @@ def test_kernels_match_materialized_attention_on_a_gpu():
     assert_trees_close(out.astype(jnp.float32), expected, atol=2e-2)
     for got, want in zip(vjp(do), vjp_ref(as32[3])):
         assert_trees_close(got.astype(jnp.float32), want, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+SHARDED = textwrap.dedent('''
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    sys.path.insert(0, "tests")
+    import jax.numpy as jnp, numpy as np, transformers as tf
+    import rocoft_jax
+    from conftest import _concrete, classification_batch
+    from rocoft_jax import dropout_attention as dropout_lib, sharding
+    dropout_lib.available = lambda: True
+    config = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=34, num_labels=3, bos_token_id=0,
+                           eos_token_id=2, attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1)
+    model, params = _concrete(tf.FlaxBertForSequenceClassification, config, seed=0)
+    batch = classification_batch(config, seq=32)
+    mesh = sharding.make_mesh(sharding.parse_mesh("data=2,tensor=2", 4))
+
+    def logits(params, fused):
+        kwargs = dict(attention_mask=batch["attention_mask"], params=params, train=True,
+                      dropout_rng=jax.random.PRNGKey(7))
+        if not fused:
+            return model(batch["input_ids"], **kwargs).logits
+        with rocoft_jax.fused_attention("cudnn", mesh=mesh) as counts:
+            out = model(batch["input_ids"], **kwargs).logits
+        assert dict(counts) == {"fused:dropout": 2}, counts
+        return out
+
+    loss = lambda p, fused: jnp.sum(jnp.sin(logits(p, fused)))
+    fused, plain = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, f) for f in (True, False))
+    grad_diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(plain[1])))
+    print(json.dumps({"loss": [float(fused[0]), float(plain[0])], "grad_diff": grad_diff}))
+''')
+
+
+def test_kernels_run_per_shard_under_a_data_and_tensor_mesh():
+    """data=2 x tensor=2 on 4 CPU devices: each device's rows and heads, same loss and gradients as HF."""
+    proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(*out["loss"], rtol=1e-6)
+    assert out["grad_diff"] < 1e-5
