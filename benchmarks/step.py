@@ -157,8 +157,7 @@ def parse_args(argv=None):
                    help="time the step with an all-ones attention mask, as padded batches run (default: no mask, "
                         "as train.run's batches without padding)")
     p.add_argument("--dropout", type=float, default=0.0,
-                   help="hidden and attention dropout of encoder models, both stacks (train.run's default: 0.1; "
-                        "active attention dropout runs HF's attention)")
+                   help="hidden and attention dropout of encoder models, both stacks (train.run's default: 0.1)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute each layer in the backward pass: full, or all but the projections (dots, "
                         "Llama-likes; see rocoft_jax.remat)")

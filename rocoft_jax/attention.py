@@ -115,7 +115,7 @@ def attention_dropout_rate(module, family: str, arguments: dict) -> float:
     return 0.0 if arguments["deterministic"] or not rate else float(rate)
 
 
-def drops_in_kernel(module, family: str, arguments: dict, implementation, mesh) -> bool:
+def drops_in_kernel(module, family: str, arguments: dict, implementation) -> bool:
     """Whether active attention dropout runs in `rocoft_jax.dropout_attention`'s kernels: encoder
     self-attention on the GPU path (``implementation="cudnn"``) in shapes they take."""
     if family != "encoder" or module.causal or implementation != "cudnn":
@@ -125,10 +125,10 @@ def drops_in_kernel(module, family: str, arguments: dict, implementation, mesh) 
     return dropout_lib.available() and dropout_lib.supported(probe, probe)
 
 
-def find_fallback_reason(module, family: str, arguments: dict, implementation=None, mesh=None) -> str | None:
+def find_fallback_reason(module, family: str, arguments: dict, implementation=None) -> str | None:
     """Why the fused path would not be exact here, or None."""
     if attention_dropout_rate(module, family, arguments) and not drops_in_kernel(module, family, arguments,
-                                                                                 implementation, mesh):
+                                                                                 implementation):
         return "dropout"
     if arguments["output_attentions"]:
         return "output_attentions"
@@ -245,7 +245,8 @@ def attend_with_dropout(q, k, v, keys, drop, mesh=None):
 
 def fused_call(module, family: str, arguments: dict, implementation, right_padded: bool, check_prefix: bool, mesh,
                unpadded: bool = False):
-    """The module's output tuple, computed with `attend`; and the implementation used.
+    """The module's output tuple, computed with `attend` (or, under active dropout, `attend_with_dropout`);
+    and the implementation used.
 
     ``unpadded`` drops the module's attention mask, which the caller knows is all ones.
     """
@@ -318,7 +319,7 @@ def fused_attention(implementation=None, *, right_padded: bool = False, unpadded
         if family is None:
             return next_fun(*args, **kwargs)
         arguments = bind_arguments(context.module, args, kwargs)
-        reason = find_fallback_reason(context.module, family, arguments, implementation, mesh)
+        reason = find_fallback_reason(context.module, family, arguments, implementation)
         if reason is not None:
             counts[f"fallback:{reason}"] += 1
             return next_fun(*args, **kwargs)

@@ -2,13 +2,15 @@
 
 HF Flax's encoder attention drops attention weights with one (T, S) mask shared by
 every batch row and head (``broadcast_dropout=True``), drawn from the module's
-"dropout" RNG. cuDNN's fused kernel cannot take that mask (JAX fixes its dropout
-seed at compile time), so with dropout active `rocoft_jax.fused_attention` used to
+"dropout" RNG. cuDNN's fused kernel draws masks of its own (from a seed JAX
+fixes at compile time), never that one, so with dropout active `rocoft_jax.fused_attention` used to
 run HF's own attention, which materializes the (B, heads, T, S) weights: on one
 H100 at roberta-large B=32 T=512, 2.3 ms per layer forward and backward against
 0.54 ms for cuDNN without dropout. This module runs the same attention as one
 Pallas (Triton) kernel each way, multiplying the probabilities by the caller's
-(T, S) dropout multiplier (0, or 1 / keep probability) inside the kernel:
+(T, S) dropout multiplier (0, or 1 / keep probability) inside the kernel (jax's
+kernels, which these extend, take 718 us forward and backward there without
+dropout):
 
     out = (softmax(q k^T / sqrt(d) + key mask) * drop) v
 
@@ -37,9 +39,8 @@ _LOG2E = math.log2(math.e)
 
 
 def available() -> bool:
-    """Whether the kernels can run here: a CUDA GPU (Pallas lowers them through Triton)."""
-    return jax.default_backend() == "gpu" and jax.devices()[0].platform == "gpu" \
-        and "NVIDIA" in jax.devices()[0].device_kind.upper()
+    """Whether the kernels can run here: an NVIDIA GPU (Pallas lowers them through Triton)."""
+    return jax.default_backend() == "gpu" and "NVIDIA" in jax.devices()[0].device_kind.upper()
 
 
 def supported(q, k) -> bool:
@@ -119,7 +120,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, keep_ref, drop_ref, do_ref, lse_ref, d
     dq_ref[...] = lax.fori_loop(0, k_ref.shape[0] // block, dq, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
 
 
-def _specs(b, t, d, block, keep):
+def _specs(t, d, keep):
     """Block specs over grid (batch, head, block index) of q/k/v/do, the key mask and the dropout multiplier."""
     whole = pl.BlockSpec((None, t, None, d), lambda i, j, _: (i, 0, j, 0))
     keep_spec = None if keep is None else pl.BlockSpec((None, t), lambda i, j, _: (i, 0))
@@ -129,7 +130,7 @@ def _specs(b, t, d, block, keep):
 def _forward(q, k, v, keep, drop, sm_scale, interpret):
     b, t, h, d = q.shape
     block = min(BLOCK, t)
-    whole, keep_spec, drop_spec = _specs(b, t, d, block, keep)
+    whole, keep_spec, drop_spec = _specs(t, d, keep)
     remap = lambda spec: None if spec is None else pl.BlockSpec(spec.block_shape,
                                                                 lambda i, j, k, m=spec.index_map: m(j, k, i))
     q_spec = pl.BlockSpec((None, block, None, d), lambda i, j, k: (j, i, k, 0))
@@ -164,7 +165,7 @@ def _bwd(sm_scale, interpret, residuals, do):
     b, t, h, d = q.shape
     block = min(BLOCK, t)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    whole, keep_spec, drop_spec = _specs(b, t, d, block, keep)
+    whole, keep_spec, drop_spec = _specs(t, d, keep)
     rows = pl.BlockSpec((None, None, t), lambda i, j, _: (i, j, 0))
     out_block = pl.BlockSpec((None, block, None, d), lambda i, j, k: (i, k, j, 0))
     dq, dk, dv = pl.pallas_call(

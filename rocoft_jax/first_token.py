@@ -16,7 +16,8 @@ It is exact (same ops, same order, for the rows the head reads), dropout
 included: every dropout mask of the layer is drawn at its full-sequence shape,
 as HF draws it, and cut to token 0. It falls back to the whole layer for
 ``output_attentions``, cross-attention and a KV cache.
-One H100, roberta-large B=32 T=512: see docs/performance.md.
+One H100, roberta-large B=32 T=512: 54.7 -> 53.1 ms per RoCoFT step (full
+fine-tuning 77.8 -> 76.0 ms); with dropout 0.1 and HF's attention, 91.4 -> 88.4 ms.
 """
 
 from __future__ import annotations
