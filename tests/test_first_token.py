@@ -48,9 +48,9 @@ def test_logits_and_slice_gradients_match_the_whole_layer(name):
     batch = classification_batch(model.config)
     fast, plain = (logits_fn(model, mask, batch, f) for f in (True, False))
 
-    assert_trees_close(fast(trainable, frozen), plain(trainable, frozen), atol=1e-5)
+    assert_trees_close(fast_jit(fast)(trainable, frozen), fast_jit(plain)(trainable, frozen), atol=1e-5)
     assert fast.counts == {"first_token": 1}
-    grads = [jax.grad(lambda t, fn=fn: jnp.sum(jnp.sin(fn(t, frozen))))(trainable) for fn in (fast, plain)]
+    grads = [fast_jit(jax.grad(lambda t, fn=fn: jnp.sum(jnp.sin(fn(t, frozen)))))(trainable) for fn in (fast, plain)]
     assert_trees_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
@@ -84,11 +84,12 @@ def test_dropout_draws_hf_masks(mode, partitionable):
     fast, plain = (logits_fn(model, mask, batch, f, **train) for f in (True, False))
 
     with jax.threefry_partitionable(partitionable):
-        out = fast(trainable, frozen)
+        out = fast_jit(fast)(trainable, frozen)
         assert fast.counts == {"first_token": 1}
-        assert_trees_close(out, plain(trainable, frozen), atol=1e-5)
-        assert np.abs(out - logits_fn(model, mask, batch, False)(trainable, frozen)).max() > 1e-2
-        grads = [jax.grad(lambda t, fn=fn: jnp.sum(jnp.sin(fn(t, frozen))))(trainable) for fn in (fast, plain)]
+        assert_trees_close(out, fast_jit(plain)(trainable, frozen), atol=1e-5)
+        assert np.abs(out - fast_jit(logits_fn(model, mask, batch, False))(trainable, frozen)).max() > 1e-2
+        grads = [fast_jit(jax.grad(lambda t, fn=fn: jnp.sum(jnp.sin(fn(t, frozen)))))(trainable)
+                 for fn in (fast, plain)]
     assert_trees_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
