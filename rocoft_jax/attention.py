@@ -115,14 +115,21 @@ def attention_dropout_rate(module, family: str, arguments: dict) -> float:
     return 0.0 if arguments["deterministic"] or not rate else float(rate)
 
 
+def broadcast_dropout_multiplier(module, rate: float, queries: int, keys: int):
+    """The (T, S) multiplier of HF's attention dropout (``broadcast_dropout=True``: one mask for every
+    row and head), drawn as HF draws it from ``module``'s "dropout" RNG, in ``module.dtype``."""
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(module.make_rng("dropout"), keep_prob, (1, 1, queries, keys))[0, 0]
+    return keep.astype(module.dtype) / jnp.asarray(keep_prob, dtype=module.dtype)
+
+
 def drops_in_kernel(module, family: str, arguments: dict, implementation) -> bool:
     """Whether active attention dropout runs in `rocoft_jax.dropout_attention`'s kernels: encoder
     self-attention on the GPU path (``implementation="cudnn"``) in shapes they take."""
     if family != "encoder" or module.causal or implementation != "cudnn":
         return False
     shape = arguments["hidden_states"].shape[:2] + (module.config.num_attention_heads, module.head_dim)
-    probe = jax.ShapeDtypeStruct(shape, module.dtype)
-    return dropout_lib.available() and dropout_lib.supported(probe, probe)
+    return dropout_lib.available() and dropout_lib.supported(shape, module.dtype)
 
 
 def find_fallback_reason(module, family: str, arguments: dict, implementation=None) -> str | None:
@@ -254,9 +261,7 @@ def fused_call(module, family: str, arguments: dict, implementation, right_padde
     rate = attention_dropout_rate(module, family, arguments)
     if rate:  # `find_fallback_reason` let it through: HF's broadcast dropout mask, applied in the kernels
         q, k, v = project_encoder(module, arguments)
-        keep_prob = 1.0 - rate
-        keep = jax.random.bernoulli(module.make_rng("dropout"), keep_prob, (1, 1, q.shape[1], k.shape[1]))[0, 0]
-        drop = keep.astype(module.dtype) / jnp.asarray(keep_prob, dtype=module.dtype)  # HF's multiplier
+        drop = broadcast_dropout_multiplier(module, rate, q.shape[1], k.shape[1])
         keys = None if mask is None else (mask > 0).astype(jnp.int32)
         out = attend_with_dropout(q, k, v, keys, drop, mesh)
         return _finish_heads(module, family, arguments, checkpoint_name(out, CHECKPOINT_NAME)), "dropout"

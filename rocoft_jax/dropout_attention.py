@@ -43,12 +43,11 @@ def available() -> bool:
     return jax.default_backend() == "gpu" and "NVIDIA" in jax.devices()[0].device_kind.upper()
 
 
-def supported(q, k) -> bool:
-    """Whether the kernels take these (B, T, heads, head_dim) inputs: self-attention lengths that the
-    block divides, and a power-of-two head dim from 16 to 128."""
-    t, d = q.shape[1], q.shape[-1]
-    return (q.shape == k.shape and t % min(BLOCK, t) == 0 and d in (16, 32, 64, 128)
-            and q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32))
+def supported(shape, dtype) -> bool:
+    """Whether the kernels take (B, T, heads, head_dim) self-attention inputs of ``shape`` and ``dtype``:
+    a length the block divides and a power-of-two head dim from 16 to 128."""
+    t, d = shape[1], shape[-1]
+    return t % min(BLOCK, t) == 0 and d in (16, 32, 64, 128) and dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def _logits(q, k, keep_ref, k_slice, sm_scale):

@@ -26,12 +26,11 @@ import collections
 import contextlib
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax.linen.attention import dot_product_attention_weights
 from jax import lax
 
-from rocoft_jax.attention import bind_arguments, split_heads
+from rocoft_jax.attention import bind_arguments, broadcast_dropout_multiplier, split_heads
 
 LAYERS = frozenset({"FlaxBertLayer", "FlaxRobertaLayer", "FlaxXLMRobertaLayer", "FlaxElectraLayer"})
 HEADS = frozenset({"FlaxBertForSequenceClassification", "FlaxRobertaForSequenceClassification",
@@ -72,10 +71,8 @@ def _first_query_attention(module, hidden, attention_mask, head_mask, determinis
                           jnp.full(mask.shape, jnp.finfo(module.dtype).min).astype(module.dtype))
     weights = dot_product_attention_weights(query, key, bias=bias, dtype=module.dtype, precision=None)
     rate = module.config.attention_probs_dropout_prob
-    if not deterministic and rate > 0.0:
-        keep_prob = 1.0 - rate
-        keep = jax.random.bernoulli(module.make_rng("dropout"), keep_prob, (1, 1) + (hidden.shape[1], key.shape[1]))
-        weights = weights * (keep[:, :, :1].astype(module.dtype) / jnp.asarray(keep_prob, dtype=module.dtype))
+    if not deterministic and rate > 0.0:  # HF's (T, S) mask, row 0
+        weights = weights * broadcast_dropout_multiplier(module, rate, hidden.shape[1], key.shape[1])[:1]
     if head_mask is not None:
         weights = jnp.einsum("...hqk,h->...hqk", weights, head_mask)
     out = jnp.einsum("...hqk,...khd->...qhd", weights, value)
