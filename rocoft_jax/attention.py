@@ -74,6 +74,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from rocoft_jax import dense as dense_lib, dropout_attention as dropout_lib, sharding
+from rocoft_jax.layer_norm import residual_layer_norm
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 ENCODERS = frozenset({
@@ -81,6 +82,9 @@ ENCODERS = frozenset({
     "FlaxElectraSelfAttention", "FlaxRobertaPreLayerNormSelfAttention", "FlaxBigBirdSelfAttention",
 })
 DECODERS = frozenset({"FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"})
+# The encoders' attention output layers: Dense, dropout, then LayerNorm(hidden + input).
+SELF_OUTPUTS = frozenset({"FlaxBertSelfOutput", "FlaxRobertaSelfOutput", "FlaxXLMRobertaSelfOutput",
+                          "FlaxElectraSelfOutput"})
 # Name of the fused attention output, for ``jax.checkpoint`` policies (`rocoft_jax.remat`).
 CHECKPOINT_NAME = "rocoft_jax/attention"
 
@@ -289,6 +293,12 @@ def _finish_heads(module, family: str, arguments: dict, out):
     return (out,)
 
 
+def finish_attention_output(module, arguments: dict, mesh=None):
+    """HF's ``FlaxBertSelfOutput.__call__``, its LayerNorm through `rocoft_jax.layer_norm`."""
+    y = module.dropout(module.dense(arguments["hidden_states"]), deterministic=arguments["deterministic"])
+    return residual_layer_norm(module.LayerNorm, y, arguments["input_tensor"], mesh)
+
+
 @contextlib.contextmanager
 def fused_attention(implementation=None, *, right_padded: bool = False, unpadded: bool = False, mesh=None):
     """Context in which HF Flax self-attention runs through ``jax.nn.dot_product_attention``.
@@ -321,6 +331,9 @@ def fused_attention(implementation=None, *, right_padded: bool = False, unpadded
 
     def interceptor(next_fun, args, kwargs, context):
         family = find_family(context.module) if context.method_name == "__call__" else None
+        if family is None and context.method_name == "__call__" and type(context.module).__name__ in SELF_OUTPUTS:
+            arguments = bind_arguments(context.module, args, kwargs)
+            return finish_attention_output(context.module, arguments, mesh)
         if family is None:
             return next_fun(*args, **kwargs)
         arguments = bind_arguments(context.module, args, kwargs)

@@ -8,6 +8,7 @@ a single Hopper GPU, a row or column slice on its merged kernel), the
 intermediate layer returns its pre-activation and the output layer applies
 GELU, its Dense, dropout and LayerNorm itself, exactly as HF's
 ``FlaxBertOutput`` does, with the Dense through `rocoft_jax.dense.dense_after_gelu`.
+Every output layer's residual LayerNorm runs through `rocoft_jax.layer_norm`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import flax.linen as nn
 from rocoft_jax import dense as dense_lib
 from rocoft_jax.attention import bind_arguments
 from rocoft_jax.gelu import gelu
+from rocoft_jax.layer_norm import residual_layer_norm
 
 INTERMEDIATES = frozenset({"FlaxBertIntermediate", "FlaxRobertaIntermediate", "FlaxXLMRobertaIntermediate",
                            "FlaxElectraIntermediate"})
@@ -58,12 +60,15 @@ def fast_gelu(mesh=None):
             counts["gelu+dense"] += 1
             fused.add(tuple(output.path))
             return module.dense(x)  # the output layer applies GELU inside its own op
-        if name in OUTPUTS and tuple(module.path) in fused:
-            fused.discard(tuple(module.path))
+        if name in OUTPUTS:
             arguments = bind_arguments(module, args, kwargs)
-            y = dense_lib.dense_after_gelu(module.dense, arguments["hidden_states"])
+            if tuple(module.path) in fused:
+                fused.discard(tuple(module.path))
+                y = dense_lib.dense_after_gelu(module.dense, arguments["hidden_states"])
+            else:
+                y = module.dense(arguments["hidden_states"])
             y = module.dropout(y, deterministic=arguments["deterministic"])
-            return module.LayerNorm(y + arguments["attention_output"])
+            return residual_layer_norm(module.LayerNorm, y, arguments["attention_output"], mesh)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
