@@ -61,14 +61,15 @@ def _backward_kernel(dy_ref, sum_ref, mean_ref, rstd_ref, s_ref, dx_ref):
     dx_ref[...] = _input_grad_xla(dy_ref[...], sum_ref[...], mean_ref[...], rstd_ref[...], s_ref[...])
 
 
-def _rows(n, d):
-    return pl.BlockSpec((1, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,)), pl.BlockSpec((1,),
-                                                                                                   lambda i: (i,))
+def _blocks(d):
+    """One program per row: the row of (N, D) operands, the whole (D,) scale and bias, the row's statistic."""
+    return (pl.BlockSpec((1, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,)),
+            pl.BlockSpec((1,), lambda i: (i,)))
 
 
 def _forward_pallas(x, residual, scale, bias, epsilon, dtype, interpret=False):
     n, d = x.shape
-    row, vector, stat = _rows(n, d)
+    row, vector, stat = _blocks(d)
     shapes = [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((n, d), x.dtype),
               jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32)]
     return pl.pallas_call(
@@ -80,7 +81,7 @@ def _forward_pallas(x, residual, scale, bias, epsilon, dtype, interpret=False):
 
 def _input_grad_pallas(dy, summed, mean, rstd, scale, interpret=False):
     n, d = summed.shape
-    row, vector, stat = _rows(n, d)
+    row, vector, stat = _blocks(d)
     return pl.pallas_call(
         _backward_kernel, grid=(n,), in_specs=[row, row, stat, stat, vector], out_specs=row,
         out_shape=jax.ShapeDtypeStruct((n, d), summed.dtype), interpret=interpret, name="rocoft_add_layer_norm_bwd",
