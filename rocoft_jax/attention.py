@@ -73,8 +73,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from rocoft_jax import dense as dense_lib, dropout_attention as dropout_lib, sharding
-from rocoft_jax.layer_norm import residual_layer_norm
+from rocoft_jax import dense as dense_lib, dropout_attention as dropout_lib, layer_norm, sharding
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 ENCODERS = frozenset({
@@ -87,6 +86,8 @@ SELF_OUTPUTS = frozenset({"FlaxBertSelfOutput", "FlaxRobertaSelfOutput", "FlaxXL
                           "FlaxElectraSelfOutput"})
 # Name of the fused attention output, for ``jax.checkpoint`` policies (`rocoft_jax.remat`).
 CHECKPOINT_NAME = "rocoft_jax/attention"
+# Consumers of a layer's input, each handed its own reference (`rocoft_jax.layer_norm.branch`).
+QKV = ("query", "key", "value")
 
 
 def get_class_names(module) -> set[str]:
@@ -176,14 +177,16 @@ def split_heads(x, head_dim: int):
 
 def project_encoder(module, arguments):
     """Q, K, V (B, T, heads, head_dim) through the BERT-style Dense submodules."""
-    projections = dense_lib.dense_sharing_input([module.query, module.key, module.value], arguments["hidden_states"])
+    hidden = arguments["hidden_states"]
+    projections = dense_lib.dense_sharing_input([module.query, module.key, module.value],
+                                                [layer_norm.branch(hidden, name) for name in QKV])
     return tuple(split_heads(y, module.head_dim) for y in projections)
 
 
 def project_decoder(module, arguments):
     """Q, K, V through the Llama-style projections, rotary embedding applied; K/V keep their own heads."""
     projections = dense_lib.dense_sharing_input([module.q_proj, module.k_proj, module.v_proj],
-                                                arguments["hidden_states"])
+                                                [arguments["hidden_states"]] * 3)
     q, k, v = (split_heads(y, module.head_dim) for y in projections)
     k, q = module.rotary_emb(k, q, arguments["position_ids"])
     return q, k, v
@@ -296,7 +299,8 @@ def _finish_heads(module, family: str, arguments: dict, out):
 def finish_attention_output(module, arguments: dict, mesh=None):
     """HF's ``FlaxBertSelfOutput.__call__``, its LayerNorm through `rocoft_jax.layer_norm`."""
     y = module.dropout(module.dense(arguments["hidden_states"]), deterministic=arguments["deterministic"])
-    return residual_layer_norm(module.LayerNorm, y, arguments["input_tensor"], mesh)
+    residual = layer_norm.branch(arguments["input_tensor"], "residual")
+    return layer_norm.residual_layer_norm(module.LayerNorm, y, residual, mesh, branches=("intermediate", "residual"))
 
 
 @contextlib.contextmanager
@@ -346,5 +350,5 @@ def fused_attention(implementation=None, *, right_padded: bool = False, unpadded
         counts[f"fused:{used}"] += 1
         return outputs
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), layer_norm.branching():
         yield counts

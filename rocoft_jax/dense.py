@@ -166,25 +166,26 @@ _sliced.defvjp(_sliced_fwd, _sliced_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _sliced_rows_sharing_input(x, kernels, values, specs, precision):
-    return tuple(_sliced(x, k, v, s, precision) for k, v, s in zip(kernels, values, specs))
+def _sliced_rows_sharing_input(xs, kernels, values, specs, precision):
+    return tuple(_sliced(xs[0], k, v, s, precision) for k, v, s in zip(kernels, values, specs))
 
 
-def _sliced_rows_sharing_input_fwd(x, kernels, values, specs, precision):
-    ys, residuals = zip(*(_sliced_fwd(x, k, v, s, precision) for k, v, s in zip(kernels, values, specs)))
-    return ys, (x, kernels, values, tuple(merged for *_, merged in residuals))
+def _sliced_rows_sharing_input_fwd(xs, kernels, values, specs, precision):
+    ys, residuals = zip(*(_sliced_fwd(xs[0], k, v, s, precision) for k, v, s in zip(kernels, values, specs)))
+    return ys, (xs[0], kernels, values, tuple(merged for *_, merged in residuals))
 
 
 def _sliced_rows_sharing_input_bwd(specs, precision, residuals, dys):
     x, kernels, values, merged = residuals
     picked = [take_slice(dy, s, axis=-1) for dy, s in zip(dys, specs)]
-    dx = sum(_input_grad(dy, p, k, v, s, precision, m)
-             for dy, p, k, v, s, m in zip(dys, picked, kernels, values, specs, merged))
+    # One input gradient per reference: autodiff adds those of a shared one.
+    dxs = tuple(_input_grad(dy, p, k, v, s, precision, m).astype(x.dtype)
+                for dy, p, k, v, s, m in zip(dys, picked, kernels, values, specs, merged))
     # Every slice gradient from one product: x is read once instead of once per layer.
     together = _token_product(x, jnp.concatenate(picked, axis=-1), precision)
     parts = jnp.split(together, np.cumsum([len(s.indices) for s in specs])[:-1], axis=-1)
     dvalues = tuple(_laid_out(d, s).astype(v.dtype) for d, s, v in zip(parts, specs, values))
-    return dx.astype(x.dtype), tuple(None for _ in kernels), dvalues
+    return dxs, tuple(None for _ in kernels), dvalues
 
 
 _sliced_rows_sharing_input.defvjp(_sliced_rows_sharing_input_fwd, _sliced_rows_sharing_input_bwd)
@@ -332,21 +333,24 @@ def _shares_rows(modules, entries) -> bool:
             and len({(m.dtype, m.precision, m.get_variable("params", "kernel").dtype) for m in modules}) == 1)
 
 
-def dense_sharing_input(modules, x) -> list:
-    """``[module(x) for module in modules]`` for Dense layers that read the same input (q, k and v).
+def dense_sharing_input(modules, xs) -> list:
+    """``[module(x) for module, x in zip(modules, xs)]`` for Dense layers that read the same input
+    (q, k and v), given as one reference per layer (`rocoft_jax.layer_norm.branch`).
 
     Under `sliced_kernels`, where all of them train rows, one custom VJP runs
-    them, so the backward pass reads ``x`` once for all their slice gradients
+    them, so the backward pass reads the input once for all their slice gradients
     (``x^T [dy_1[..., idx_1], dy_2[..., idx_2], ...]``) instead of once per layer.
     Anything else runs the layers one by one, through their usual interceptors.
     """
     entries = [_entry(m) for m in modules]
     if any(e is None for e in entries) or any(m.is_initializing() for m in modules) \
             or not _shares_rows(modules, entries):
-        return [m(x) for m in modules]
+        return [m(x) for m, x in zip(modules, xs)]
     values, specs = zip(*entries)
-    x, *kernels = promote_dtype(x, *(m.get_variable("params", "kernel") for m in modules), dtype=modules[0].dtype)
-    ys = _sliced_rows_sharing_input(x, tuple(kernels), values, specs, modules[0].precision)
+    kernels = [m.get_variable("params", "kernel") for m in modules]
+    promoted = [promote_dtype(x, kernel, dtype=modules[0].dtype) for x, kernel in zip(xs, kernels)]
+    xs, kernels = zip(*promoted)
+    ys = _sliced_rows_sharing_input(xs, kernels, values, specs, modules[0].precision)
     _mark_used(modules)
     return [_finish(module, y) for module, y in zip(modules, ys)]
 

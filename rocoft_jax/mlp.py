@@ -18,10 +18,9 @@ import contextlib
 
 import flax.linen as nn
 
-from rocoft_jax import dense as dense_lib
-from rocoft_jax.attention import bind_arguments
+from rocoft_jax import dense as dense_lib, layer_norm
+from rocoft_jax.attention import QKV, bind_arguments
 from rocoft_jax.gelu import gelu
-from rocoft_jax.layer_norm import residual_layer_norm
 
 INTERMEDIATES = frozenset({"FlaxBertIntermediate", "FlaxRobertaIntermediate", "FlaxXLMRobertaIntermediate",
                            "FlaxElectraIntermediate"})
@@ -53,7 +52,7 @@ def fast_gelu(mesh=None):
             return next_fun(*args, **kwargs)
         if name in INTERMEDIATES and getattr(module.config, "hidden_act", None) == "gelu":
             counts["gelu"] += 1
-            x = bind_arguments(module, args, kwargs)["hidden_states"]
+            x = layer_norm.branch(bind_arguments(module, args, kwargs)["hidden_states"], "intermediate")
             output = _fusing_output(module, x, mesh)
             if output is None:
                 return gelu(module.dense(x), mesh)
@@ -68,8 +67,9 @@ def fast_gelu(mesh=None):
             else:
                 y = module.dense(arguments["hidden_states"])
             y = module.dropout(y, deterministic=arguments["deterministic"])
-            return residual_layer_norm(module.LayerNorm, y, arguments["attention_output"], mesh)
+            residual = layer_norm.branch(arguments["attention_output"], "residual")
+            return layer_norm.residual_layer_norm(module.LayerNorm, y, residual, mesh, branches=(*QKV, "residual"))
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), layer_norm.branching():
         yield counts

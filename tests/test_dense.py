@@ -157,7 +157,7 @@ def test_layers_sharing_an_input_match_separate_layers_with_one_slice_gradient_p
     x = jnp.asarray(rng.normal(size=(tokens, D_IN)), jnp.float32)
     cotangents = tuple(jnp.asarray(rng.normal(size=(tokens, w)), jnp.float32) for w in widths)
     loss = lambda ys: sum(jnp.sum(y * c) for y, c in zip(ys, cotangents))
-    shared = lambda x, v: loss(dense._sliced_rows_sharing_input(x, kernels, v, specs, None))
+    shared = lambda x, v: loss(dense._sliced_rows_sharing_input((x,) * 3, kernels, v, specs, None))
     separate = lambda x, v: loss([rocoft_jax.sliced_matmul(x, k, vi, s) for k, vi, s in zip(kernels, v, specs)])
     assert dense._merges(x, kernels[0], specs[0]) == (tokens == 512)
     (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, values)

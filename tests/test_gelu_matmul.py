@@ -40,8 +40,12 @@ def test_kernel_lowers_for_cuda_and_rejects_shapes_it_cannot_tile():
 
 
 def test_unavailable_without_a_hopper_gpu_or_on_an_older_jax(monkeypatch):
-    assert not gelu_matmul.available()  # this CPU
-    monkeypatch.setattr(jax, "devices", lambda *_: [type("H100", (), {"platform": "gpu", "compute_capability": "9.0"})()])
+    device = lambda platform, capability: lambda *_: [type("D", (), {"platform": platform,
+                                                                    "compute_capability": capability})()]
+    for platform, capability in (("cpu", None), ("gpu", "8.0")):  # a CPU; an A100
+        monkeypatch.setattr(jax, "devices", device(platform, capability))
+        assert not gelu_matmul.available()
+    monkeypatch.setattr(jax, "devices", device("gpu", "9.0"))
     assert gelu_matmul.available()
     monkeypatch.setattr(gelu_matmul, "MIN_JAX", (99, 0))
     assert not gelu_matmul.available()
