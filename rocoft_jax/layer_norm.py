@@ -15,13 +15,15 @@ its residual), and autodiff adds their input gradients before any custom backwar
 pass sees them: XLA writes that sum and the kernel reads it back. Within
 `branching`, `residual_layer_norm` hands each consumer named in ``branches`` its own
 reference to the output (`branch`), so the backward kernel receives the gradients
-apart and adds them as it reads them. One H100, roberta-large B=32, T=512: the
-attention block's LayerNorm then reads two gradients, the MLP's reads four.
+apart and adds them as it reads them: the attention block's LayerNorm reads two
+gradients, the MLP's four. One H100, roberta-large B=32, T=512: both backward passes
+and the adds before them 152 -> 116 us a layer, the RoCoFT step 51.7 -> 50.8 ms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import jax
@@ -167,7 +169,9 @@ def _bwd(epsilon, dtype, single_device, copies, residuals, dys):
 
 add_layer_norm_copies.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
-_REGISTRIES: list[dict] = []  # the innermost `branching` context's {id(output): (output, {name: copy})}
+# The active `branching` context's {id(output): (output, {consumer: reference})}; per thread.
+_REGISTRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rocoft_jax_layer_norm_branches",
+                                                                         default=None)
 
 
 @contextlib.contextmanager
@@ -177,20 +181,21 @@ def branching():
     Entered by the interceptors that call it; nested entries share the outermost one's registry,
     which holds tracers and is dropped on exit.
     """
-    if _REGISTRIES:
+    if _REGISTRY.get() is not None:
         yield
         return
-    _REGISTRIES.append({})
+    token = _REGISTRY.set({})
     try:
         yield
     finally:
-        _REGISTRIES.pop()
+        _REGISTRY.reset(token)
 
 
 def branch(x, consumer: str):
     """The reference to ``x`` kept for ``consumer`` if ``x`` is a `residual_layer_norm` output that
     named it (each is handed out once), else ``x`` itself."""
-    entry = _REGISTRIES[-1].get(id(x)) if _REGISTRIES else None
+    registry = _REGISTRY.get()
+    entry = registry.get(id(x)) if registry is not None else None
     if entry is None or entry[0] is not x:
         return x
     return entry[1].pop(consumer, x)
@@ -203,9 +208,10 @@ def residual_layer_norm(layer_norm, x, residual, mesh=None, branches: tuple[str,
     scale = layer_norm.get_variable("params", "scale")
     bias = layer_norm.get_variable("params", "bias")
     dtype = layer_norm.dtype or jnp.result_type(x, scale, bias)
-    branches = branches if _REGISTRIES else ()
+    registry = _REGISTRY.get()
+    branches = branches if registry is not None else ()
     y, *copies = add_layer_norm_copies(x, residual, scale, bias, layer_norm.epsilon, dtype,
                                        mesh is None or mesh.size == 1, 1 + len(branches))
     if branches:
-        _REGISTRIES[-1][id(y)] = (y, dict(zip(branches, copies)))
+        registry[id(y)] = (y, dict(zip(branches, copies)))
     return y

@@ -4,7 +4,8 @@ The reference runs (the paper's Algorithm 1 in PyTorch, and full fine-tuning,
 same model, data, budget and seed 0) reached 84.2% and 87.2% dev accuracy.
 Those 600-step comparisons take about 10 minutes each on 2 CPU cores, so they
 are marked slow (``python -m pytest -m slow``); the default suite runs a
-150-step RoCoFT run (80.0% when measured) against a floor well above chance.
+100-step RoCoFT run at --max-length 64 (78.2% when measured; 80.0% in 150 steps at 128)
+against a floor well above chance.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def minilm_dir() -> Path:
     return path
 
 
-def test_minilm_sst2_rocoft_learns_in_150_steps(tmp_path, minilm_dir):
-    accuracy = dev_accuracy(minilm_dir, tmp_path / "run", [*ROCOFT, "--max-steps", "150", "--warmup-steps", "30"])
+def test_minilm_sst2_rocoft_learns_in_100_steps(tmp_path, minilm_dir):
+    accuracy = dev_accuracy(minilm_dir, tmp_path / "run", [*ROCOFT, "--max-steps", "100", "--warmup-steps", "20",
+                                                           "--max-length", "64"])
     assert accuracy >= 0.75  # chance is 0.509 on this dev set
 
 
