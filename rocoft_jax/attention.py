@@ -22,7 +22,11 @@ with HF's diagonal-only mask when ``sliding_window`` is None reproduced too).
 Q/K/V/O go through the modules' own Dense submodules, so other interceptors
 (`sliced_kernels`) still apply, and the returned tuple is the original's; under
 `sliced_kernels`, Q, K and V that all train rows run as one op on the shared
-input (`rocoft_jax.dense.dense_sharing_input`).
+input (`rocoft_jax.dense.dense_sharing_input`). The BERT family's attention
+output layers (FlaxBertSelfOutput and its RoBERTa, XLM-R and ELECTRA copies)
+are intercepted too: their residual LayerNorm runs through
+`rocoft_jax.layer_norm`, and Q, K, V and those LayerNorms take their inputs
+through `rocoft_jax.layer_norm.branch`.
 
 Active attention dropout (``not deterministic`` and a rate > 0) runs in
 `rocoft_jax.dropout_attention`'s Pallas kernels for encoder self-attention on

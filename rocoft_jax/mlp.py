@@ -37,7 +37,8 @@ def _fusing_output(intermediate, x, mesh):
 
 @contextlib.contextmanager
 def fast_gelu(mesh=None):
-    """Context in which BERT-family MLPs with exact GELU use `rocoft_jax.gelu`, fused where they can.
+    """Context in which BERT-family MLPs with exact GELU use `rocoft_jax.gelu`, fused where they can,
+    and every BERT-family output layer's residual LayerNorm runs through `rocoft_jax.layer_norm`.
 
     ``mesh``: the mesh the jitted step runs on, if any (the GPU kernel then runs per shard).
     Yields a ``collections.Counter`` of traced calls replaced: "gelu" for every GELU, and
