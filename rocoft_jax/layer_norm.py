@@ -36,17 +36,12 @@ from jax.experimental.pallas import triton as pl_triton
 WARPS_FORWARD, WARPS_BACKWARD = 4, 4  # one row a program: the fastest of 1-16 rows and 1-8 warps on one H100
 
 
-def _statistics(x):
-    """flax's fp32 mean and ``rsqrt(var + eps)`` ingredients of (..., D) ``x``: ``(x32, mean, var)``."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1)
-    return x32, mean, jnp.maximum(jnp.mean(x32 * x32, axis=-1) - mean * mean, 0.0)
-
-
 def _forward_xla(x, residual, scale, bias, epsilon, dtype):
+    """``(y, x + residual, mean, rstd)`` over the last axis, with flax's fp32 statistics."""
     summed = x + residual
-    x32, mean, var = _statistics(summed)
-    rstd = lax.rsqrt(var + epsilon)
+    x32 = summed.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1)
+    rstd = lax.rsqrt(jnp.maximum(jnp.mean(x32 * x32, axis=-1) - mean * mean, 0.0) + epsilon)
     y = (x32 - mean[..., None]) * (rstd[..., None] * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
     return y.astype(dtype), summed, mean, rstd
 
@@ -59,14 +54,8 @@ def _input_grad_xla(dy, summed, mean, rstd, scale):
 
 
 def _forward_kernel(x_ref, r_ref, s_ref, b_ref, y_ref, sum_ref, mean_ref, rstd_ref, *, epsilon):
-    summed = x_ref[...] + r_ref[...]
-    sum_ref[...] = summed
-    x32, mean, var = _statistics(summed)
-    rstd = lax.rsqrt(var + epsilon)
-    y = (x32 - mean[:, None]) * (rstd[:, None] * s_ref[...].astype(jnp.float32)[None, :])
-    y_ref[...] = (y + b_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
-    mean_ref[...] = mean
-    rstd_ref[...] = rstd
+    y_ref[...], sum_ref[...], mean_ref[...], rstd_ref[...] = _forward_xla(
+        x_ref[...], r_ref[...], s_ref[...], b_ref[...], epsilon, y_ref.dtype)
 
 
 def _backward_kernel(*refs):
@@ -151,15 +140,15 @@ def _bwd(epsilon, dtype, single_device, copies, residuals, dys):
     dys = [dy for dy in dys if not isinstance(dy, SymbolicZero)]  # copies nothing read
     if not dys:
         return tuple(jnp.zeros_like(a) for a in (summed, summed, scale, bias))
-    xla = lambda s, m, r, *dys: _input_grad_xla(sum(dy.astype(jnp.float32) for dy in dys), s, m, r, scale)
+    dy = sum(dy.astype(jnp.float32) for dy in dys)  # for XLA's dx and the scale and bias gradients
+    xla = lambda s, m, r, *_: _input_grad_xla(dy, s, m, r, scale)
     if _uses_kernels(summed, single_device):
         pallas = lambda s, m, r, *dys: _flat(lambda s, m, r, *dys: _input_grad_pallas(dys, s, m, r, scale),
                                              s, m, r, *dys)
         dx = lax.platform_dependent(summed, mean, rstd, *dys, cuda=pallas, default=xla)
     else:
-        dx = xla(summed, mean, rstd, *dys)
+        dx = xla(summed, mean, rstd)
     # Only full fine-tuning trains the LayerNorm; elsewhere XLA drops these two reductions.
-    dy = sum(dy.astype(jnp.float32) for dy in dys)
     xhat = (summed.astype(jnp.float32) - mean[..., None]) * rstd[..., None]
     axes = tuple(range(dy.ndim - 1))
     dscale = jnp.sum(dy * xhat, axis=axes).astype(scale.dtype)
