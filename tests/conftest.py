@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 
 import chex
@@ -29,6 +30,23 @@ import rocoft_jax
 warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 tf.logging.set_verbosity_error()
+
+# The suite runs on CPUs (CI) and on GPUs. There the fp32 references need full-precision matmuls
+# (GPUs default to TF32), and this process must not take 75 % of GPU memory at start: subprocesses
+# (the CLI tests) share the GPU. Both do nothing on a CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def cpu_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a subprocess that runs JAX on ``devices`` CPU devices, on any machine.
+
+    A process's device count is fixed at start, and one GPU cannot host a multi-device mesh.
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 

@@ -96,6 +96,7 @@ def test_kernels_match_materialized_attention_on_a_gpu():
 SHARDED = textwrap.dedent('''
     import json, sys
     import jax
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", 4)
     sys.path.insert(0, "tests")
     import jax.numpy as jnp, numpy as np, transformers as tf

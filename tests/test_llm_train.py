@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 import yaml
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, cpu_env
 
 from rocoft_jax import sharding
 from train import checkpoint as ckpt
@@ -247,7 +246,7 @@ def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     command = [sys.executable, "-m", "train.run", "--data-dir", str(dataset), "--output-dir", str(tmp_path / "sharded"),
                "--log-every", "1", *args, "--mesh", "data=2,fsdp=2,tensor=2"]
     sharded = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                               env=cpu_env(8))
     # A JAX process's device count is fixed at start: the single-device run is this one, meanwhile.
     assert jax.device_count() == 1
     results, lines = run_llm(dataset, tmp_path / "single", *args)

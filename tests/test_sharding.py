@@ -6,7 +6,6 @@ Each case runs in subprocesses: the device count of a JAX process is fixed at st
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import chex
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARDED_VS_SINGLE = textwrap.dedent('''
     import json, sys
     import jax
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", 8)
     import jax.numpy as jnp, numpy as np
     from rocoft_jax import sharding
@@ -71,7 +72,7 @@ SHARDED_VS_SINGLE = textwrap.dedent('''
 
 
 def python(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
+    env = {**cpu_env(), **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -107,7 +108,7 @@ RUN = ["-m", "train.run", "--max-steps", "6", "--save-every", "3", "--log-every"
 
 def launch_pair(out: Path, extra: list[str] = (), timeout_s: int = 20) -> list[subprocess.Popen]:
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = cpu_env(2)
     return [subprocess.Popen([sys.executable, *RUN, "--output-dir", str(out), "--coordinator-address",
                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                               "--heartbeat-timeout", str(timeout_s), *extra],
