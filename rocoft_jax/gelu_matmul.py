@@ -126,7 +126,7 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
                         plgpu.copy_smem_to_gmem(s_smem.at[wg, i], gmem_tile(out_gmem, mi, ni))
 
             def mma(_, a_smem, w_smem, acc_ref):
-                plgpu.wgmma(acc_ref, a_smem.at[wg_m_slice], plgpu.transpose_ref(w_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, a_smem.at[wg_m_slice], w_smem.transpose((1, 0)))
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
