@@ -243,16 +243,23 @@ def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     args = ["--model", "tiny-llama", "--task", "boolq", "--dtype", "fp32",
             "--dropout", "0", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "2",
             "--num-beams", "1", "--eval-limit", "8", "--eval-batch-size", "8", "--max-new-tokens", "4"]
-    command = [sys.executable, "-m", "train.run", "--data-dir", str(dataset), "--output-dir", str(tmp_path / "sharded"),
-               "--log-every", "1", *args, "--mesh", "data=2,fsdp=2,tensor=2"]
-    sharded = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=cpu_env(8))
-    # A JAX process's device count is fixed at start: the single-device run is this one, meanwhile.
-    assert jax.device_count() == 1
-    results, lines = run_llm(dataset, tmp_path / "single", *args)
-    check_predictions(results, lines, load_records(dataset / "boolq" / "test.json")[:8])  # greedy, commonsense
-    _, err = sharded.communicate(timeout=600)
-    assert sharded.returncode == 0, err[-3000:]
+
+    def launch(name: str, devices: int, *extra: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "train.run", "--data-dir", str(dataset), "--output-dir", str(tmp_path / name),
+                   "--log-every", "1", *args, *extra]
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cpu_env(devices))
+
+    # Both at once, each in a process of its own CPU devices: a process's device count is fixed at start, and a
+    # GPU would sum in orders of its own.
+    runs = {"single": launch("single", 1), "sharded": launch("sharded", 8, "--mesh", "data=2,fsdp=2,tensor=2")}
+    for name, proc in runs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+    single = tmp_path / "single"
+    check_predictions(json.loads((single / "results.json").read_text()),
+                      [json.loads(line) for line in (single / "predictions.jsonl").read_text().splitlines()],
+                      load_records(dataset / "boolq" / "test.json")[:8])  # greedy, commonsense
 
     def losses(name):
         return [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
