@@ -198,6 +198,11 @@ def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset
 
 def run_llm(dataset: Path, out: Path, *args: str) -> tuple[dict, list[dict]]:
     assert run.main(["--data-dir", str(dataset), "--output-dir", str(out), "--log-every", "1", *args]) == 0
+    return read_outputs(out)
+
+
+def read_outputs(out: Path) -> tuple[dict, list[dict]]:
+    """A finished run's results.json and its predictions.jsonl lines."""
     results = json.loads((out / "results.json").read_text())
     return results, [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
@@ -256,9 +261,7 @@ def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     for name, proc in runs.items():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{name}: {err[-3000:]}"
-    single = tmp_path / "single"
-    check_predictions(json.loads((single / "results.json").read_text()),
-                      [json.loads(line) for line in (single / "predictions.jsonl").read_text().splitlines()],
+    check_predictions(*read_outputs(tmp_path / "single"),
                       load_records(dataset / "boolq" / "test.json")[:8])  # greedy, commonsense
 
     def losses(name):
@@ -268,8 +271,7 @@ def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     np.testing.assert_allclose(losses("sharded"), losses("single"), atol=1e-5)
     chex.assert_trees_all_close(ckpt.load(tmp_path / "sharded" / "checkpoints")[1],
                                 ckpt.load(tmp_path / "single" / "checkpoints")[1], atol=1e-5)
-    answers = {name: [json.loads(line)["generation"] for line in
-                      (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+    answers = {name: [line["generation"] for line in read_outputs(tmp_path / name)[1]]
                for name in ("single", "sharded")}
     assert answers["sharded"] == answers["single"] and len(answers["single"]) == 8
 
