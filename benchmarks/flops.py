@@ -5,7 +5,7 @@ network; the weight gradient is what RoCoFT saves. Attention has no weights,
 so its whole backward (2x its forward) counts as input gradient. Matmuls count
 2 FLOPs per multiply-add. A BERT-family classifier reads token 0 of the last
 layer alone, so that layer needs keys and values for every token and the rest
-for one token a sequence (`rocoft_jax.first_token_only`); only that counts.
+for one token a sequence (`rocoft_jax.fast.first_token_only`); only that counts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _dims(config):
     return h, layers, inter, heads, kv_heads
 
 
-# ``model_type`` of the families whose sequence classifier reads token 0 alone (`rocoft_jax.first_token`).
+# ``model_type`` of the families whose sequence classifier reads token 0 alone (`rocoft_jax.fast.first_token`).
 FIRST_TOKEN_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rocoft_jax import ntk
-from rocoft_jax.ntk_outputs import ReadoutForward, init_readout
+from rocoft_jax.ntk.forwards import ReadoutForward, init_readout
 from train import models
 
 

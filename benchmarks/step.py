@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from benchmarks.flops import useful_step_flops
-from rocoft_jax import remat as remat_lib
+from rocoft_jax.fast import remat as remat_lib
 from rocoft_jax import sharding
 from train import input_pipeline as pipeline
 from train import methods as methods_lib
@@ -160,7 +160,7 @@ def parse_args(argv=None):
                    help="hidden and attention dropout of encoder models, both stacks (train.run's default: 0.1)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="recompute each layer in the backward pass: full, or all but the projections (dots, "
-                        "Llama-likes; see rocoft_jax.remat)")
+                        "Llama-likes; see rocoft_jax.fast.remat)")
     p.add_argument("--num-devices", type=int, default=0,
                    help="data-parallel over the first N devices (default: all); --batch-size is the global batch")
     p.add_argument("--profile", help="also write a Chrome trace (.trace.json.gz) of 3 steps to this file")

@@ -7,23 +7,23 @@
 
 Paper row i is a Flax ``kernel[:, i]`` (an output unit); paper column j is
 ``kernel[j, :]`` (an input feature).
+
+This package is the core: it runs and is exact on any backend and imports no
+GPU kernels. The GPU fast paths live in `rocoft_jax.fast` and the empirical-NTK
+analysis in `rocoft_jax.ntk`; import them where you need them.
 """
 
-from rocoft_jax.attention import fused_attention
-from rocoft_jax.dense import intercept_kernels, sliced_kernels, sliced_matmul
-from rocoft_jax.first_token import first_token_only, reads_first_token_only
-from rocoft_jax.mlp import fast_gelu
+from rocoft_jax.families import FAMILIES, Family, detect_family, get_family
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
-from rocoft_jax.remat import remat_layers
 from rocoft_jax.optim import MaskedSlicesState, masked
 from rocoft_jax.selection import activation_norms
+from rocoft_jax.sliced import intercept_kernels, sliced_kernels, sliced_matmul
 from rocoft_jax.slices import merge, split, with_trained_leaves
-from rocoft_jax.targets import FAMILIES, detect_family
-from rocoft_jax import klr, ntk, ntk_metrics  # Section 5's NTK analysis
 
 __all__ = [
     "FAMILIES",
     "FROZEN",
+    "Family",
     "KernelSlice",
     "MaskedSlicesState",
     "ROCOFT",
@@ -31,20 +31,13 @@ __all__ = [
     "TRAIN",
     "activation_norms",
     "detect_family",
-    "fast_gelu",
-    "first_token_only",
-    "fused_attention",
+    "get_family",
     "intercept_kernels",
-    "klr",
     "mask_from_description",
     "mask_leaves",
     "mask_params",
     "masked",
     "merge",
-    "ntk",
-    "ntk_metrics",
-    "reads_first_token_only",
-    "remat_layers",
     "sliced_kernels",
     "sliced_matmul",
     "split",

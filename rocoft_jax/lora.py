@@ -11,15 +11,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rocoft_jax import targets as targets_lib
-from rocoft_jax.dense import intercept_kernels
+from rocoft_jax import tree as tree_lib
+from rocoft_jax.sliced import intercept_kernels
 
 LORA = "lora"
 
 
 def init_lora(params, kernel_paths, rank: int, rng, out_axis: int = 1, dtype=jnp.float32):
     """Adapters ``{"a": (d_in, r), "b": (r, d_out)}`` for each kernel path, nested like params."""
-    leaves = targets_lib.flatten(params)
+    leaves = tree_lib.flatten(params)
     adapters = {}
     keys = jax.random.split(rng, max(len(kernel_paths), 1))
     for key, path in zip(keys, kernel_paths):
@@ -31,11 +31,11 @@ def init_lora(params, kernel_paths, rank: int, rng, out_axis: int = 1, dtype=jnp
         prefix = path[: -len("/kernel")]
         adapters[prefix + "/a"] = jax.random.uniform(key, (d_in, rank), dtype, -bound, bound)
         adapters[prefix + "/b"] = jnp.zeros((rank, d_out), dtype)
-    return targets_lib.unflatten(adapters)
+    return tree_lib.unflatten(adapters)
 
 
 def _pairs(lora_tree):
-    flat = targets_lib.flatten(lora_tree)
+    flat = tree_lib.flatten(lora_tree)
     return {p[: -len("/a")]: (flat[p], flat[p[:-2] + "/b"]) for p in flat if p.endswith("/a")}
 
 
@@ -56,10 +56,10 @@ def lora_kernels(lora_tree, alpha: float, rank: int):
 
 def merge_lora(params, lora_tree, alpha: float, rank: int, out_axis: int = 1):
     """Params with ``(alpha / r) * a @ b`` folded into each adapted kernel, for export."""
-    flat = targets_lib.flatten(params)
+    flat = tree_lib.flatten(params)
     for prefix, (a, b) in _pairs(lora_tree).items():
         kernel = flat[prefix + "/kernel"]
         delta = (alpha / rank) * (a @ b)
         delta = delta if out_axis == 1 else delta.T
         flat[prefix + "/kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-    return targets_lib.unflatten(flat)
+    return tree_lib.unflatten(flat)

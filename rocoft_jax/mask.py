@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from rocoft_jax import selection, targets as targets_lib
+from rocoft_jax import families as families_lib, selection, tree as tree_lib
 
 MODES = ("row", "column", "random")
 ROCOFT, TRAIN, FROZEN = "rocoft", "train", "frozen"
@@ -116,7 +116,7 @@ def _build(params, leaves: dict[str, Any], slices: dict[str, KernelSlice], full,
     """The mask of ``params`` with ``slices`` labelled "rocoft" and the paths in ``full`` "train"."""
     full = set(full)
     label_of = {p: ROCOFT if p in slices else TRAIN if p in full else FROZEN for p in leaves}
-    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[targets_lib.path_str(kp)], params)
+    labels = jax.tree_util.tree_map_with_path(lambda kp, _: label_of[tree_lib.path_str(kp)], params)
     return RoCoFTMask(
         labels=labels,
         slices=slices,
@@ -172,7 +172,7 @@ def mask_params(
       train: regexes of leaves trained in full; default: the family's
         classification head. ``()`` trains only the slices.
       train_bias: also train in full the bias of every target layer.
-      family: force a family from `targets.FAMILIES` instead of detecting it.
+      family: force a family from `families.FAMILIES` instead of detecting it.
 
     Returns:
       A `RoCoFTMask`; ``mask.labels`` feeds ``optax.multi_transform``.
@@ -184,21 +184,21 @@ def mask_params(
     if mode == "random" and strategy in selection.WANDA_STRATEGIES:
         raise ValueError(f"mode 'random' picks entries at random; strategy {strategy!r} needs mode 'row' or 'column'")
 
-    leaves = targets_lib.flat_paths(params)
+    leaves = tree_lib.flat_paths(params)
     if family is not None:
-        fam = targets_lib.get_family(family)
+        fam = families_lib.get_family(family)
     elif targets is None:
-        fam = targets_lib.detect_family(leaves)
+        fam = families_lib.detect_family(leaves)
     else:  # explicit targets: the family only supplies the kernel layout and the default head
         try:
-            fam = targets_lib.detect_family(leaves)
+            fam = families_lib.detect_family(leaves)
         except ValueError:
             fam = None
     out_axis = fam.out_axis if fam else 1
 
     kernel_paths = [p for p, leaf in leaves.items() if len(np.shape(leaf)) == 2]
     target_patterns = tuple(targets) if targets is not None else fam.targets
-    chosen = targets_lib.match_paths(kernel_paths, target_patterns, "target", strict=targets is not None)
+    chosen = families_lib.match_paths(kernel_paths, target_patterns, "target", strict=targets is not None)
     if not chosen:
         raise ValueError(f"no kernel matches the targets {list(target_patterns)}")
     kernels = {p: leaves[p] for p in chosen}
@@ -230,11 +230,11 @@ def mask_params(
 
     rest = [p for p in leaves if p not in slices]
     head = fam.head if fam else ()
-    full = targets_lib.match_paths(rest, tuple(train) if train is not None else head, "train",
+    full = families_lib.match_paths(rest, tuple(train) if train is not None else head, "train",
                                    strict=train is not None)
     if train_bias:  # layers without a bias (Llama) simply have none to train
         biases = tuple("^" + re.escape(p[: -len("kernel")]) + "bias$" for p in kernels)
-        trained = set(full) | set(targets_lib.match_paths(rest, biases, "bias", strict=False))
+        trained = set(full) | set(families_lib.match_paths(rest, biases, "bias", strict=False))
         full = [p for p in rest if p in trained]
 
     return _build(params, leaves, slices, full, mode=mode, rank=rank, strategy=strategy,
@@ -248,8 +248,8 @@ def mask_leaves(params, train: Sequence[str], *, name: str = "full", strict: boo
     biases plus the head. ``name`` is recorded as the mask's mode. With
     ``strict``, a pattern that matches nothing is an error.
     """
-    leaves = targets_lib.flat_paths(params)
-    full = targets_lib.match_paths(leaves, tuple(train), "train", strict=strict)
+    leaves = tree_lib.flat_paths(params)
+    full = families_lib.match_paths(leaves, tuple(train), "train", strict=strict)
     return _build(params, leaves, {}, full, mode=name, rank=0, strategy="none", family=None)
 
 
@@ -259,9 +259,9 @@ def mask_from_description(params, description: Mapping[str, Any]) -> RoCoFTMask:
     Export and restore use it, so Wanda or random selections need no
     recalibration and cannot drift.
     """
-    leaves = targets_lib.flat_paths(params)
+    leaves = tree_lib.flat_paths(params)
     family = description.get("family")
-    out_axis = targets_lib.get_family(family).out_axis if family else 1
+    out_axis = families_lib.get_family(family).out_axis if family else 1
     mode = description["mode"]
     rng = np.random.default_rng(description["seed"])
     slices = {}

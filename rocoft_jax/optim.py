@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rocoft_jax import targets as targets_lib
+from rocoft_jax import tree as tree_lib
 from rocoft_jax.mask import RoCoFTMask
 from rocoft_jax.slices import put_slice, take_slice
 
@@ -49,7 +49,7 @@ def masked(inner: optax.GradientTransformation, mask: RoCoFTMask) -> optax.Gradi
     """
 
     def spec_of(keypath):
-        path = targets_lib.path_str(keypath)
+        path = tree_lib.path_str(keypath)
         spec = mask.slices.get(path)
         if spec is None:
             raise ValueError(

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rocoft_jax import targets as targets_lib
+from rocoft_jax import tree as tree_lib
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = P(("data", "fsdp"))
@@ -163,7 +163,7 @@ def partition_specs(tree, family: str | None, mesh: Mesh):
     pure_data = mesh.shape["fsdp"] * mesh.shape["tensor"] == 1
 
     def spec_of(keypath, leaf):
-        path, shape = targets_lib.path_str(keypath), tuple(np.shape(leaf))
+        path, shape = tree_lib.path_str(keypath), tuple(np.shape(leaf))
         for rx, spec in rules:
             if rx.search(path):
                 return _fit(spec, shape, mesh)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from rocoft_jax import targets as targets_lib
+from rocoft_jax import tree as tree_lib
 from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask
 
 
@@ -62,7 +62,7 @@ def split(params, mask: RoCoFTMask, dtype=jnp.float32):
     """
     cast = (lambda x: x) if dtype is None else (lambda x: jnp.asarray(x, dtype))
     rocoft, train, frozen = {}, {}, {}
-    for path, leaf in targets_lib.flatten(params).items():
+    for path, leaf in tree_lib.flatten(params).items():
         label = mask.label_of.get(path)
         if label is None:
             raise ValueError(f"parameter {path!r} is not in the mask; was the mask built from other params?")
@@ -72,7 +72,7 @@ def split(params, mask: RoCoFTMask, dtype=jnp.float32):
             train[path] = cast(leaf)
         else:
             frozen[path] = leaf
-    unflat = targets_lib.unflatten
+    unflat = tree_lib.unflatten
     return {ROCOFT: unflat(rocoft), TRAIN: unflat(train)}, unflat(frozen)
 
 
@@ -83,9 +83,9 @@ def with_trained_leaves(frozen, trainable):
     through the sliced matmul instead of being written back (NOTES.md: the
     weight-gradient trap).
     """
-    flat = targets_lib.flatten(frozen)
-    flat.update(targets_lib.flatten(trainable.get(TRAIN, {})))
-    return targets_lib.unflatten(flat)
+    flat = tree_lib.flatten(frozen)
+    flat.update(tree_lib.flatten(trainable.get(TRAIN, {})))
+    return tree_lib.unflatten(flat)
 
 
 def merge(trainable, frozen, mask: RoCoFTMask):
@@ -94,11 +94,11 @@ def merge(trainable, frozen, mask: RoCoFTMask):
     Kernels keep their frozen dtype; fully trained leaves keep the dtype of
     the trainable tree.
     """
-    flat = targets_lib.flatten(with_trained_leaves(frozen, trainable))
-    for path, values in targets_lib.flatten(trainable.get(ROCOFT, {})).items():
+    flat = tree_lib.flatten(with_trained_leaves(frozen, trainable))
+    for path, values in tree_lib.flatten(trainable.get(ROCOFT, {})).items():
         flat[path] = put_slice(flat[path], values, mask.slices[path])
     missing = [p for p, lab in mask.label_of.items() if lab != FROZEN and p not in flat]
     if missing:
         raise ValueError(f"trainable tree lacks {missing[0]!r}; it does not belong to this mask")
-    return targets_lib.unflatten(flat)
+    return tree_lib.unflatten(flat)
 

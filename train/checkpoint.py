@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rocoft_jax import targets as targets_lib
+from rocoft_jax import tree as tree_lib
 
 FORMAT_VERSION = 1
 
@@ -35,7 +35,7 @@ def fingerprint(frozen) -> str:
     keep it cheap for 7B models and independent of dtype and sharding.
     """
     digest = hashlib.sha256()
-    for path, leaf in sorted(targets_lib.flatten(frozen).items()):
+    for path, leaf in sorted(tree_lib.flatten(frozen).items()):
         flat = leaf.reshape(-1)
         stride = max(flat.shape[0] // 64, 1)
         sample = np.concatenate([np.asarray(jax.device_get(flat[:64])),

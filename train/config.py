@@ -113,7 +113,7 @@ HELP = {
     "grad_accum": "LLM tasks: micro-batches of --batch-size rows per optimizer step, accumulated inside the step "
                   "(equal to one batch of grad_accum * batch_size rows)",
     "remat": "recompute each decoder layer in the backward pass: none, full, dots (Llama/Mistral/Gemma only; see "
-             "rocoft_jax.remat), or auto (dots for those families from 6B parameters, else none)",
+             "rocoft_jax.fast.remat), or auto (dots for those families from 6B parameters, else none)",
     "train_file": "LLM tasks: training JSON in the LLM-Adapters format (e.g. commonsense_170k.json, math_10k.json); "
                   "default: the task's train.json under --data-dir",
     "cutoff": "LLM tasks: tokens per training example (LLM-Adapters' cutoff_len); longer ones are cut, without EOS",

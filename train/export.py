@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from rocoft_jax.targets import flatten
+from rocoft_jax.tree import flatten
 from train import checkpoint as ckpt
 from train import methods as methods_lib, models
 from train.config import ConfigError, TrainConfig

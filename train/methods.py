@@ -17,10 +17,9 @@ import jax.numpy as jnp
 
 import rocoft_jax
 from rocoft_jax import lora as lora_lib
-from rocoft_jax.attention import fused_attention
-from rocoft_jax import remat as remat_lib
-from rocoft_jax.remat import remat_layers
-from rocoft_jax import targets as targets_lib
+from rocoft_jax.fast import fast_paths, remat as remat_lib
+from rocoft_jax import families as families_lib
+from rocoft_jax import tree as tree_lib
 
 METHODS = ("rocoft", "full", "lora", "bitfit")
 ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
@@ -77,7 +76,7 @@ class Method:
         """``(trainable, frozen)``; the trainable tree is fp32."""
         trainable, frozen = rocoft_jax.split(params, self.mask)
         if self.name == "lora":
-            out_axis = targets_lib.get_family(self.mask.family).out_axis
+            out_axis = families_lib.get_family(self.mask.family).out_axis
             trainable[lora_lib.LORA] = lora_lib.init_lora(
                 params, self.lora_paths, self.lora_rank, jax.random.PRNGKey(self.seed), out_axis)
         return trainable, frozen
@@ -90,41 +89,21 @@ class Method:
             return lora_lib.lora_kernels(trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank)
         return contextlib.nullcontext()
 
-    @staticmethod
-    @contextlib.contextmanager
-    def fast_paths(model, attention: str, remat: str | None, mesh=None, unpadded: bool = False):
-        """Fused attention and GELU, and the last layer for token 0 alone where ``model``'s head reads
-        nothing else (unless ``attention`` is "plain"); layer remat (if asked).
-
-        ``unpadded``: the batch has no padding, so attention runs with no mask (`fused_attention`).
-        """
-        with contextlib.ExitStack() as stack:
-            if attention != "plain":
-                stack.enter_context(fused_attention(attention.removesuffix("-lengths"),
-                                                    right_padded=attention.endswith("-lengths"), unpadded=unpadded,
-                                                    mesh=mesh))
-                stack.enter_context(rocoft_jax.fast_gelu(mesh))
-                if rocoft_jax.reads_first_token_only(model):
-                    stack.enter_context(rocoft_jax.first_token_only(model))
-            if remat:
-                stack.enter_context(remat_layers(remat))
-            yield
-
     def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
               attention: str = "plain", remat: str | None = None, mesh=None):
         """The model's logits.
 
         ``attention`` other than "plain" runs HF attention fused (`fused_attention`),
-        BERT-family GELU through `rocoft_jax.gelu`, and the last layer of a head that
-        reads token 0 alone for that token only (`rocoft_jax.first_token_only`);
-        ``remat`` ("full" or "dots", `rocoft_jax.remat.POLICIES`) recomputes each
+        BERT-family GELU through `rocoft_jax.fast.gelu`, and the last layer of a head that
+        reads token 0 alone for that token only (`rocoft_jax.fast.first_token_only`);
+        ``remat`` ("full" or "dots", `rocoft_jax.fast.remat.POLICIES`) recomputes each
         Llama/Mistral/Gemma layer in the backward pass (`remat_layers`);
         ``mesh`` is the step's mesh, for the fused attention's layout.
         A ``batch`` without "attention_mask" has no padding: HF builds an all-ones
         mask, which the fused attention is told to skip (``unpadded``).
         """
         if attention != "plain" or remat:
-            with self.fast_paths(model, attention, remat, mesh, unpadded="attention_mask" not in batch):
+            with fast_paths(model, attention, remat, mesh, unpadded="attention_mask" not in batch):
                 return self.apply(model, trainable, frozen, batch, dropout_rng=dropout_rng, train=train)
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -138,7 +117,7 @@ class Method:
         """Full params with everything trained folded in, for export."""
         params = rocoft_jax.merge(trainable, frozen, self.mask)
         if self.name == "lora":
-            out_axis = targets_lib.get_family(self.mask.family).out_axis
+            out_axis = families_lib.get_family(self.mask.family).out_axis
             params = lora_lib.merge_lora(params, trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank, out_axis)
         return params
 
@@ -165,8 +144,8 @@ def build_method(
     """Builds a method; ``calibrate(kernel_paths)`` supplies Wanda norms when the strategy needs them."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    family = targets_lib.detect_family(targets_lib.flat_paths(params))
-    kernel_paths = targets_lib.match_paths(targets_lib.flat_paths(params), family.targets, "target", strict=False)
+    family = families_lib.detect_family(tree_lib.flat_paths(params))
+    kernel_paths = families_lib.match_paths(tree_lib.flat_paths(params), family.targets, "target", strict=False)
     head = family.head
     biases = tuple("^" + p[: -len("kernel")] + "bias$" for p in kernel_paths) if train_bias else ()
     if name == "rocoft":
@@ -185,7 +164,7 @@ def build_method(
         mask = rocoft_jax.mask_leaves(params, head + (r"(^|/)bias$",), name="bitfit", strict=False)
         return Method(name, dataclasses.replace(mask, family=family.name), seed=seed)
     mask = rocoft_jax.mask_leaves(params, head + biases, name="lora", strict=False)
-    leaves = targets_lib.flat_paths(params)
+    leaves = tree_lib.flat_paths(params)
     adapters = sum(int(lora_rank) * sum(jnp.shape(leaves[p])) for p in kernel_paths)
     mask = dataclasses.replace(mask, family=family.name, rank=int(lora_rank),
                                num_trainable=mask.num_trainable + adapters)

@@ -4,7 +4,7 @@
 
 For each seed s (0 .. seeds-1) it samples k training examples per class, computes the NTK of
 each parameter subset on them (`rocoft_jax.ntk`), fits kernel logistic regression with lambda
-chosen on a held-out quarter of the k-shot set (`rocoft_jax.klr`), and classifies the dev set
+chosen on a held-out quarter of the k-shot set (`rocoft_jax.ntk.klr`), and classifies the dev set
 (the first eval split). f(x) is prompt-based for models with a masked-LM head (template and
 label words from configs/ntk/<task>.yaml), else a readout on the pooled output fixed at init
 (`--head`; `--pooling auto` follows a sentence-transformers dir's Pooling config). Writes to
@@ -183,7 +183,7 @@ def checkpoint_pooling(model: str) -> str:
 
 def load_model(config: NTKConfig, spec):
     """``(forward, params, encode)``: f of the chosen head, and a function encoding raw columns."""
-    from rocoft_jax import ntk_outputs
+    from rocoft_jax.ntk import forwards as ntk_forwards
     from train import input_pipeline as pipeline
     from train import prompts
 
@@ -207,15 +207,15 @@ def load_model(config: NTKConfig, spec):
         if len(prompt.label_words) != spec.num_labels:
             raise ConfigError(f"{spec.name} has {spec.num_labels} classes but the prompt {len(prompt.label_words)} "
                               "label words")
-        forward = ntk_outputs.PromptForward(model, prompts.label_word_ids(tokenizer, prompt.label_words))
+        forward = ntk_forwards.PromptForward(model, prompts.label_word_ids(tokenizer, prompt.label_words))
         return forward, params, lambda cols: prompts.encode_prompts(tokenizer, cols, spec.text_keys, prompt,
                                                                     config.max_length)
-    readout = ntk_outputs.init_readout(model.config.hidden_size, spec.num_labels, config.readout_seed)
+    readout = ntk_forwards.init_readout(model.config.hidden_size, spec.num_labels, config.readout_seed)
     pooling = config.pooling
     if pooling == "auto":
         pooling = "pooler" if config.model == "tiny" else checkpoint_pooling(config.model)
         print(f"--pooling auto: reading out {pooling}")
-    forward = ntk_outputs.ReadoutForward(model, readout, pooling)
+    forward = ntk_forwards.ReadoutForward(model, readout, pooling)
 
     def encode(cols):
         enc = pipeline.encode(tokenizer, cols, spec.text_keys, config.max_length)
@@ -238,7 +238,8 @@ def run(config: NTKConfig) -> dict:
     spec = plan.spec
     from tqdm.auto import tqdm
 
-    from rocoft_jax import klr, ntk, ntk_metrics
+    from rocoft_jax import ntk
+    from rocoft_jax.ntk import klr, metrics as ntk_metrics
     from train import input_pipeline as pipeline
     from train.glue import load_task
 
@@ -318,7 +319,7 @@ def run(config: NTKConfig) -> dict:
 
 
 def _pictures(out: Path, kernels: dict, y, c_out: int, task: str, k: int) -> None:
-    from rocoft_jax import ntk_metrics
+    from rocoft_jax.ntk import metrics as ntk_metrics
 
     title = f"{task}, k={k}, seed 0"
     ntk_metrics.plot_heatmaps(kernels, y, out / "heatmaps.png", num_outputs=c_out, title=title)

@@ -215,7 +215,7 @@ class _StopFlag:
 
 def print_sharding(state, frozen, shardings) -> None:
     """Every param's PartitionSpec, to debug a mesh."""
-    from rocoft_jax.targets import flat_paths
+    from rocoft_jax.tree import flat_paths
 
     for tree, where in ((frozen, shardings.frozen), (state.trainable, shardings.state.trainable)):
         specs = flat_paths(jax.tree.map(lambda s: s.spec, where))

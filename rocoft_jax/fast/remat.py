@@ -1,0 +1,76 @@
+"""Per-layer rematerialization for HF Flax models that lack ``gradient_checkpointing``.
+
+transformers 4.57's Flax Llama, Mistral and Gemma have no remat option, so a
+7B step keeps every layer's activations for the backward pass. `remat_layers`
+intercepts each decoder layer's ``__call__`` and runs it under Flax's lifted
+``nn.remat``: the backward pass recomputes the layer from its input, trading
+about one extra forward pass for activation memory. Boolean flags are closed
+over as Python constants (they steer Python control flow); the other
+interceptors (`sliced_kernels`, `fused_attention`) still apply inside.
+
+Two policies (`POLICIES`):
+  - "full" saves only each layer's input: least memory, one extra forward.
+  - "dots" also saves the outputs of the projections (sliced or plain Dense)
+    and of fused attention, and recomputes only elementwise work (norms in
+    fp32, rotary embeddings, SiLU): most of full remat's memory saving for a
+    few percent of the time, since HF Flax otherwise keeps several fp32 and
+    SiLU intermediates per token and layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import flax.linen as nn
+import jax
+
+from rocoft_jax import sliced
+from rocoft_jax.fast import attention
+
+LAYERS = frozenset({"FlaxLlamaDecoderLayer", "FlaxMistralDecoderLayer", "FlaxGemmaDecoderLayer"})
+MODEL_TYPES = frozenset({"llama", "mistral", "gemma"})  # the HF ``model_type`` of those layers' models
+_FLAGS = ("deterministic", "init_cache", "output_attentions")
+POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(sliced.CHECKPOINT_NAME, attention.CHECKPOINT_NAME)),
+}
+
+
+@contextlib.contextmanager
+def remat_layers(policy: str = "full"):
+    """While active, every Llama/Mistral/Gemma decoder layer is rematerialized.
+
+    ``policy`` names what the backward pass may reuse (`POLICIES`).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"remat policy must be one of {sorted(POLICIES)}; got {policy!r}")
+    inside = threading.local()
+
+    def interceptor(next_fun, args, kwargs, context):
+        if (context.method_name != "__call__" or type(context.module).__name__ not in LAYERS
+                or getattr(inside, "active", False)):
+            return next_fun(*args, **kwargs)
+        names = ("hidden_states", "attention_mask", "position_ids")
+        arrays = dict(zip(names, args))
+        arrays.update({k: kwargs[k] for k in names if k in kwargs})
+        flags = {k: kwargs[k] for k in _FLAGS if k in kwargs}
+
+        def layer(module, hidden_states, attention_mask, position_ids):
+            inside.active = True  # the lifted clone's own __call__ passes straight through
+            try:
+                return module(hidden_states, attention_mask=attention_mask, position_ids=position_ids, **flags)
+            finally:
+                inside.active = False
+
+        rematted = nn.remat(layer, prevent_cse=True, policy=POLICIES[policy])
+        return rematted(context.module, arrays["hidden_states"], arrays.get("attention_mask"),
+                        arrays.get("position_ids"))
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+
