@@ -20,12 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rocoft_jax import tree as tree_lib
+from train.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 
 def fingerprint(frozen) -> str:

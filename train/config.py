@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from train.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-
-class ConfigError(ValueError):
-    """A bad option; the message says which and how to fix it."""
 
 
 @dataclasses.dataclass

@@ -27,8 +27,9 @@ import safetensors.numpy
 from rocoft_jax.tree import flatten
 from train import checkpoint as ckpt
 from train import methods as methods_lib, models
-from train.config import ConfigError, TrainConfig
-from train.glue import DataError
+from train.config import TrainConfig
+from train.errors import ConfigError
+from train.errors import DataError
 
 
 def checkpoint_dir(path: Path) -> Path:

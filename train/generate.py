@@ -30,7 +30,7 @@ from transformers import GenerationConfig
 
 from train import distributed
 from train import input_pipeline as pipeline
-from train.glue import DataError
+from train.errors import DataError
 from train.llm_data import LlmTask, extract_answer, format_eval_prompt, is_correct
 
 PREDICTIONS_FILE = "predictions.jsonl"

@@ -18,10 +18,8 @@ import dataclasses
 from pathlib import Path
 
 from train.demo_task import make_demo_task
+from train.errors import DataError
 
-
-class DataError(ValueError):
-    """Data that cannot be found or parsed; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from train.glue import DataError
+from train.errors import DataError
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

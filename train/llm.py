@@ -26,8 +26,9 @@ from jax.sharding import NamedSharding
 from train import distributed, generate, models
 from train import input_pipeline as pipeline
 from train.byte_tokenizer import make_byte_tokenizer
-from train.config import ConfigError, TrainConfig
-from train.glue import DataError
+from train.config import TrainConfig
+from train.errors import ConfigError
+from train.errors import DataError
 from train.llm_data import IGNORE_INDEX, find_file, get_task, load_records, tokenize_example
 
 MODEL_INPUTS = ("input_ids", "attention_mask")

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.glue import DataError
+from train.errors import DataError
 
 IGNORE_INDEX = -100  # label of tokens left out of the loss (PyTorch's cross-entropy default, as LLM-Adapters)
 MATH_TOLERANCE = 0.001  # evaluate.py's ``miss``

@@ -20,6 +20,7 @@ from transformers import (AutoConfig, BertConfig, BloomConfig, GemmaConfig, GPT2
                           MistralConfig, OPTConfig, RobertaConfig)
 
 from train import byte_tokenizer
+from train.errors import ModelError
 
 _ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                 pad_token_id=1, bos_token_id=0, eos_token_id=2)
@@ -61,9 +62,6 @@ CAUSAL_LM_TYPES = ("llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2")
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
-
-class ModelError(ValueError):
-    """A model that cannot be loaded; the message says how to fix it."""
 
 
 def _auto_class(head: str):

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from train import models
-from train.config import ConfigError, _bool
-from train.glue import DataError, get_task
+from train.config import _bool
+from train.errors import ConfigError
+from train.errors import DataError
+from train.glue import get_task
 
 HEADS = ("auto", "readout", "prompt")
 

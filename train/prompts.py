@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import yaml
 
-from train.config import CONFIG_DIR, ConfigError
+from train.config import CONFIG_DIR
+from train.errors import ConfigError
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

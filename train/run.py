@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from train import checkpoint, config as config_lib, models
-from train.glue import DataError
+from train.errors import DataError
 
 
 def main(argv=None) -> int:

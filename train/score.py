@@ -26,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-from train.glue import DataError
+from train.errors import DataError
 from train.llm_data import extract_answer, get_task, is_correct
 
 _SEPARATOR = "---------------"

@@ -31,7 +31,8 @@ from train import input_pipeline as pipeline
 from train import llm
 from train import methods as methods_lib
 from train import models, reporting, step as step_lib
-from train.config import ConfigError, TrainConfig, is_llm_task, save as save_config
+from train.config import TrainConfig, is_llm_task, save as save_config
+from train.errors import ConfigError
 from train.demo_task import make_demo_tokenizer
 from train.glue import TaskSpec, get_task, load_task
 from train.metrics import compute_metrics

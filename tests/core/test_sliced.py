@@ -137,14 +137,14 @@ def test_slice_gradient_costs_two_thirds_of_full_fine_tuning(name, out_axis, mod
     # Wide enough that the rank-r corrections (r / d of the FLOPs) stay small, as in real layers.
     spec, kernel, values, x = _inputs(out_axis, mode, idx, d_in=4 * D_IN, d_out=4 * D_OUT, lead=(tokens,))
     assert sliced.merges(x, kernel, spec) == (tokens == 512)
-    sliced = jax.grad(lambda v, x, k: jnp.sum(rocoft_jax.sliced_matmul(x, k, v, spec) ** 2), argnums=(0, 1))
+    sliced_grad = jax.grad(lambda v, x, k: jnp.sum(rocoft_jax.sliced_matmul(x, k, v, spec) ** 2), argnums=(0, 1))
     full = jax.grad(lambda k, x: jnp.sum((x @ (k if out_axis == 1 else k.T)) ** 2), argnums=(0, 1))
-    shapes = dot_output_shapes(jax.make_jaxpr(sliced)(values, x, kernel).jaxpr)
+    shapes = dot_output_shapes(jax.make_jaxpr(sliced_grad)(values, x, kernel).jaxpr)
     assert kernel.shape not in shapes and kernel.shape[::-1] not in shapes  # no full weight gradient
     full_shapes = dot_output_shapes(jax.make_jaxpr(full)(kernel, x).jaxpr)
     assert kernel.shape in full_shapes or kernel.shape[::-1] in full_shapes  # the check can see one
     flops = lambda f, *args: jax.jit(f).lower(*args).compile().cost_analysis()["flops"]
-    assert flops(sliced, values, x, kernel) < 0.75 * flops(full, kernel, x)
+    assert flops(sliced_grad, values, x, kernel) < 0.75 * flops(full, kernel, x)
 
 
 @pytest.mark.parametrize("tokens", [32, 512], ids=["corrections", "merged"])

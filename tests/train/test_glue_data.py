@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from train.demo_task import NEGATIVE, POSITIVE, make_demo_task
-from train.glue import GLUE_TASKS, DataError, get_task, load_glue, load_task
+from train.errors import DataError
+from train.glue import GLUE_TASKS, get_task, load_glue, load_task
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"

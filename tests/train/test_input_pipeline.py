@@ -10,7 +10,8 @@ from rocoft_jax import sharding
 from train import input_pipeline as ip
 from train.config import TrainConfig
 from train.demo_task import make_demo_task, make_demo_tokenizer
-from train.glue import DataError, get_task
+from train.errors import DataError
+from train.glue import get_task
 from train.trainer import Batches
 
 
