@@ -33,11 +33,12 @@ import jax
 import numpy as np
 
 from benchmarks.flops import useful_step_flops
-from rocoft_jax.fast import remat as remat_lib
 from rocoft_jax import sharding
+from rocoft_jax.fast import remat as remat_lib
 from train import input_pipeline as pipeline
 from train import methods as methods_lib
-from train import models, step as step_lib
+from train import models
+from train import step as step_lib
 
 JAX_METHODS = ("rocoft", "full", "lora")
 
@@ -144,7 +145,8 @@ def time_method(args, method_name: str) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="roberta-base", help=f"shape preset ({', '.join(models.PRESETS)}) or HF config dir")
+    p.add_argument("--model", default="roberta-base",
+                   help=f"shape preset ({', '.join(models.PRESETS)}) or HF config dir")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
@@ -184,7 +186,8 @@ def _subprocess_json(cmd: list[str], label: str, env=None) -> dict:
 
 
 def _ratios(rows: list[dict]) -> dict[str, float]:
-    """The issue's targets as ratios of step time (lower is better) and tokens/s (higher is better)."""
+    """RoCoFT against each peer: ratios of step time (lower is better) and tokens/s (higher is better),
+    and the peak-memory difference to LoRA (the targets of docs/performance.md)."""
     by = {r["method"]: r for r in rows if "step_ms" in r}
     ours = next((r for name, r in by.items() if name.startswith("jax-rocoft")), None)
     if ours is None:

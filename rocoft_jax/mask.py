@@ -164,7 +164,7 @@ def mask_params(
       rank: rows/columns per kernel; for ``mode="random"`` the probability p.
       mode: "row" (paper row i = Flax ``kernel[:, i]``), "column" (paper column
         j = Flax ``kernel[j, :]``) or "random" (entries kept with probability p).
-      targets: regexes over "/"-joined kernel paths; default: the family table.
+      targets: regexes over "/"-joined kernel paths; default: the family record's (`rocoft_jax.families`).
       strategy: "first", "random" (seeded), or Wanda "max", "min", "mixed".
       seed: seeds "random" strategy and mode.
       calibration: kernel path -> input-activation norms, for Wanda strategies

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rocoft_jax.intercept import replace_calls
 
 STRATEGIES = ("first", "random", "max", "min", "mixed")
 WANDA_STRATEGIES = ("max", "min", "mixed")
@@ -81,16 +82,15 @@ def activation_norms(
         out: dict[str, jax.Array] = {}
         token_mask = batch.get("attention_mask")
 
-        def record(next_fun, args, kwargs, context):
-            key = "/".join((*context.module.path, "kernel"))
-            if context.method_name == "__call__" and key in wanted:
-                x = jnp.asarray(args[0], jnp.float32)
-                if token_mask is not None and x.shape[:2] == token_mask.shape:
-                    x = x * token_mask[..., None]
-                out[key] = out.get(key, 0.0) + jnp.sum(x * x, axis=tuple(range(x.ndim - 1)))
-            return next_fun(*args, **kwargs)
+        def record(module, args, kwargs, call_original):
+            key = "/".join((*module.path, "kernel"))
+            x = jnp.asarray(args[0], jnp.float32)
+            if token_mask is not None and x.shape[:2] == token_mask.shape:
+                x = x * token_mask[..., None]
+            out[key] = out.get(key, 0.0) + jnp.sum(x * x, axis=tuple(range(x.ndim - 1)))
+            return call_original(*args, **kwargs)
 
-        with nn.intercept_methods(record):
+        with replace_calls(lambda module: "/".join((*module.path, "kernel")) in wanted, record):
             model(**batch, params=params)
         return out
 

@@ -6,7 +6,8 @@ parallelism whose weights are also split across devices) and ``tensor``
 with Explicit axes HF Flax models fail at the embedding gather.
 
 Frozen weights follow ordered ``(regex, PartitionSpec)`` rules over
-"/"-joined paths, one rule set per family; a path no rule matches is an error.
+"/"-joined paths, one rule set per family, derived from its record in
+`rocoft_jax.families`; a path no rule matches is an error.
 A dimension that its mesh axes do not divide is left unsplit on that axis.
 
 RoCoFT slices, LoRA adapters and their optimizer state are replicated. They
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from rocoft_jax import families
 from rocoft_jax import tree as tree_lib
 
 AXES = ("data", "fsdp", "tensor")
@@ -47,54 +50,25 @@ _COL_BIAS = P("tensor")
 _HEADS = P(("data", "fsdp"), None, "tensor")
 
 
-def _layers(col: str, row: str, embeddings: str, extra: tuple = ()) -> tuple[tuple[str, P], ...]:
-    """Megatron layout for a family: ``col`` layers split their output, ``row`` layers their input."""
+def layout_rules(layout: families.Sharding) -> tuple[tuple[str, P], ...]:
+    """A family's ordered ``(regex, PartitionSpec)`` rules: ``layout.rules`` when given, else the
+    Megatron layout, where ``layout.col`` layers split their output and ``layout.row`` layers their input."""
+    if layout.rules:
+        return layout.rules
+    col, row = layout.col, layout.row
     return (
         (rf"({col})/kernel$", _COL),
         (rf"({col})/bias$", _COL_BIAS),
         (rf"({row})/kernel$", _ROW),
         (rf"({row})/bias$", P()),
-        (rf"({embeddings})/embedding$", P(None, "fsdp")),
-        *extra,
+        (rf"({layout.embeddings})/embedding$", P(None, "fsdp")),
         (r"(embed_positions|position_embeddings|wpe)/embedding$", P()),
+        *layout.extra,
     )
 
 
-RULES: dict[str, tuple[tuple[str, P], ...]] = {
-    "bert": (
-        *_layers(r"attention/self/(query|key|value)|intermediate/dense", r"output/dense", "word_embeddings"),
-        (r"embeddings/\w+_embeddings/embedding$", P()),
-        (r"(embeddings_project|lm_head|cls|generator_\w+|discriminator_\w+)/", P()),  # ELECTRA, MLM heads
-    ),
-    "distilbert": _layers(r"attention/(q_lin|k_lin|v_lin)|ffn/lin1", r"attention/out_lin|ffn/lin2",
-                          "word_embeddings"),
-    "bart": _layers(r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1", r"(self_attn|encoder_attn)/out_proj|fc2",
-                    "shared|embed_tokens"),
-    "llama": (
-        *_layers(r"self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj)", r"self_attn/o_proj|mlp/down_proj",
-                 "embed_tokens"),
-        (r"lm_head/kernel$", P("fsdp", "tensor")),
-    ),
-    "opt": (
-        *_layers(r"self_attn/(q_proj|k_proj|v_proj)|fc1", r"self_attn/out_proj|fc2", "embed_tokens"),
-        (r"(project_in|project_out)/kernel$", P()),
-        (r"lm_head/kernel$", P("fsdp", "tensor")),
-    ),
-    "gptj": (
-        *_layers(r"attn/(q_proj|k_proj|v_proj)|mlp/fc_in", r"attn/out_proj|mlp/fc_out", "wte"),
-        (r"lm_head/kernel$", P("fsdp", "tensor")),
-    ),
-    "bloom": _layers(r"self_attention/query_key_value|mlp/dense_h_to_4h", r"self_attention/dense|mlp/dense_4h_to_h",
-                     "word_embeddings"),
-    # GPT-2's Conv1D kernels are (d_out, d_in): the layout is mirrored.
-    "gpt2": (
-        (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
-        (r"(attn/c_attn|mlp/c_fc)/bias$", _COL_BIAS),
-        (r"(attn/c_proj|mlp/c_proj)/kernel$", P("fsdp", "tensor")),
-        (r"wte/embedding$", P(None, "fsdp")),
-        (r"wpe/embedding$", P()),
-    ),
-}
+# One rule set per family, from its record (`rocoft_jax.families`).
+RULES: dict[str, tuple[tuple[str, P], ...]] = {f.name: layout_rules(f.sharding) for f in families.FAMILIES}
 
 
 def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
@@ -158,7 +132,7 @@ def partition_specs(tree, family: str | None, mesh: Mesh):
     """
     if family not in RULES and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
         raise ValueError(f"no partition rules for family {family!r} (rules exist for {', '.join(RULES)}); "
-                         "use a data-only mesh, or add rules to rocoft_jax.sharding.RULES")
+                         "use a data-only mesh, or give the family a Sharding in rocoft_jax.families")
     rules = [(re.compile(rx), spec) for rx, spec in _REPLICATED_TRAINED + RULES.get(family or "", ()) + _COMMON_TAIL]
     pure_data = mesh.shape["fsdp"] * mesh.shape["tensor"] == 1
 
@@ -171,7 +145,7 @@ def partition_specs(tree, family: str | None, mesh: Mesh):
             return P()  # biases, scalars and step counters are small: replicate
         raise ValueError(
             f"no partition rule matches {path!r} (shape {shape}) for family {family!r}; "
-            f"add a (regex, PartitionSpec) rule to rocoft_jax.sharding.RULES[{family!r}]")
+            f"add a (regex, PartitionSpec) rule to the {family!r} record's Sharding in rocoft_jax.families")
 
     return jax.tree_util.tree_map_with_path(spec_of, tree)
 

@@ -47,6 +47,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from rocoft_jax import tree as tree_lib
+from rocoft_jax.intercept import replace_calls
 from rocoft_jax.mask import ROCOFT, KernelSlice, RoCoFTMask
 from rocoft_jax.slices import put_slice, take_slice
 
@@ -76,10 +77,11 @@ def merges(x, kernel, spec: KernelSlice) -> bool:
     The corrections cost about one activation-sized pass (N x d_other for N
     tokens) where a merge costs a weight-sized one (d_in x d_out), and XLA keeps
     merged copies alive into the backward pass. So merge only with many more
-    tokens than the kernel's far side: roberta-large at 16k tokens merges (the
-    corrections measured 4.5 ms slower per step), Llama-2-7B at 4k tokens does
-    not (12 GiB less peak memory, 3 % faster). Where it merges, the merged
-    kernel is small next to the activations and is kept for the backward pass.
+    tokens than the kernel's far side: an encoder training batch (roberta-large
+    at 16k tokens) merges, an LLM batch (Llama-2-7B at 4k tokens) does not; both
+    choices were measured (docs/performance.md, the Llama-2-7B section). Where it
+    merges, the merged kernel is small next to the activations and is kept for
+    the backward pass.
     """
     if spec.axis is None:  # random entries have no slice structure
         return True
@@ -102,7 +104,7 @@ def forward(x, kernel, values, spec: KernelSlice, precision, merged=None):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sliced_product(x, kernel, values, spec: KernelSlice, precision):
     # Not differentiated (evaluation, generation): no merged kernels, whose copies XLA may hoist and
-    # hold at once (as the 7B training step did: 12 GiB); the corrections cost one extra activation pass.
+    # hold at once (a second copy of every targeted weight at 7B); the corrections cost one extra activation pass.
     merged = put_slice(kernel, values, spec) if spec.axis is None else None
     return forward(x, kernel, values, spec, precision, merged)
 
@@ -209,17 +211,16 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
 
     seen: set[tuple[str, ...]] = set()
 
-    def interceptor(next_fun, args, kwargs, context):
-        if (context.method_name == "__call__" and _module_kernel_layout(context.module) is not None
-                and not context.module.is_initializing()):
-            path = tuple(context.module.path)
-            fn = calls.get(path)
-            if fn is not None:
-                seen.add(path)
-                return fn(context.module, *args, lambda x: next_fun(x, **kwargs))
-        return next_fun(*args, **kwargs)
+    def selected(module) -> bool:
+        return (_module_kernel_layout(module) is not None and not module.is_initializing()
+                and tuple(module.path) in calls)
 
-    with nn.intercept_methods(interceptor):
+    def replacement(module, args, kwargs, call_original):
+        path = tuple(module.path)
+        seen.add(path)
+        return calls[path](module, *args, lambda x: call_original(x, **kwargs))
+
+    with replace_calls(selected, replacement):
         yield seen
     if len(seen) < len(calls):
         # A selected kernel that no Dense call used would silently stay untrained.

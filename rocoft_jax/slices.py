@@ -6,7 +6,7 @@ the params: under "rocoft" each selected kernel's leaf is its slice (rows:
 in mode "random"); under "train" sit the leaves trained in full. Gradients,
 optimizer state, donation and checkpoints then all scale with the slices.
 The frozen tree keeps every other leaf, including the selected kernels
-unchanged: the sliced forward pass reads both (see `dense.py`).
+unchanged: the sliced forward pass reads both (see `rocoft_jax.sliced`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ def take_slice(kernel, spec: KernelSlice, axis: int | None = None):
     `KernelSlice` checks its indices against the kernel, so the gathers clip,
     which XLA folds away for these constant indices, where ``jnp.take``'s
     default would select a fill value for out-of-bounds rows in every gather.
-    (A roberta-large step on one H100 did not measurably change: 56.1-56.4 ms.)
     """
     if spec.axis is None:
         return jnp.ravel(kernel)[spec.indices]
@@ -36,8 +35,8 @@ def put_slice(kernel, values, spec: KernelSlice):
 
     Rows and columns go in by one elementwise select over the kernel, which XLA
     fuses into one kernel; ``kernel.at[idx].set(values)`` would be a copy and a
-    scatter, which in a roberta-large train step (two merges per layer and step)
-    cost about 1 ms of a 55 ms step, mostly launches.
+    scatter in each of the two merges per layer and step, mostly launch cost
+    (docs/performance.md).
     """
     kernel = jnp.asarray(kernel)  # numpy params, e.g. from msgpack_restore
     values = jnp.asarray(values, kernel.dtype)
@@ -80,8 +79,8 @@ def with_trained_leaves(frozen, trainable):
     """The params the model runs with: frozen leaves plus the fully trained ones.
 
     Selected kernels stay at their frozen values here; their slices enter
-    through the sliced matmul instead of being written back (NOTES.md: the
-    weight-gradient trap).
+    through the sliced matmul instead of being written back (docs/design.md, "The
+    weight-gradient trap").
     """
     flat = tree_lib.flatten(frozen)
     flat.update(tree_lib.flatten(trainable.get(TRAIN, {})))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of the README's performance tables, in two parts that each fit a 10-minute slot:
+# The GPU benchmarks of docs/performance.md, in two parts that each fit a 10-minute slot:
 #   OUT=dir bash scripts/gpu_bench.sh encoder   # roberta-large T=512 and T=128, plus 1- vs 2-GPU data parallel
 #   OUT=dir bash scripts/gpu_bench.sh llama     # Llama-2-7B shape, B=4, T=1024, with the PyTorch peers
 # JAX needs transformers<5 (wheels in .wheels/, installed to /tmp/tx); the PyTorch peers use the

@@ -19,6 +19,7 @@ import transformers
 from transformers import (AutoConfig, BertConfig, BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, LlamaConfig,
                           MistralConfig, OPTConfig, RobertaConfig)
 
+from rocoft_jax import families
 from train import byte_tokenizer
 from train.errors import ModelError
 
@@ -57,7 +58,7 @@ PRESETS = {
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # The ``model_type`` of the families trained as causal LMs (HF Flax has *ForCausalLM for each).
-CAUSAL_LM_TYPES = ("llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2")
+CAUSAL_LM_TYPES = families.model_types("causal-lm")
 # Config attributes of dropout rates across families: BERT-likes, DistilBERT/BART/OPT, Llama-likes and Bloom, GPT-2/J.
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")

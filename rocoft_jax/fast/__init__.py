@@ -1,6 +1,6 @@
 """GPU fast paths for HF Flax models: same results as the models' own code, in fewer and fused kernels.
 
-Each fast path is a context that intercepts HF module calls (`intercept.replace_calls`)
+Each fast path is a context that intercepts HF module calls (`rocoft_jax.intercept.replace_calls`)
 and falls back to the module's own ``__call__`` wherever it would not be exact:
 
 - `fused_attention`: self-attention through ``jax.nn.dot_product_attention`` (cuDNN on

@@ -1,67 +1,34 @@
 """Fused attention for HF Flax models, by interception.
 
-HF Flax attention materialises the (B, heads, T, S) softmax and has no fused
-kernel: on one H200 at T=512 it costs more than PyTorch's whole step (NOTES.md,
-roberta-large, bf16, batch 32: a JAX full fine-tuning step 100.2 ms, PyTorch's
-79.4 ms). `fused_attention` keeps the HF classes and weights and, while
-active, runs their self-attention through `jax.nn.dot_product_attention`.
-On GPUs use ``implementation="cudnn"``. Measured on one H100, same shape,
-forward + full backward: HF 119.5 ms with 27.2 GiB of temporaries; cuDNN
-80.7 ms and 15.2 GiB (boolean mask), 77.0 ms and 15.9 GiB (``right_padded``),
-its bf16 error against fp32 HF no larger than HF's own. XLA (``None``, "xla",
-and all CPUs) matches HF to rounding but is no faster on GPU, and its fp32
-softmax takes 33.2 GiB.
+HF Flax attention materialises the (B, heads, T, S) fp32 softmax and has no fused
+kernel. `fused_attention` keeps the HF modules and weights and, while active, runs
+the self-attention of the families' attention classes (`rocoft_jax.families`:
+BERT-style encoders and Llama-style decoders, with rotary embeddings, GQA, causal
+and sliding-window masks as HF builds them) through `jax.nn.dot_product_attention`.
+Q, K, V and O go through the modules' own Dense submodules, so `sliced_kernels`
+still applies (q, k and v that all train rows run as one op:
+`rocoft_jax.fast.fused_dense.dense_sharing_input`), and the returned tuple is HF's.
+The encoders' attention output layers are intercepted too: their residual
+LayerNorm runs through `rocoft_jax.fast.layer_norm`.
 
-Intercepted ``__call__`` (subclasses too): FlaxBertSelfAttention,
-FlaxRobertaSelfAttention, FlaxXLMRobertaSelfAttention, FlaxElectraSelfAttention,
-and HF's exact copies FlaxRobertaPreLayerNormSelfAttention and
-FlaxBigBirdSelfAttention (its "original_full" mode); FlaxLlamaAttention,
-FlaxMistralAttention and FlaxGemmaAttention (rotary embeddings, GQA without
-repeating K/V, causal mask, Mistral's window ``triu(causal, -sliding_window)``,
-with HF's diagonal-only mask when ``sliding_window`` is None reproduced too).
-Q/K/V/O go through the modules' own Dense submodules, so other interceptors
-(`sliced_kernels`) still apply, and the returned tuple is the original's; under
-`sliced_kernels`, Q, K and V that all train rows run as one op on the shared
-input (`rocoft_jax.fast.fused_dense.dense_sharing_input`). The BERT family's attention
-output layers (FlaxBertSelfOutput and its RoBERTa, XLM-R and ELECTRA copies)
-are intercepted too: their residual LayerNorm runs through
-`rocoft_jax.fast.layer_norm`, and Q, K, V and those LayerNorms take their inputs
-through `rocoft_jax.fast.layer_norm.branch`.
+``implementation="cudnn"`` (use it on GPUs) runs cuDNN's flash attention; ``None``
+or "xla" runs XLA's, exact to rounding on any backend. Active attention dropout
+runs in `rocoft_jax.fast.dropout_attention`'s kernels (encoders, cuDNN path, head
+dims 16-128) with the (T, S) mask HF draws: the same training step as HF's.
 
-Active attention dropout (``not deterministic`` and a rate > 0) runs in
-`rocoft_jax.fast.dropout_attention`'s Pallas kernels for encoder self-attention on
-the GPU path (``implementation="cudnn"``, on each device's shard under a mesh;
-head dims 16-128), with
-the (T, S) mask HF draws from the module's "dropout" RNG: the same training
-step as HF's attention (one H100, roberta-large B=32 T=512, dropout 0.1: 87.8 ->
-67.5 ms per RoCoFT step, 25.2 -> 13.6 GiB).
+Falls back to the module's own ``__call__`` (exact by construction) for attention
+dropout anywhere else, ``output_attentions=True``, cross-attention and a KV cache.
+"cudnn" falls back to XLA off GPUs, outside fp16/bf16, for head dims that are not
+a multiple of 8 or exceed 128 (256 from compute capability 9.0), for odd T or S
+with a mask, and when cuDNN rejects the call at trace time.
 
-The original ``__call__`` runs instead (exact by construction) when:
-  - attention dropout is active anywhere else (XLA implementations, decoders);
-  - ``output_attentions=True`` (a ``layer_head_mask`` is applied to the output);
-  - cross-attention (``key_value_states``), ``init_cache`` or a "cache" collection.
-``implementation="cudnn"`` falls back to XLA unless the backend is a GPU, Q/K/V
-are fp16/bf16, the head dim is a multiple of 8 and <= 128 (256 on compute
-capability >= 9.0), and, with a boolean mask, T and S are even; a cuDNN
-rejection at trace time also falls back to XLA.
-
-Padding: by default the (B, S) ``attention_mask`` becomes a boolean key mask,
-exact for any mask (cuDNN then adds it as a (B, 1, T, S) bias). With
-``right_padded=True`` it goes as ``key_value_seq_lengths`` instead, which cuDNN
-handles natively; rows whose mask is not ones-then-zeros come out NaN, never
-silently wrong. Only the first layer checks this (the attention module whose
-path has no layer index but 0) and writes the NaN, which then flows through
-every later layer: one check instead of an activation-sized select per layer
-and pass (about 1 ms of a 60 ms roberta-large step). Rows with no key left
-(left padding under the causal mask) attend uniformly, as in HF, except under
-cuDNN.
-
-No padding: with ``unpadded=True`` no mask and no key lengths reach the kernel
-(causal and window masks still apply), which is cuDNN's fastest form (one H200,
-roberta-large B=32 T=512: 52.6 ms per train step against 53.3 with lengths). HF
-Flax models given ``attention_mask=None`` build an all-ones mask themselves, so
-only the caller knows that the mask is all ones; `train.methods.Method.apply`
-says so for a batch without "attention_mask", the trainer's form of "no padding".
+Padding: the (B, S) mask becomes a boolean key mask (exact for any mask). With
+``right_padded=True`` it goes as key lengths; rows that are not ones-then-zeros
+come out NaN, never silently wrong (checked in the first layer only; the NaN flows
+on). With ``unpadded=True`` no mask reaches the kernel, its fastest form: only the
+caller knows a mask is all ones (HF builds one for ``attention_mask=None``), so
+`train` says so for batches without "attention_mask". Rows with no key left attend
+uniformly, as in HF, except under cuDNN. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -71,24 +38,22 @@ import contextlib
 import functools
 import inspect
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from rocoft_jax import sharding
-from rocoft_jax.fast import dropout_attention as dropout_lib, fused_dense, layer_norm
+from rocoft_jax import families, sharding
+from rocoft_jax.fast import dropout_attention as dropout_lib
+from rocoft_jax.fast import fused_dense, layer_norm
+from rocoft_jax.intercept import replace_calls
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
-ENCODERS = frozenset({
-    "FlaxBertSelfAttention", "FlaxRobertaSelfAttention", "FlaxXLMRobertaSelfAttention",
-    "FlaxElectraSelfAttention", "FlaxRobertaPreLayerNormSelfAttention", "FlaxBigBirdSelfAttention",
-})
-DECODERS = frozenset({"FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"})
+# The intercepted classes, from the family records.
+ENCODERS = families.collect(lambda f: f.fast.self_attention if f.fast.attention_style == "encoder" else ())
+DECODERS = families.collect(lambda f: f.fast.self_attention if f.fast.attention_style == "decoder" else ())
 # The encoders' attention output layers: Dense, dropout, then LayerNorm(hidden + input).
-SELF_OUTPUTS = frozenset({"FlaxBertSelfOutput", "FlaxRobertaSelfOutput", "FlaxXLMRobertaSelfOutput",
-                          "FlaxElectraSelfOutput"})
+SELF_OUTPUTS = families.collect(lambda f: f.fast.attention_outputs)
 # Name of the fused attention output, for ``jax.checkpoint`` policies (`rocoft_jax.fast.remat`).
 CHECKPOINT_NAME = "rocoft_jax/attention"
 # Consumers of a layer's input, each handed its own reference (`rocoft_jax.fast.layer_norm.branch`).
@@ -338,22 +303,23 @@ def fused_attention(implementation=None, *, right_padded: bool = False, unpadded
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
     counts: collections.Counter = collections.Counter()
 
-    def interceptor(next_fun, args, kwargs, context):
-        family = find_family(context.module) if context.method_name == "__call__" else None
-        if family is None and context.method_name == "__call__" and type(context.module).__name__ in SELF_OUTPUTS:
-            arguments = bind_arguments(context.module, args, kwargs)
-            return finish_attention_output(context.module, arguments, mesh)
-        if family is None:
-            return next_fun(*args, **kwargs)
-        arguments = bind_arguments(context.module, args, kwargs)
-        reason = find_fallback_reason(context.module, family, arguments, implementation)
+    def attention(module, args, kwargs, call_original):
+        family = find_family(module)
+        arguments = bind_arguments(module, args, kwargs)
+        reason = find_fallback_reason(module, family, arguments, implementation)
         if reason is not None:
             counts[f"fallback:{reason}"] += 1
-            return next_fun(*args, **kwargs)
-        outputs, used = fused_call(context.module, family, arguments, implementation, right_padded,
-                                   check_prefix=is_first_layer(context.module), mesh=mesh, unpadded=unpadded)
+            return call_original(*args, **kwargs)
+        outputs, used = fused_call(module, family, arguments, implementation, right_padded,
+                                   check_prefix=is_first_layer(module), mesh=mesh, unpadded=unpadded)
         counts[f"fused:{used}"] += 1
         return outputs
 
-    with nn.intercept_methods(interceptor), layer_norm.branching():
+    def attention_output(module, args, kwargs, call_original):
+        return finish_attention_output(module, bind_arguments(module, args, kwargs), mesh)
+
+    is_attention = lambda module: find_family(module) is not None
+    is_output = lambda module: not is_attention(module) and type(module).__name__ in SELF_OUTPUTS
+    with (replace_calls(is_attention, attention), replace_calls(is_output, attention_output),
+          layer_norm.branching()):
         yield counts

@@ -2,24 +2,24 @@
 
 HF Flax's encoder attention drops attention weights with one (T, S) mask shared by
 every batch row and head (``broadcast_dropout=True``), drawn from the module's
-"dropout" RNG. cuDNN's fused kernel draws masks of its own (from a seed JAX
-fixes at compile time), never that one, so with dropout active `rocoft_jax.fast.fused_attention` used to
-run HF's own attention, which materializes the (B, heads, T, S) weights: on one
-H100 at roberta-large B=32 T=512, 2.3 ms per layer forward and backward against
-0.54 ms for cuDNN without dropout. This module runs the same attention as one
-Pallas (Triton) kernel each way, multiplying the probabilities by the caller's
-(T, S) dropout multiplier (0, or 1 / keep probability) inside the kernel (jax's
-kernels, which these extend, take 718 us forward and backward there without
-dropout):
+"dropout" RNG. cuDNN's fused kernel draws masks of its own, never that one. This
+module runs the same attention as one Pallas (Triton) kernel each way and applies
+the caller's (T, S) dropout multiplier (0, or 1 / keep probability) inside it:
 
     out = (softmax(q k^T / sqrt(d) + key mask) * drop) v
+
+so `rocoft_jax.fast.fused_attention` stays fused, and exact, under dropout.
+
+Contract: non-causal self-attention with a (B, S) key mask; fp16, bf16 or fp32;
+power-of-two head dims from 16 to 128 and lengths the block divides (`supported`);
+NVIDIA GPUs only (`available`). Elsewhere the caller runs HF's own attention.
 
 The kernels are jax's ``jax.experimental.pallas.ops.gpu.attention`` (Apache 2.0;
 itself after the Triton fused-attention tutorial), reduced to the non-causal case
 and changed in two ways: a (B, S) key mask replaces segment ids, and the backward
 pass applies the multiplier to ``dO V^T`` and to the probabilities that form dV.
 ``delta = rowsum(dO * out)`` stays exact, since ``out`` already holds the dropped
-probabilities.
+probabilities. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
 """The last encoder layer for the first token only, for heads that read nothing else.
 
-The sequence-classification heads of BERT, RoBERTa, XLM-R and ELECTRA read
-only token 0 of the last hidden state (BERT through its pooler). In the last
-layer, then, only the keys and values need every token: the other tokens'
-queries, attention rows, output projection, LayerNorms and MLP feed nothing.
-XLA cannot drop them itself, since they are dense over the token axis.
-`first_token_only` runs that layer through the modules' own submodules:
+The sequence-classification heads of the BERT family (BERT, RoBERTa, XLM-R,
+ELECTRA) read only token 0 of the last hidden state (BERT through its pooler).
+In the last layer, then, only the keys and values need every token: the other
+tokens' queries, attention rows, output projection, LayerNorms and MLP feed
+nothing, and XLA cannot drop them itself, since they are dense over the token
+axis. `first_token_only` runs that layer through the modules' own submodules:
 its self-attention for the query at token 0 (the query, key and value layers
 are the module's own; the attention math is HF's, restated), then the rest of
-the layer on token 0.
-Other interceptors (`sliced_kernels`, LoRA, `fast_gelu`) still apply, and
-the layer returns a one-token hidden state, which the head indexes at 0.
+the layer on token 0. Other interceptors (`sliced_kernels`, LoRA, `fast_gelu`)
+still apply, and the layer returns a one-token hidden state, which the head
+indexes at 0.
 
 It is exact (same ops, same order, for the rows the head reads), dropout
 included: every dropout mask of the layer is drawn at its full-sequence shape,
-as HF draws it, and cut to token 0. It falls back to the whole layer for
-``output_attentions``, cross-attention and a KV cache.
-One H100, roberta-large B=32 T=512: 54.7 -> 53.1 ms per RoCoFT step (full
-fine-tuning 77.8 -> 76.0 ms); with dropout 0.1 and HF's attention, 91.4 -> 88.4 ms.
+as HF draws it, and cut to token 0. It falls back to the whole layer (the
+module's own call) for ``output_attentions``, cross-attention and a KV cache,
+and does nothing for models whose head reads other tokens
+(`reads_first_token_only`). Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import jax.numpy as jnp
 from flax.linen.attention import dot_product_attention_weights
 from jax import lax
 
+from rocoft_jax import families
 from rocoft_jax.fast.attention import bind_arguments, broadcast_dropout_multiplier, split_heads
+from rocoft_jax.intercept import replace_calls
 
-LAYERS = frozenset({"FlaxBertLayer", "FlaxRobertaLayer", "FlaxXLMRobertaLayer", "FlaxElectraLayer"})
-HEADS = frozenset({"FlaxBertForSequenceClassification", "FlaxRobertaForSequenceClassification",
-                   "FlaxXLMRobertaForSequenceClassification", "FlaxElectraForSequenceClassification"})
+LAYERS = families.collect(lambda f: f.fast.layers)
+HEADS = families.collect(lambda f: f.fast.first_token_heads)
 
 
 def reads_first_token_only(model) -> bool:
@@ -83,13 +84,11 @@ def _first_query_attention(module, hidden, attention_mask, head_mask, determinis
 def _dropout_over(tokens: int):
     """Context in which ``nn.Dropout`` on (B, 1, ...) draws its mask at (B, tokens, ...), as HF's layer
     does, and keeps token 0's."""
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not isinstance(context.module, nn.Dropout):
-            return next_fun(*args, **kwargs)
+    def full_shape(module, args, kwargs, call_original):
         x, *rest = args
-        return next_fun(jnp.broadcast_to(x, x.shape[:1] + (tokens,) + x.shape[2:]), *rest, **kwargs)[:, :1]
+        return call_original(jnp.broadcast_to(x, x.shape[:1] + (tokens,) + x.shape[2:]), *rest, **kwargs)[:, :1]
 
-    with nn.intercept_methods(interceptor):
+    with replace_calls(lambda module: isinstance(module, nn.Dropout), full_shape):
         yield
 
 
@@ -122,18 +121,16 @@ def first_token_only(model):
                          f"got {type(model).__name__}, whose output needs every token of the last layer")
     counts: collections.Counter = collections.Counter()
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if (context.method_name != "__call__" or type(module).__name__ not in LAYERS or module.is_initializing()
-                or not _is_last_layer(module)):
-            return next_fun(*args, **kwargs)
+    def last_layer(module, args, kwargs, call_original):
         arguments = bind_arguments(module, args, kwargs)
         reason = _fallback_reason(arguments)
         if reason is not None:
             counts[f"fallback:{reason}"] += 1
-            return next_fun(*args, **kwargs)
+            return call_original(*args, **kwargs)
         counts["first_token"] += 1
         return _first_token_layer(module, arguments)
 
-    with nn.intercept_methods(interceptor):
+    is_last = lambda module: (type(module).__name__ in LAYERS and not module.is_initializing()
+                              and _is_last_layer(module))
+    with replace_calls(is_last, last_layer):
         yield counts

@@ -25,7 +25,8 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from rocoft_jax import sliced
-from rocoft_jax.fast import gelu as gelu_lib, gelu_matmul
+from rocoft_jax.fast import gelu as gelu_lib
+from rocoft_jax.fast import gelu_matmul
 from rocoft_jax.mask import KernelSlice
 from rocoft_jax.slices import put_slice, take_slice
 
@@ -36,7 +37,8 @@ def _rows_sharing_input(xs, kernels, values, specs, precision):
 
 
 def _rows_sharing_input_fwd(xs, kernels, values, specs, precision):
-    ys, residuals = zip(*(sliced.forward_with_residuals(xs[0], k, v, s, precision) for k, v, s in zip(kernels, values, specs)))
+    ys, residuals = zip(*(sliced.forward_with_residuals(xs[0], k, v, s, precision)
+                          for k, v, s in zip(kernels, values, specs)))
     return ys, (xs[0], kernels, values, tuple(merged for *_, merged in residuals))
 
 

@@ -1,21 +1,25 @@
 """``(dy @ W^T) * s`` as one Hopper matmul, for the backward pass of BERT-family MLPs.
 
-In the MLP ``y = GELU(h) @ W + b`` the backward pass forms ``dg = dy @ W^T`` (a
-[tokens, 4096] matmul on roberta-large) and then, in a second pass, ``dh = dg *
-GELU'(h)``: dg is written to memory once and read back once. Here the slope s =
-GELU'(h), written by the forward pass's GELU kernel next to GELU(h), is applied
-in the matmul's epilogue instead, to the fp32 accumulator, so dg never reaches
-memory. One H100, [16384, 1024] x [1024, 4096]: 238 us, against 313 us for
-cuBLAS and the GELU backward kernel; writing s costs the forward kernel 44 us.
-Evaluating GELU'(h) in the epilogue instead took 308 us: the epilogue does not
-overlap the tensor cores, so its math is paid in full.
+In the MLP ``y = GELU(h) @ W + b`` the backward pass forms ``dg = dy @ W^T`` and
+then, in a second pass, ``dh = dg * GELU'(h)``: dg is written to memory once and
+read back once. Here the slope s = GELU'(h), written by the forward pass's GELU
+kernel next to GELU(h) (`rocoft_jax.fast.gelu.gelu_and_slope`), is applied in the
+matmul's epilogue instead, to the fp32 accumulator, so dg never reaches memory.
+The slope is kept rather than recomputed in the epilogue because the epilogue does
+not overlap the tensor cores, so math there is paid in full.
+
+Contract: `scaled_input_grad` returns ``(dy @ w.T) * s`` in s's dtype, the product
+in fp32 until scaled, on any backend. The kernel (`matmul_t_scale`) runs only on a
+Hopper GPU (`available`) for bf16 operands whose dimensions the tiles divide
+(`supported`); everywhere else XLA forms the same product.
 
 The kernel is jax's Mosaic GPU Hopper matmul
 (``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu``, Apache-2.0, The JAX
 Authors), reduced to the one layout we need and changed twice: the right
 operand is read as ``W`` (N, K), as Flax stores the output layer's kernel,
 through a transposed shared-memory view; and the tiles of s are loaded while
-the tensor cores run, so the epilogue only multiplies.
+the tensor cores run, so the epilogue only multiplies. Measurements and the
+variants tried: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def matmul_t_scale(dy, w, s, tiling: Tiling = Tiling()):
 
 
 def available() -> bool:
-    """Whether the kernel can run: a Hopper GPU (compute capability 9.x) and a jax whose Mosaic GPU it was written for."""
+    """Whether the kernel can run: a Hopper GPU (compute capability 9.x) and a jax at least ``MIN_JAX``."""
     if plgpu is None or jax.__version_info__[:2] < MIN_JAX:
         return False
     device = jax.devices()[0]

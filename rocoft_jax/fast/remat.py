@@ -6,7 +6,9 @@ intercepts each decoder layer's ``__call__`` and runs it under Flax's lifted
 ``nn.remat``: the backward pass recomputes the layer from its input, trading
 about one extra forward pass for activation memory. Boolean flags are closed
 over as Python constants (they steer Python control flow); the other
-interceptors (`sliced_kernels`, `fused_attention`) still apply inside.
+interceptors (`sliced_kernels`, `fused_attention`) still apply inside. Only
+the families' decoder-layer classes (`rocoft_jax.families`) are rematerialized;
+every other module, and a layer already inside its lifted clone, runs its own call.
 
 Two policies (`POLICIES`):
   - "full" saves only each layer's input: least memory, one extra forward.
@@ -25,11 +27,12 @@ import threading
 import flax.linen as nn
 import jax
 
-from rocoft_jax import sliced
+from rocoft_jax import families, sliced
 from rocoft_jax.fast import attention
+from rocoft_jax.intercept import replace_calls
 
-LAYERS = frozenset({"FlaxLlamaDecoderLayer", "FlaxMistralDecoderLayer", "FlaxGemmaDecoderLayer"})
-MODEL_TYPES = frozenset({"llama", "mistral", "gemma"})  # the HF ``model_type`` of those layers' models
+LAYERS = families.collect(lambda f: f.fast.remat_layers)
+MODEL_TYPES = families.collect(lambda f: f.model_types if f.fast.remat_layers else ())  # those layers' models
 _FLAGS = ("deterministic", "init_cache", "output_attentions")
 POLICIES = {
     "full": None,
@@ -49,10 +52,7 @@ def remat_layers(policy: str = "full"):
         raise ValueError(f"remat policy must be one of {sorted(POLICIES)}; got {policy!r}")
     inside = threading.local()
 
-    def interceptor(next_fun, args, kwargs, context):
-        if (context.method_name != "__call__" or type(context.module).__name__ not in LAYERS
-                or getattr(inside, "active", False)):
-            return next_fun(*args, **kwargs)
+    def rematerialized(module, args, kwargs, call_original):
         names = ("hidden_states", "attention_mask", "position_ids")
         arrays = dict(zip(names, args))
         arrays.update({k: kwargs[k] for k in names if k in kwargs})
@@ -66,10 +66,10 @@ def remat_layers(policy: str = "full"):
                 inside.active = False
 
         rematted = nn.remat(layer, prevent_cse=True, policy=POLICIES[policy])
-        return rematted(context.module, arrays["hidden_states"], arrays.get("attention_mask"),
-                        arrays.get("position_ids"))
+        return rematted(module, arrays["hidden_states"], arrays.get("attention_mask"), arrays.get("position_ids"))
 
-    with nn.intercept_methods(interceptor):
+    outermost = lambda module: type(module).__name__ in LAYERS and not getattr(inside, "active", False)
+    with replace_calls(outermost, rematerialized):
         yield
 
 

@@ -31,7 +31,19 @@ from conftest import (
 from flax.core import freeze
 
 import rocoft_jax
-from train.models import preset_config
+
+# The shapes of the paper's checkpoints (2 labels).
+_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2)
+PRESETS = {
+    "roberta-base": lambda: tf.RobertaConfig(**_ROBERTA),
+    "roberta-large": lambda: tf.RobertaConfig(**_ROBERTA, hidden_size=1024, num_hidden_layers=24,
+                                              num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def preset_config(preset):
+    return PRESETS[preset]()
 
 
 @functools.cache

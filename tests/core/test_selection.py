@@ -17,7 +17,6 @@ from transformers.models.roberta.modeling_flax_roberta import (
 )
 
 import rocoft_jax
-from train.methods import build_method
 
 # ---------------------------------------------------------------- a model whose answer is obvious
 #
@@ -195,9 +194,3 @@ def test_activation_norms_of_a_layer_that_never_runs():
         rocoft_jax.activation_norms(one_dense_model, params, [batch], ["proj/kernel", "other/kernel"])
     with pytest.raises(ValueError, match=r"no calibration batches were given"):
         rocoft_jax.activation_norms(one_dense_model, params, [], ["proj/kernel"])
-
-
-def test_build_method_wanda_without_calibration():
-    _, params = tiny_roberta()
-    with pytest.raises(ValueError, match=r"strategy 'mixed' needs calibration batches"):
-        build_method("rocoft", params, rank=1, strategy="mixed")

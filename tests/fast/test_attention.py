@@ -21,7 +21,6 @@ from conftest import assert_trees_close, dot_output_shapes, fast_jit
 import rocoft_jax
 from rocoft_jax.fast.attention import fused_attention
 from rocoft_jax.fast.remat import remat_layers
-from train.methods import build_method
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=34)
@@ -173,26 +172,6 @@ def test_unpadded_runs_no_mask_and_equals_an_all_ones_mask(name, count_fused_cal
     assert dict(counts) == {"fused:xla": layers}
     assert [(k["mask"], k["key_value_seq_lengths"]) for k in count_fused_calls] == [(None, None)] * layers
     assert_trees_close(out, reference_logits(name, FULL), atol=1e-5)
-
-
-def test_method_apply_runs_a_batch_without_mask_unmasked(count_fused_calls):
-    """`Method.apply` tells the fused attention that a batch without "attention_mask" has no padding.
-
-    The last layer runs HF's attention for token 0 alone (`rocoft_jax.fast.first_token_only`), so one
-    layer fewer reaches the fused kernel."""
-    model, params = tiny("roberta")
-    method = build_method("rocoft", params, rank=2, mode="row")
-    trainable, frozen = method.split(params)
-    apply = fast_jit(lambda tr, fr, batch: method.apply(model, tr, fr, batch, attention="xla"))
-    ids, ones = make_batch(FULL)
-    masked = apply(trainable, frozen, {"input_ids": ids, "attention_mask": ones})
-    fused_layers = model.config.num_hidden_layers - 1
-    assert [k["mask"] is None for k in count_fused_calls] == [False] * fused_layers
-    count_fused_calls.clear()
-    unmasked = apply(trainable, frozen, {"input_ids": ids})
-    assert [k["mask"] is None for k in count_fused_calls] == [True] * fused_layers
-    assert_trees_close(unmasked, masked, atol=1e-5)
-    assert_trees_close(unmasked, reference_logits("roberta", FULL), atol=1e-5)
 
 
 def test_right_padded_poisons_rows_that_are_not_right_padded():

@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
-from conftest import (FAMILY_MODELS, NO_DROPOUT, _concrete, assert_trees_close, classification_batch, fast_jit,
-                      tiny_llama)
+from conftest import (
+    FAMILY_MODELS,
+    NO_DROPOUT,
+    _concrete,
+    assert_trees_close,
+    classification_batch,
+    fast_jit,
+    tiny_llama,
+)
 
 import rocoft_jax
 import rocoft_jax.fast

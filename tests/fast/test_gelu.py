@@ -1,4 +1,4 @@
-"""`rocoft_jax.fast.gelu` against ``jax.nn.gelu(approximate=False)``, alone and inside BERT-family models (CPU, fp32)."""
+"""`rocoft_jax.fast.gelu` against ``jax.nn.gelu(approximate=False)``, alone and in BERT-family models (CPU, fp32)."""
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,12 @@ def test_models_keep_logits_and_slice_gradients(name):
     ids, attention_mask = make_batch()
 
     def logits(trainable, fast):
+        params = rocoft_jax.with_trained_leaves(frozen, trainable)
         with rocoft_jax.sliced_kernels(trainable, mask):
             if not fast:
-                return model(ids, attention_mask=attention_mask, params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
+                return model(ids, attention_mask=attention_mask, params=params).logits
             with rocoft_jax.fast.fast_gelu() as counts:
-                out = model(ids, attention_mask=attention_mask, params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
+                out = model(ids, attention_mask=attention_mask, params=params).logits
             assert counts["gelu"] == model.config.num_hidden_layers
             return out
 

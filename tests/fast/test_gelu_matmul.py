@@ -1,4 +1,4 @@
-"""The GELU-fused output layer (`rocoft_jax.fast.gelu_matmul`, `rocoft_jax.fast.fused_dense.dense_after_gelu`, `fast_gelu`).
+"""The GELU-fused output layer (`rocoft_jax.fast.gelu_matmul`, `fused_dense.dense_after_gelu`, `fast_gelu`).
 
 The Hopper kernel itself runs only on an H100/H200 (`test_kernel_matches_xla_on_hopper`); here on CPU
 its lowering is checked, and the fused op's custom VJP runs with XLA computing ``(dy @ W^T) * s``.

@@ -8,8 +8,8 @@ import pytest
 import transformers as tf
 from conftest import abstract_params, assert_trees_close, classification_loss, roberta_config
 
+from rocoft_jax.fast import fast_paths
 from rocoft_jax.fast import layer_norm as ln_lib
-from train.methods import build_method
 
 
 def operands(shape=(2, 8, 256), dtype=jnp.float32):
@@ -27,7 +27,7 @@ def test_matches_flax_layer_norm_of_the_sum(dtype):
     flax_ln = nn.LayerNorm(epsilon=1e-5, dtype=dtype)
     reference = lambda x, r, s, b: flax_ln.apply({"params": {"scale": s, "bias": b}}, x + r)
     ours = lambda x, r, s, b: ln_lib.add_layer_norm(x, r, s, b, 1e-5, dtype)
-    (y, vjp), (expected, vjp_ref) = jax.vjp(ours, x, residual, scale, bias), jax.vjp(reference, x, residual, scale, bias)
+    (y, vjp), (expected, vjp_ref) = (jax.vjp(f, x, residual, scale, bias) for f in (ours, reference))
     assert y.dtype == expected.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert_trees_close(y.astype(jnp.float32), expected.astype(jnp.float32), atol=tol)
@@ -97,15 +97,14 @@ def test_roberta_layer_norms_get_their_consumers_gradients_apart():
     (`first_token_only`) and reads its input as one, like the head."""
     config = roberta_config(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=3)
     model, params = abstract_params(tf.FlaxRobertaForSequenceClassification, config)
-    method = build_method("full", params)
     batch = {"input_ids": jnp.ones((2, 8), jnp.int32), "labels": jnp.zeros((2,), jnp.int32)}
-    trainable, frozen = jax.eval_shape(method.split, params)
 
-    def loss(trainable, frozen):
-        logits = method.apply(model, trainable, frozen, batch, train=True, attention="xla")
+    def loss(params):  # full fine-tuning: every leaf trained; no padding, so no mask reaches attention
+        with fast_paths(model, "xla", unpadded=True):
+            logits = model(batch["input_ids"], params=params, train=True).logits
         return classification_loss(logits, batch)
 
-    text = jax.jit(jax.grad(loss)).trace(trainable, frozen).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line and "add_layer_norm_bwd" in line]
     gradients_read = sorted(line.split("(", 1)[1].split(")", 1)[0].count("%") - 4 for line in calls)
     assert gradients_read == [1, 1, 2, 2, 2, 4]

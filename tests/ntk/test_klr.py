@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from rocoft_jax.ntk import klr, metrics as ntk_metrics
+from rocoft_jax.ntk import klr
+from rocoft_jax.ntk import metrics as ntk_metrics
 
 
 def planted(n: int, seed: int, classes: int = 2, dim: int = 5):

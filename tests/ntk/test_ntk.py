@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_roberta
+
 from rocoft_jax import ntk
-from rocoft_jax.ntk import forwards as ntk_forwards
 from rocoft_jax import tree as tree_lib
+from rocoft_jax.ntk import forwards as ntk_forwards
 
 
 class MLP(nn.Module):
