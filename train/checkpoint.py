@@ -25,7 +25,6 @@ from train.errors import CheckpointError
 FORMAT_VERSION = 1
 
 
-
 def fingerprint(frozen) -> str:
     """A hash of the frozen weights' paths, shapes and sampled values.
 

@@ -1,8 +1,13 @@
-"""The run configuration: defaults, then a YAML file, then command-line flags.
+"""The options of `train.run`: each declared once, then resolved as defaults < a YAML file < flags.
 
-``--task rte`` picks up ``configs/glue/rte.yaml`` (``--task boolq``:
-``configs/llm/boolq.yaml``) unless ``--config`` names another file; flags given
-on the command line override the file.
+``--task rte`` reads ``configs/glue/rte.yaml`` unless ``--config`` names another file; a file may
+extend a base file (`train.config_files`). `resolve` checks every value, wherever it came from,
+before any work starts: a bad one is a one-line `ConfigError` naming the flag, the value and the
+valid range.
+
+``rank`` is the rows or columns per kernel. With ``--mode random`` each entry is trained with
+``probability``; ``--rank p`` stands for ``--probability p`` there when given as a flag without
+``--probability``, or when set by a file that also sets random mode but no probability.
 """
 
 from __future__ import annotations
@@ -13,202 +18,334 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from train import config_files
+from train import options as opt
 from train.errors import ConfigError
+from train.options import above, at_least, between, option
+from train.tasks import lookup
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("model and method", "optimization", "data", "evaluation", "checkpoints and run control", "distributed")
+MODEL, OPTIM, DATA, EVAL, RUN, DIST = GROUPS
+# The choices below are the library's own (rocoft_jax.mask.MODES, rocoft_jax.selection.STRATEGIES,
+# train.methods, train.models.DTYPES, rocoft_jax.sharding.AXES); written out so parsing imports no JAX.
+METHODS = ("rocoft", "full", "lora", "bitfit")
+MODES = ("row", "column", "random")
+STRATEGIES = ("first", "random", "max", "min", "mixed")
+WANDA_STRATEGIES = ("max", "min", "mixed")
+DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
+REMAT = ("auto", "none", "full", "dots")
+MESH_AXES = ("data", "fsdp", "tensor")
 
+
+def check_mesh(text: str) -> None:
+    """The syntax of ``--mesh`` (whether it fits the devices is checked once they are known)."""
+    seen = set()
+    for part in filter(None, text.split(",")):
+        name, _, size = part.partition("=")
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise ValueError(
+                f"bad entry {part!r}; write e.g. data=2,fsdp=2,tensor=2 with axes "
+                f"{', '.join(MESH_AXES)}, each of size at least 1"
+            )
+        if name in seen:
+            raise ValueError(f"axis {name} is given twice")
+        seen.add(name)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    # what to train
-    model: str = "tiny"
-    task: str = "demo"
-    method: str = "rocoft"
-    mode: str = "row"
-    strategy: str = "first"
-    rank: float = 3
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    # optimization
-    lr: float = 2e-3
-    epochs: float = 3
-    max_steps: int = 0
-    batch_size: int = 32
-    max_length: int = 128
-    bucket: bool = True
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_schedule: str = "cosine"
-    dropout: float = 0.1
-    train_bias: bool = False
-    seed: int = 0
-    dtype: str = "fp32"
-    attention: str = "auto"
-    calibration_batches: int = 8
-    grad_accum: int = 1
-    remat: str = "auto"
-    # LLM tasks (LLM-Adapters data, causal LM, evaluation by generation)
-    train_file: str | None = None
-    cutoff: int = 256
-    train_on_inputs: bool = True
-    num_beams: int = 1
-    max_new_tokens: int = 0
-    eval_batch_size: int = 0
-    # run control
-    output_dir: str = "runs/default"
-    data_dir: str | None = None
-    limit_train: int = 0
-    limit_eval: int = 0
-    eval_every: int = 0
-    log_every: int = 10
-    save_every: int = 0
-    resume: bool = False
-    # devices and processes
-    mesh: str = ""
-    print_sharding: bool = False
-    coordinator_address: str | None = None
-    num_processes: int = 0
-    process_id: int = -1
-    heartbeat_timeout: int = 60
+    """Every option of `train.run`. A field is a YAML key and a flag (``batch_size``: ``--batch-size``);
+    the field order is config.yaml's key order. Built in code, a config is not checked: call `check`."""
+
+    model: str = option(
+        "tiny",
+        "HF hub id or local model dir (flax_model.msgpack, model.safetensors or pytorch_model.bin); "
+        "'tiny' is a random-init 2-layer RoBERTa for the offline demo",
+        group=MODEL,
+    )
+    task: str = option(
+        "demo",
+        "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or demo (generated offline); or an LLM task, "
+        "trained as a causal LM and scored by generation: boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, "
+        "obqa, multiarith, gsm8k, addsub, singleeq, svamp, aqua",
+        group=MODEL,
+    )
+    method: str = option(
+        "rocoft", "rocoft (rows/columns), full, lora, or bitfit (biases + head)", group=MODEL, choices=METHODS
+    )
+    mode: str = option(
+        "row",
+        "row (output units, Flax kernel[:, i]), column (input features, kernel[i, :]) or "
+        "random entries (see --probability)",
+        group=MODEL,
+        choices=MODES,
+    )
+    strategy: str = option(
+        "first",
+        "rows/columns to train: first, random, or Wanda-scored max, min, mixed",
+        group=MODEL,
+        choices=STRATEGIES,
+    )
+    rank: int | float = option(
+        3,
+        "rows/columns per kernel (--mode row or column); with --mode random, an alias of --probability",
+        group=MODEL,
+        kind=opt.NUMBER,
+    )
+    probability: float | None = option(
+        None,
+        "--mode random: the probability p that each kernel entry is trained",
+        group=MODEL,
+        kind=float,
+        range=between(0, 1, low_open=True),
+    )
+    lora_rank: int = option(8, "LoRA rank (method lora)", group=MODEL, range=at_least(1))
+    lora_alpha: float = option(16.0, "LoRA alpha (method lora)", group=MODEL, range=above(0))
+    lr: float = option(2e-3, "peak learning rate", group=OPTIM, range=above(0))
+    epochs: float = option(3, "training epochs (ignored when --max-steps > 0)", group=OPTIM, kind=float, range=above(0))
+    max_steps: int = option(0, "total optimizer steps; 0 = from --epochs", group=OPTIM, range=at_least(0))
+    batch_size: int = option(32, "global batch size, divisible by the device count", group=OPTIM, range=at_least(1))
+    max_length: int = option(
+        128,
+        "tokens per example; shorter ones are padded so the step never recompiles",
+        group=DATA,
+        range=at_least(8),
+        note="room for the special tokens and some text",
+    )
+    bucket: bool = option(
+        True,
+        "trim each batch's padding to a power-of-two length bucket; false pads every batch to --max-length",
+        group=DATA,
+    )
+    warmup_steps: int = option(100, "linear warmup steps", group=OPTIM, range=at_least(0))
+    weight_decay: float = option(
+        0.0,
+        "AdamW decoupled weight decay (biases and norms of fully trained leaves are exempt)",
+        group=OPTIM,
+        range=at_least(0),
+    )
+    max_grad_norm: float = option(1.0, "global gradient-norm clip; 0 disables", group=OPTIM, range=at_least(0))
+    lr_schedule: str = option("cosine", "cosine, linear or constant after warmup", group=OPTIM, choices=LR_SCHEDULES)
+    dropout: float = option(
+        0.1, "hidden and attention dropout of the model", group=OPTIM, range=between(0, 1, high_open=True)
+    )
+    train_bias: bool = option(False, "also train the biases of the targeted layers", group=MODEL)
+    seed: int = option(0, "seeds selection, head init, data order and dropout", group=OPTIM, range=at_least(0))
+    dtype: str = option(
+        "fp32",
+        "fp32, or bf16 (frozen weights and compute in bf16; trained values stay fp32)",
+        group=MODEL,
+        choices=DTYPES,
+    )
+    attention: str = option(
+        "auto",
+        "auto (cuDNN fused attention on GPUs, padding as key lengths; HF's own elsewhere), plain, xla, "
+        "cudnn or cudnn-lengths; an encoder's active attention dropout runs in Pallas kernels on GPUs, a "
+        "decoder's in HF's attention",
+        group=MODEL,
+        choices=ATTENTION,
+    )
+    calibration_batches: int = option(
+        8, "training batches used to score rows/columns for Wanda strategies", group=MODEL, range=at_least(1)
+    )
+    grad_accum: int = option(
+        1,
+        "LLM tasks: micro-batches of --batch-size rows per optimizer step, accumulated "
+        "inside the step (equal to one batch of grad_accum * batch_size rows)",
+        group=OPTIM,
+        range=at_least(1),
+    )
+    remat: str = option(
+        "auto",
+        "recompute each decoder layer in the backward pass: none, full, dots "
+        "(Llama/Mistral/Gemma only; see rocoft_jax.fast.remat), or auto (dots for those families "
+        "from 6B parameters, else none)",
+        group=MODEL,
+        choices=REMAT,
+    )
+    train_file: str | None = option(
+        None,
+        "LLM tasks: training JSON in the LLM-Adapters format (e.g. "
+        "commonsense_170k.json, math_10k.json); default: the task's train.json under "
+        "--data-dir",
+        group=DATA,
+    )
+    cutoff: int = option(
+        256,
+        "LLM tasks: tokens per training example (LLM-Adapters' cutoff_len); longer ones are cut, without EOS",
+        group=DATA,
+        range=at_least(8),
+        note="room for the special tokens and some text",
+    )
+    train_on_inputs: bool = option(
+        True,
+        "LLM tasks: loss over the whole prompt and response (true, "
+        "LLM-Adapters' default) or over the response only (false)",
+        group=DATA,
+    )
+    num_beams: int = option(
+        1,
+        "LLM tasks: beams of the beam search that generates answers (1 = greedy; LLM-Adapters uses 4)",
+        group=EVAL,
+        range=at_least(1),
+    )
+    max_new_tokens: int = option(
+        0,
+        "LLM tasks: tokens generated per answer; 0 = the task's (32 commonsense, 256 math)",
+        group=EVAL,
+        range=at_least(0),
+    )
+    eval_batch_size: int = option(
+        0,
+        "LLM tasks: prompts generated per batch, divisible by the device count; 0 = --batch-size",
+        group=EVAL,
+        range=at_least(0),
+    )
+    output_dir: str = option(
+        "runs/default", "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go", group=RUN
+    )
+    data_dir: str | None = option(
+        None,
+        "local GLUE folder (download_glue_data.py layout) or HF parquet files; "
+        "default: the hub. LLM tasks: LLM-Adapters' dataset/ folder (required: the test "
+        "set comes from DIR/<task>/test.json)",
+        group=DATA,
+    )
+    limit_train: int = option(0, "use only the first N training examples (0 = all)", group=DATA, range=at_least(0))
+    limit_eval: int = option(
+        0,
+        "evaluate on only the first N examples of each eval split (0 = all)",
+        group=EVAL,
+        range=at_least(0),
+        aliases=("--eval-limit",),
+    )
+    eval_every: int = option(
+        0, "evaluate every N steps; 0 = every epoch (LLM tasks: only at the end)", group=EVAL, range=at_least(0)
+    )
+    log_every: int = option(10, "write a train line to metrics.jsonl every N steps", group=RUN, range=at_least(1))
+    save_every: int = option(
+        0,
+        "save a checkpoint every N steps (one is always saved at the end); 0 = only at the end",
+        group=RUN,
+        range=at_least(0),
+    )
+    resume: bool = option(False, "continue from the latest checkpoint in --output-dir", group=RUN)
+    mesh: str = option(
+        "",
+        "device mesh, e.g. data=2,fsdp=2,tensor=2; unnamed axes are 1 and data takes the "
+        "rest; empty: every device on data",
+        group=DIST,
+        check=check_mesh,
+    )
+    print_sharding: bool = option(False, "print the PartitionSpec of every param", group=DIST)
+    coordinator_address: str | None = option(
+        None,
+        "host:port of process 0 for a multi-process run outside SLURM/MPI (or ROCOFT_COORDINATOR_ADDRESS)",
+        group=DIST,
+    )
+    num_processes: int = option(
+        0,
+        "number of processes of a multi-process run (or ROCOFT_NUM_PROCESSES); 0 = from the environment",
+        group=DIST,
+        range=at_least(0),
+    )
+    process_id: int = option(
+        -1,
+        "this process's index in a multi-process run (or ROCOFT_PROCESS_ID); -1 = from the environment",
+        group=DIST,
+        range=at_least(-1),
+    )
+    heartbeat_timeout: int = option(
+        60, "seconds after which a silent process counts as dead and the others abort", group=DIST, range=at_least(1)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-HELP = {
-    "model": "HF hub id or local model dir (flax_model.msgpack, model.safetensors or pytorch_model.bin); "
-             "'tiny' is a random-init 2-layer RoBERTa for the offline demo",
-    "task": "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or demo (generated offline); or an LLM task, trained "
-            "as a causal LM and scored by generation: boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, obqa, "
-            "multiarith, gsm8k, addsub, singleeq, svamp, aqua",
-    "method": "rocoft (rows/columns), full, lora, or bitfit (biases + head)",
-    "mode": "row (output units, Flax kernel[:, i]), column (input features, kernel[i, :]) or random entries",
-    "strategy": "rows/columns to train: first, random, or Wanda-scored max, min, mixed",
-    "rank": "rows/columns per kernel; for --mode random, the probability p in (0, 1]",
-    "lora_rank": "LoRA rank (method lora)",
-    "lora_alpha": "LoRA alpha (method lora)",
-    "lr": "peak learning rate",
-    "epochs": "training epochs (ignored when --max-steps > 0)",
-    "max_steps": "total optimizer steps; 0 = from --epochs",
-    "batch_size": "global batch size, divisible by the device count",
-    "max_length": "tokens per example; shorter ones are padded so the step never recompiles",
-    "bucket": "trim each batch's padding to a power-of-two length bucket (true|false); "
-              "false pads every batch to --max-length",
-    "warmup_steps": "linear warmup steps",
-    "weight_decay": "AdamW decoupled weight decay (biases and norms of fully trained leaves are exempt)",
-    "max_grad_norm": "global gradient-norm clip; 0 disables",
-    "lr_schedule": "cosine, linear or constant after warmup",
-    "dropout": "hidden and attention dropout of the model",
-    "train_bias": "also train the biases of the targeted layers (true|false)",
-    "seed": "seeds selection, head init, data order and dropout",
-    "dtype": "fp32, or bf16 (frozen weights and compute in bf16; trained values stay fp32)",
-    "attention": "auto (cuDNN fused attention on GPUs, padding as key lengths; HF's own elsewhere), plain, "
-                 "xla, cudnn or cudnn-lengths; an encoder's active attention dropout runs in Pallas kernels on "
-                 "GPUs, a decoder's in HF's attention",
-    "calibration_batches": "training batches used to score rows/columns for Wanda strategies",
-    "grad_accum": "LLM tasks: micro-batches of --batch-size rows per optimizer step, accumulated inside the step "
-                  "(equal to one batch of grad_accum * batch_size rows)",
-    "remat": "recompute each decoder layer in the backward pass: none, full, dots (Llama/Mistral/Gemma only; see "
-             "rocoft_jax.fast.remat), or auto (dots for those families from 6B parameters, else none)",
-    "train_file": "LLM tasks: training JSON in the LLM-Adapters format (e.g. commonsense_170k.json, math_10k.json); "
-                  "default: the task's train.json under --data-dir",
-    "cutoff": "LLM tasks: tokens per training example (LLM-Adapters' cutoff_len); longer ones are cut, without EOS",
-    "train_on_inputs": "LLM tasks: loss over the whole prompt and response (true, LLM-Adapters' default) or over "
-                       "the response only (false)",
-    "num_beams": "LLM tasks: beams of the beam search that generates answers (1 = greedy; LLM-Adapters uses 4)",
-    "max_new_tokens": "LLM tasks: tokens generated per answer; 0 = the task's (32 commonsense, 256 math)",
-    "eval_batch_size": "LLM tasks: prompts generated per batch, divisible by the device count; 0 = --batch-size",
-    "output_dir": "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go",
-    "data_dir": "local GLUE folder (download_glue_data.py layout) or HF parquet files; default: the hub. "
-                "LLM tasks: LLM-Adapters' dataset/ folder (required: the test set comes from DIR/<task>/test.json)",
-    "limit_train": "use only the first N training examples (0 = all)",
-    "limit_eval": "evaluate on only the first N examples of each eval split (0 = all); alias --eval-limit",
-    "eval_every": "evaluate every N steps; 0 = every epoch (LLM tasks: only at the end)",
-    "log_every": "write a train line to metrics.jsonl every N steps",
-    "save_every": "save a checkpoint every N steps (one is always saved at the end); 0 = only at the end",
-    "resume": "continue from the latest checkpoint in --output-dir (true|false)",
-    "mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2; unnamed axes are 1 and data takes the rest "
-            "(default: every device on data)",
-    "print_sharding": "print the PartitionSpec of every param (true|false)",
-    "coordinator_address": "host:port of process 0 for a multi-process run outside SLURM/MPI "
-                           "(or ROCOFT_COORDINATOR_ADDRESS)",
-    "num_processes": "number of processes of a multi-process run (or ROCOFT_NUM_PROCESSES)",
-    "process_id": "this process's index in a multi-process run (or ROCOFT_PROCESS_ID)",
-    "heartbeat_timeout": "seconds after which a silent process counts as dead and the others abort",
-}
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; defaults are None so we know which were given."""
-    parser.add_argument("--config", help="YAML file of options; default configs/glue/<task>.yaml if it exists")
-    for field in dataclasses.fields(TrainConfig):
-        kind = {bool: _bool, int: int, float: float}.get(type(field.default), str)
-        if field.name == "rank":
-            kind = float
-        flags = ["--" + field.name.replace("_", "-")] + (["--eval-limit"] if field.name == "limit_eval" else [])
-        default = field.default
-        parser.add_argument(*flags, type=kind, default=None, nargs="?" if kind is _bool else None,
-                            const=True if kind is _bool else None,
-                            help=f"{HELP[field.name]} (default: {default})")
+    """``--config`` and one flag per `TrainConfig` option, in help groups; parse, then `resolve`."""
+    parser.add_argument(
+        "--config",
+        help="YAML file of options (may name a 'base: FILE' it extends); default: the task's file under configs/",
+    )
+    opt.add_arguments(parser, TrainConfig, GROUPS)
 
 
-def is_llm_task(task: str) -> bool:
-    """True for the LLM-Adapters eval sets, False for GLUE and demo; an unknown name is an error listing both."""
-    from train import glue, llm_data  # the task registries decide the names
-
-    try:
-        glue.get_task(task)
-        return False
-    except glue.DataError:
-        pass
-    try:
-        llm_data.get_task(task)
-        return True
-    except glue.DataError:
-        raise glue.DataError(f"unknown task {task!r}; valid tasks: {', '.join(glue.TASKS)}, "
-                             f"{', '.join(llm_data.TASKS)}") from None
+def make_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `train.run`; a parse error raises `ConfigError`."""
+    parser = opt.new_parser("python -m train.run", description)
+    add_arguments(parser)
+    return parser
 
 
-def default_config_file(task: str) -> Path | None:
-    from train import glue, llm_data
-
-    folder, name = ("llm", llm_data.get_task(task).name) if is_llm_task(task) else ("glue", glue.get_task(task).name)
-    for path in (CONFIG_DIR / folder / f"{name}.yaml", CONFIG_DIR / f"{name}.yaml"):
-        if path.is_file():
-            return path
-    return None
+def parse(argv=None, description: str | None = None) -> TrainConfig:
+    """The checked config of a `train.run` command line."""
+    return resolve(make_parser(description).parse_args(argv))
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < config file < flags."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    task = given.get("task", TrainConfig.task)
-    path = Path(args.config) if args.config else default_config_file(task)
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
-    values.update(given)
+    """Defaults < config file < flags, every value checked; raises `ConfigError` (or `DataError` for a task)."""
+    flags = opt.given(args, TrainConfig)
+    task = flags.get("task", TrainConfig.task)
+    path = Path(args.config) if getattr(args, "config", None) else config_files.default_config_file(str(task))
+    if path is not None and not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    values, where = config_files.load_file(path, TrainConfig) if path is not None else ({}, {})
+    file_mode = values.get("mode")
+    values.update(flags)
+    for name in flags:
+        where.pop(name, None)
+    values = opt.validate(TrainConfig, values, where)
+    # --rank p means --probability p in random mode, unless the probability comes from a source as specific
+    if values.get("mode", TrainConfig.mode) == "random" and "rank" in values:
+        if "rank" in flags:
+            alias = "probability" not in flags
+        else:  # a file's rank is its probability only when the file chose random mode too
+            alias = "probability" not in values and file_mode == "random"
+        if alias:
+            spec = opt.specs(TrainConfig)["probability"]
+            if values["rank"] not in spec.range:
+                raise opt.fail(
+                    "rank",
+                    values["rank"],
+                    f"with --mode random, --rank is the probability p; must be {spec.range} (or give --probability)",
+                    where.get("rank"),
+                )
+            values["probability"] = float(values["rank"])
     config = TrainConfig(**values)
-    if config.mode != "random" and float(config.rank).is_integer():
-        config.rank = int(config.rank)
+    check(config, where)
     return config
+
+
+def check(config: TrainConfig, where: dict[str, str] | None = None) -> None:
+    """Every option's type and range, the checks that tie options together, and the task name;
+    ``where[name]`` is the file a value came from. Raises `ConfigError`, or `DataError` for the task."""
+    where = where or {}
+    opt.validate(TrainConfig, config.to_dict(), where)
+    lookup(config.task)
+    if config.mode == "random":
+        if config.method == "rocoft" and config.probability is None:
+            raise ConfigError(
+                "--mode random needs --probability p in (0, 1], the chance that each kernel entry is trained"
+            )
+        if config.strategy in WANDA_STRATEGIES:
+            raise opt.fail(
+                "strategy",
+                config.strategy,
+                "mode random draws entries at random; Wanda strategies need --mode row or column",
+                where.get("strategy"),
+            )
+    elif isinstance(config.rank, bool) or not isinstance(config.rank, int) or config.rank < 1:
+        raise opt.fail(
+            "rank",
+            config.rank,
+            f"rank must be a positive integer (the {config.mode}s trained per kernel)",
+            where.get("rank"),
+        )
 
 
 def save(config: TrainConfig, path: Path) -> None:

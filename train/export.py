@@ -14,7 +14,7 @@ into PyTorch: its meta-device init drops the weights.)
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,10 +26,10 @@ import safetensors.numpy
 
 from rocoft_jax.tree import flatten
 from train import checkpoint as ckpt
-from train import methods as methods_lib, models
+from train import methods as methods_lib
+from train import options as opt
 from train.config import TrainConfig
-from train.errors import ConfigError
-from train.errors import DataError
+from train.errors import UserError
 
 
 def checkpoint_dir(path: Path) -> Path:
@@ -39,17 +39,19 @@ def checkpoint_dir(path: Path) -> Path:
 
 def load_trained(path: Path):
     """``(model, method, trainable, frozen, tokenizer, meta)`` of a run's latest checkpoint."""
-    from train.trainer import load_model_and_tokenizer
+    from train.tasks import load_model_and_tokenizer
 
     meta, trainable = ckpt.load(checkpoint_dir(path))
-    config = TrainConfig(**meta["config"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in meta["config"].items() if k in known})  # options of any version
     model, params, tokenizer = load_model_and_tokenizer(config)
     method = methods_lib.restore_method(params, meta["selection"])
     _, frozen = method.split(params)
     if ckpt.fingerprint(frozen) != meta["fingerprint"]:
         raise ckpt.CheckpointError(
             f"the base weights of --model {config.model} no longer match the checkpoint's fingerprint "
-            f"{meta['fingerprint']}; export needs the exact base model the run was trained from")
+            f"{meta['fingerprint']}; export needs the exact base model the run was trained from"
+        )
     return model, method, trainable, frozen, tokenizer, meta
 
 
@@ -80,14 +82,13 @@ def export(path: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = opt.new_parser("python -m train.export", __doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a train.run output dir or its checkpoints/")
     parser.add_argument("--out", required=True, type=Path, help="directory for the merged HF model")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         out = export(args.checkpoint, args.out)
-    except (ckpt.CheckpointError, ConfigError, DataError, models.ModelError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported the merged model to {out}")

@@ -23,11 +23,10 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-
-import rocoft_jax
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+import rocoft_jax
 from train import distributed
 from train import input_pipeline as pipeline
 from train.errors import DataError

@@ -1,8 +1,14 @@
-"""The fine-tuning methods the harness compares: rocoft, full, lora and bitfit.
+"""The fine-tuning methods the harness compares: rocoft, full, lora and bitfit, one small class each.
 
-Each one is a way to split params into a trainable tree and a frozen tree, to
-run the model from the two, and to merge them back for export. The train step
-is the same for all, so comparisons are fair.
+A method is bound to one model's params layout. It splits params into a trainable tree (fp32) and a frozen
+tree, runs the model from the two (`Method.apply`), folds them back together for export (`Method.merge`) and
+records itself for checkpoints (`Method.describe`, read back by `restore_method`). The train step is the same
+for every method, so comparisons are fair. The base class trains the mask's whole leaves with the model's own
+layers (full fine-tuning and BitFit need nothing more); RoCoFT routes its kernels through the sliced matmul,
+LoRA through its adapters. `METHODS` maps each name to its class: adding a method is one class and one entry.
+
+`resolve_attention` and `resolve_remat` turn the ``--attention`` and ``--remat`` options into what
+`Method.apply` passes to `rocoft_jax.fast.fast_paths`; HF's own attention and no remat are the fallback.
 """
 
 from __future__ import annotations
@@ -10,19 +16,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 import rocoft_jax
-from rocoft_jax import lora as lora_lib
-from rocoft_jax.fast import fast_paths, remat as remat_lib
 from rocoft_jax import families as families_lib
+from rocoft_jax import lora as lora_lib
 from rocoft_jax import tree as tree_lib
+from rocoft_jax.fast import fast_paths
+from rocoft_jax.fast import remat as remat_lib
 
-METHODS = ("rocoft", "full", "lora", "bitfit")
 ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
+REMAT = ("auto", "none", "full", "dots")
+REMAT_MIN_PARAMS = 6e9  # 7B's activations outgrow one GPU at the LLM tasks' batch sizes; smaller models fit
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def resolve_attention(name: str) -> str:
@@ -36,10 +46,6 @@ def resolve_attention(name: str) -> str:
     if name == "auto":
         return "cudnn-lengths" if jax.default_backend() == "gpu" else "plain"
     return name
-
-
-REMAT = ("auto", "none", "full", "dots")
-REMAT_MIN_PARAMS = 6e9  # 7B's activations outgrow one GPU at the LLM tasks' batch sizes; smaller models fit
 
 
 def resolve_remat(name: str, model_type: str, num_params: int) -> str | None:
@@ -58,35 +64,49 @@ def resolve_remat(name: str, model_type: str, num_params: int) -> str | None:
     return None if name == "none" else name
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+class Targets(NamedTuple):
+    """What a method may adapt in one params tree: its family and the family's target kernels."""
+
+    family: families_lib.Family
+    kernel_paths: tuple[str, ...]
+
+
+class Options(NamedTuple):
+    """`build_method`'s options; each method reads the ones it needs."""
+
+    rank: Any = 3
+    mode: str = "row"
+    strategy: str = "first"
+    seed: int = 0
+    train_bias: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    calibrate: Callable[[list[str]], Mapping[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Method:
-    """A fine-tuning method bound to one model's params layout."""
+    """A method that trains the mask's leaves and runs the model's own layers."""
 
-    name: str
+    name: ClassVar[str]
     mask: rocoft_jax.RoCoFTMask
-    lora_paths: tuple[str, ...] = ()
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
     seed: int = 0
+
+    @classmethod
+    def build(cls, params, targets: Targets, options: Options) -> Method:
+        raise NotImplementedError
+
+    @classmethod
+    def restore(cls, mask: rocoft_jax.RoCoFTMask, description: Mapping[str, Any]) -> Method:
+        """The method of a saved `describe` record, around its rebuilt mask."""
+        return cls(mask, seed=int(description["seed"]))
 
     def split(self, params):
         """``(trainable, frozen)``; the trainable tree is fp32."""
-        trainable, frozen = rocoft_jax.split(params, self.mask)
-        if self.name == "lora":
-            out_axis = families_lib.get_family(self.mask.family).out_axis
-            trainable[lora_lib.LORA] = lora_lib.init_lora(
-                params, self.lora_paths, self.lora_rank, jax.random.PRNGKey(self.seed), out_axis)
-        return trainable, frozen
+        return rocoft_jax.split(params, self.mask)
 
     def layers(self, trainable):
         """The context that routes the adapted layers through the trainable tree."""
-        if self.name == "rocoft":
-            return rocoft_jax.sliced_kernels(trainable, self.mask)
-        if self.name == "lora":
-            return lora_lib.lora_kernels(trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank)
         return contextlib.nullcontext()
 
     def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
@@ -115,17 +135,102 @@ class Method:
 
     def merge(self, trainable, frozen):
         """Full params with everything trained folded in, for export."""
-        params = rocoft_jax.merge(trainable, frozen, self.mask)
-        if self.name == "lora":
-            out_axis = families_lib.get_family(self.mask.family).out_axis
-            params = lora_lib.merge_lora(params, trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank, out_axis)
-        return params
+        return rocoft_jax.merge(trainable, frozen, self.mask)
 
     def describe(self) -> dict[str, Any]:
-        out = {"method": self.name, **self.mask.describe()}
-        if self.name == "lora":
-            out.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=list(self.lora_paths))
-        return out
+        """JSON-ready record of the method and its selection, for checkpoints and `restore_method`."""
+        return {"method": self.name, **self.mask.describe()}
+
+
+class RoCoFT(Method):
+    """r rows or columns of each target kernel (or random entries), run through the sliced matmul."""
+
+    name = "rocoft"
+
+    @classmethod
+    def build(cls, params, targets: Targets, options: Options) -> Method:
+        calibration = None
+        if options.strategy in ("max", "min", "mixed"):
+            if options.calibrate is None:
+                raise ValueError(f"strategy {options.strategy!r} needs calibration batches")
+            calibration = options.calibrate(list(targets.kernel_paths))
+        mask = rocoft_jax.mask_params(params, options.rank, options.mode, strategy=options.strategy,
+                                      seed=options.seed, calibration=calibration, train_bias=options.train_bias)
+        return cls(mask, seed=options.seed)
+
+    def layers(self, trainable):
+        return rocoft_jax.sliced_kernels(trainable, self.mask)
+
+
+class Full(Method):
+    """Every leaf trained."""
+
+    name = "full"
+
+    @classmethod
+    def build(cls, params, targets: Targets, options: Options) -> Method:
+        mask = rocoft_jax.mask_leaves(params, (".*",), name=cls.name)
+        return cls(dataclasses.replace(mask, family=targets.family.name), seed=options.seed)
+
+
+class BitFit(Method):
+    """Every bias and the task head trained."""
+
+    name = "bitfit"
+
+    @classmethod
+    def build(cls, params, targets: Targets, options: Options) -> Method:
+        mask = rocoft_jax.mask_leaves(params, targets.family.head + (r"(^|/)bias$",), name=cls.name, strict=False)
+        return cls(dataclasses.replace(mask, family=targets.family.name), seed=options.seed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoRA(Method):
+    """Low-rank adapters on every target kernel, plus the head (and, with train_bias, the targets' biases)."""
+
+    name = "lora"
+    lora_paths: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+
+    @classmethod
+    def build(cls, params, targets: Targets, options: Options) -> Method:
+        biases = tuple("^" + p[: -len("kernel")] + "bias$" for p in targets.kernel_paths) if options.train_bias else ()
+        mask = rocoft_jax.mask_leaves(params, targets.family.head + biases, name=cls.name, strict=False)
+        leaves = tree_lib.flat_paths(params)
+        adapters = sum(int(options.lora_rank) * sum(jnp.shape(leaves[p])) for p in targets.kernel_paths)
+        mask = dataclasses.replace(mask, family=targets.family.name, rank=int(options.lora_rank),
+                                   num_trainable=mask.num_trainable + adapters)
+        return cls(mask, options.seed, tuple(targets.kernel_paths), int(options.lora_rank), float(options.lora_alpha))
+
+    @classmethod
+    def restore(cls, mask: rocoft_jax.RoCoFTMask, description: Mapping[str, Any]) -> Method:
+        return cls(mask, int(description["seed"]), tuple(description["lora_targets"]),
+                   int(description["lora_rank"]), float(description["lora_alpha"]))
+
+    def _out_axis(self) -> int:
+        return families_lib.get_family(self.mask.family).out_axis
+
+    def split(self, params):
+        trainable, frozen = super().split(params)
+        trainable[lora_lib.LORA] = lora_lib.init_lora(
+            params, self.lora_paths, self.lora_rank, jax.random.PRNGKey(self.seed), self._out_axis())
+        return trainable, frozen
+
+    def layers(self, trainable):
+        return lora_lib.lora_kernels(trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank)
+
+    def merge(self, trainable, frozen):
+        params = super().merge(trainable, frozen)
+        return lora_lib.merge_lora(params, trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank,
+                                   self._out_axis())
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                "lora_targets": list(self.lora_paths)}
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RoCoFT, Full, LoRA, BitFit)}
 
 
 def build_method(
@@ -141,40 +246,21 @@ def build_method(
     lora_alpha: float = 16.0,
     calibrate: Callable[[list[str]], Mapping[str, Any]] | None = None,
 ) -> Method:
-    """Builds a method; ``calibrate(kernel_paths)`` supplies Wanda norms when the strategy needs them."""
+    """Builds method ``name`` for ``params``; ``calibrate(kernel_paths)`` supplies Wanda norms when needed.
+
+    ``rank`` is rows/columns per kernel, or the entry probability in mode "random". An unknown name or a
+    Wanda strategy without ``calibrate`` is a ValueError.
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    family = families_lib.detect_family(tree_lib.flat_paths(params))
-    kernel_paths = families_lib.match_paths(tree_lib.flat_paths(params), family.targets, "target", strict=False)
-    head = family.head
-    biases = tuple("^" + p[: -len("kernel")] + "bias$" for p in kernel_paths) if train_bias else ()
-    if name == "rocoft":
-        calibration = None
-        if strategy in ("max", "min", "mixed"):
-            if calibrate is None:
-                raise ValueError(f"strategy {strategy!r} needs calibration batches")
-            calibration = calibrate(kernel_paths)
-        mask = rocoft_jax.mask_params(params, rank, mode, strategy=strategy, seed=seed,
-                                      calibration=calibration, train_bias=train_bias)
-        return Method(name, mask, seed=seed)
-    if name == "full":
-        mask = rocoft_jax.mask_leaves(params, (".*",), name="full")
-        return Method(name, dataclasses.replace(mask, family=family.name), seed=seed)
-    if name == "bitfit":
-        mask = rocoft_jax.mask_leaves(params, head + (r"(^|/)bias$",), name="bitfit", strict=False)
-        return Method(name, dataclasses.replace(mask, family=family.name), seed=seed)
-    mask = rocoft_jax.mask_leaves(params, head + biases, name="lora", strict=False)
     leaves = tree_lib.flat_paths(params)
-    adapters = sum(int(lora_rank) * sum(jnp.shape(leaves[p])) for p in kernel_paths)
-    mask = dataclasses.replace(mask, family=family.name, rank=int(lora_rank),
-                               num_trainable=mask.num_trainable + adapters)
-    return Method(name, mask, tuple(kernel_paths), int(lora_rank), float(lora_alpha), seed)
+    family = families_lib.detect_family(leaves)
+    kernel_paths = families_lib.match_paths(leaves, family.targets, "target", strict=False)
+    options = Options(rank, mode, strategy, seed, train_bias, lora_rank, lora_alpha, calibrate)
+    return METHODS[name].build(params, Targets(family, tuple(kernel_paths)), options)
 
 
 def restore_method(params, description: Mapping[str, Any]) -> Method:
     """The method recorded by `Method.describe`, with its saved selection (no recalibration)."""
     mask = rocoft_jax.mask_from_description(params, description)
-    if description["method"] == "lora":
-        return Method("lora", mask, tuple(description["lora_targets"]), int(description["lora_rank"]),
-                      float(description["lora_alpha"]), int(description["seed"]))
-    return Method(description["method"], mask, seed=int(description["seed"]))
+    return METHODS[description["method"]].restore(mask, description)

@@ -8,14 +8,14 @@ by Malladi et al. (2023). f(x) reads the label words' logits at the mask positio
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
-import yaml
 
-from train.config import CONFIG_DIR
+from train.config_files import CONFIG_DIR
 from train.errors import ConfigError
+from train.options import load_yaml
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -30,11 +30,15 @@ def load_prompt(task: str, path: str | Path | None = None) -> Prompt:
     """The prompt of ``task`` from ``path`` or ``configs/ntk/<task>.yaml``."""
     path = Path(path) if path else CONFIG_DIR / "ntk" / f"{task}.yaml"
     if not path.is_file():
-        raise ConfigError(f"no prompt for task {task!r}: {path} is missing; pass --prompt-config FILE with "
-                          "'template' (with {mask}) and 'label_words', or use --head readout")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(
+            f"no prompt for task {task!r}: {path} is missing; pass --prompt-config FILE with "
+            "'template' (with {mask}) and 'label_words', or use --head readout"
+        )
+    values = load_yaml(path)
     if set(values) != {"template", "label_words"} or "{mask}" not in str(values.get("template", "")):
         raise ConfigError(f"{path}: needs exactly the keys 'template' (containing {{mask}}) and 'label_words'")
+    if not isinstance(values["label_words"], list) or not values["label_words"]:
+        raise ConfigError(f"{path}: label_words must be a list of words, one per class in label-id order")
     return Prompt(str(values["template"]), tuple(str(w) for w in values["label_words"]))
 
 
@@ -69,19 +73,23 @@ def _fill(prompt: Prompt, tokenizer, fields: dict[str, str], max_length: int) ->
         fields[longest] = " ".join(words[: max(0, len(words) - max(1, excess // 2))])
 
 
-def encode_prompts(tokenizer, columns: Mapping[str, list], text_keys: Sequence[str], prompt: Prompt,
-                   max_length: int) -> dict[str, np.ndarray]:
+def encode_prompts(
+    tokenizer, columns: Mapping[str, list], text_keys: Sequence[str], prompt: Prompt, max_length: int
+) -> dict[str, np.ndarray]:
     """Fixed-shape int32 arrays (padded to ``max_length``) plus ``mask_pos``, one row per example."""
     if tokenizer.mask_token is None:
         raise ConfigError("this tokenizer has no mask token; use --head readout")
     n = len(columns[text_keys[0]])
-    out = {"input_ids": np.full((n, max_length), tokenizer.pad_token_id, np.int32),
-           "attention_mask": np.zeros((n, max_length), np.int32),
-           "mask_pos": np.zeros((n,), np.int32)}
+    out = {
+        "input_ids": np.full((n, max_length), tokenizer.pad_token_id, np.int32),
+        "attention_mask": np.zeros((n, max_length), np.int32),
+        "mask_pos": np.zeros((n,), np.int32),
+    }
     for i in range(n):
         ids = _fill(prompt, tokenizer, {k: str(columns[k][i]) for k in text_keys}, max_length)
         if ids.count(tokenizer.mask_token_id) != 1:
-            raise ConfigError(f"the template must yield exactly one mask token; got {ids.count(tokenizer.mask_token_id)}")
+            count = ids.count(tokenizer.mask_token_id)
+            raise ConfigError(f"the template must yield exactly one mask token; got {count}")
         out["input_ids"][i, : len(ids)] = ids
         out["attention_mask"][i, : len(ids)] = 1
         out["mask_pos"][i] = ids.index(tokenizer.mask_token_id)

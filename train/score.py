@@ -19,14 +19,14 @@ Responses may span many lines; an example ends at a ``prediction:`` line directl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
 import sys
 from pathlib import Path
 
-from train.errors import DataError
+from train import options as opt
+from train.errors import DataError, UserError
 from train.llm_data import extract_answer, get_task, is_correct
 
 _SEPARATOR = "---------------"
@@ -107,15 +107,13 @@ def score_log(path: str | Path, task: str) -> tuple[dict, list[tuple[int, str, s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = opt.new_parser("python -m train.score", __doc__)
     parser.add_argument("--log", required=True, type=Path, help="an LLM-Adapters evaluation log (.txt)")
     parser.add_argument("--task", required=True, help="the task the log evaluates, e.g. boolq, arc-c, addsub, aqua")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         summary, mismatches = score_log(args.log, args.task)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for n, logged, ours in mismatches:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rocoft_jax import sharding
 from train.methods import Method
@@ -137,10 +138,9 @@ def global_norm(tree, concatenate: bool = True):
 
     Per-leaf sums of squares fuse into each leaf's optimizer update as a
     reduction, which keeps XLA from batching those ~150 tiny updates into a few
-    kernels (about 0.8 ms of launches per roberta-large step). Large trees keep
-    the per-leaf form, and so do sharded steps (``concatenate=False``): on an
-    8-device CPU mesh the concatenated form changed the step's results (a
-    miscompile we did not chase further).
+    kernels. Large trees keep the per-leaf form, and so do sharded steps
+    (``concatenate=False``): on an 8-device CPU mesh the concatenated form
+    changed the step's results.
     """
     leaves = [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
     if not concatenate or sum(leaf.size for leaf in leaves) > CONCAT_NORM_MAX:
@@ -168,8 +168,8 @@ def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
 
 
 # XLA's dot merger joins the query and key projections (one input) into one matmul, and then adds
-# their biases in two extra activation-sized passes instead of in the matmul. One H200, roberta-large
-# RoCoFT, B=32, T=512: 52.8 -> 52.1 ms with merging off.
+# their biases in two extra activation-sized passes instead of in the matmul: BERT-family steps on
+# GPUs are faster with merging off (docs/performance.md).
 _UNMERGED_FAMILIES = frozenset({"bert"})
 
 

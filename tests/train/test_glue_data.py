@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from train.demo_task import NEGATIVE, POSITIVE, make_demo_task
 from train.errors import DataError
 from train.glue import GLUE_TASKS, get_task, load_glue, load_task
+from train.tasks.demo import NEGATIVE, POSITIVE, make_demo_task
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -304,7 +304,10 @@ CONFIG_KEYS = {"task", "method", "mode", "strategy", "rank", "lr", "epochs", "ba
 def test_glue_configs_parse_with_numeric_types(name):
     path = REPO / "configs" / "glue" / f"{name}.yaml"
     assert path.read_text().startswith("# RoCoFT paper, Table 10")
-    cfg = yaml.safe_load(path.read_text())
+    from train.config import TrainConfig
+    from train.config_files import load_file
+
+    cfg, _ = load_file(path, TrainConfig)  # the task's file with its base resolved
     assert set(cfg) == CONFIG_KEYS and get_task(cfg["task"]).name == name
     assert all(isinstance(cfg[k], float) for k in ("lr", "weight_decay", "dropout"))  # 2e-4 would be a string
     assert cfg["rank"] == 3 and cfg["max_length"] == 128 and isinstance(cfg["train_bias"], bool)

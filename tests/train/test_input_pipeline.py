@@ -9,10 +9,10 @@ from transformers import PreTrainedTokenizerFast
 from rocoft_jax import sharding
 from train import input_pipeline as ip
 from train.config import TrainConfig
-from train.demo_task import make_demo_task, make_demo_tokenizer
 from train.errors import DataError
 from train.glue import get_task
-from train.trainer import Batches
+from train.tasks.demo import make_demo_task, make_demo_tokenizer
+from train.tasks.glue import Batches
 
 
 @pytest.fixture(scope="module")

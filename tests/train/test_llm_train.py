@@ -1,4 +1,4 @@
-"""Causal-LM fine-tuning and evaluation by generation (train.llm, train.generate) on the real LLM-Adapters files.
+"""Causal-LM fine-tuning and evaluation by generation (train.tasks.llm, train.generate) on the real LLM-Adapters files.
 
 Models are the random-init tiny presets with the offline byte tokenizer; results are compared with references
 written here: the one-batch step, an uncached decoding loop over the training forward pass, and a single-device run.
@@ -22,10 +22,11 @@ from conftest import assert_one_line_error, cpu_env
 
 from rocoft_jax import sharding
 from train import checkpoint as ckpt
-from train import generate, llm, methods, run, step
+from train import generate, methods, run, step
 from train.byte_tokenizer import BOS_ID, EOS_ID, make_byte_tokenizer
 from train.config import TrainConfig
-from train.llm_data import format_eval_prompt, format_train_prompt, load_records
+from train.llm_data import format_eval_prompt, format_train_prompt, get_task, load_records
+from train.tasks import llm
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = REPO.parent / "shared" / "data" / "llm-adapters" / "dataset"
@@ -57,7 +58,7 @@ def batch_sharding():
 
 def compiled(config: TrainConfig, tx, grad_accum: int = 1):
     """``(model, method, tokenizer, state, frozen, shardings, train_fn)`` as train.run builds them, one device."""
-    model, params, tokenizer = llm.load_model_and_tokenizer(config)
+    model, params, tokenizer = llm.LlmJob.load_model_and_tokenizer(config)
     method = methods.build_method("rocoft", params, rank=3, mode="row", strategy=config.strategy,
                                   train_bias=config.train_bias)
     trainable, frozen = method.split(params)
@@ -160,7 +161,7 @@ def test_eval_prompts_never_see_the_reference_output():
 def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset, tmp_path, family):
     """Left padding, the KV cache and the sliced layers against argmax over the plain model on merged weights."""
     config = llm_config(dataset, model=f"tiny-{family}")
-    model, params, tokenizer = llm.load_model_and_tokenizer(config)
+    model, params, tokenizer = llm.LlmJob.load_model_and_tokenizer(config)
     params = jax.tree.map(lambda x: 10 * x if x.ndim == 2 else x, params)  # spread the logits: no near-ties
     method = methods.build_method("rocoft", params, rank=3, mode="row", strategy="random", train_bias=True)
     trainable, frozen = method.split(params)
@@ -168,7 +169,7 @@ def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset
     trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trainable)
     new_tokens = 5
     generator = generate.Generator(
-        model, method, tokenizer, llm.get_task("boolq"), max_new_tokens=new_tokens, num_beams=1, batch_size=2,
+        model, method, tokenizer, get_task("boolq"), max_new_tokens=new_tokens, num_beams=1, batch_size=2,
         batch_sharding=batch_sharding())
     records = load_records(dataset / "boolq" / "test.json")[:3]
     prompts = generate.encode_prompts(tokenizer, records)
@@ -319,7 +320,7 @@ def test_task_configs_are_table_10(tasks, row):
         assert (config.rank, config.mode, config.strategy, config.lr_schedule, config.dropout, config.weight_decay,
                 config.train_bias, config.cutoff, config.train_on_inputs) == (3, "row", "random", "cosine", 0.1, 0.0,
                                                                               True, 256, True)
-        assert config.max_new_tokens == llm.get_task(task).max_new_tokens and config.num_beams == 4
+        assert config.max_new_tokens == get_task(task).max_new_tokens and config.num_beams == 4
 
 
 @pytest.mark.parametrize("name, model_type, params, policy", [

@@ -11,6 +11,8 @@ from conftest import assert_one_line_error
 
 from rocoft_jax.ntk import metrics as ntk_metrics
 from train import ntk as ntk_cli
+from train.ntk_config import parse_bytes
+from train.ntk_model import checkpoint_pooling
 
 SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,10 +29,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
         (["--task", "stsb"], "regression"),
         (["--task", "nope"], "unknown task 'nope'"),
         (["--task", "sst2", "--data-dir", "/nonexistent/glue"], "no SST-2 data under /nonexistent/glue"),
-        (["--max-bytes", "lots"], "--max-bytes 'lots'"),
+        (["--max-bytes", "lots"], "--max-bytes lots: give a number of bytes"),
         (["--lambdas", "0.1,-1"], "--lambdas"),
-        (["--head", "mlm"], "--head mlm"),
-        (["--pooling", "cls"], "--pooling cls: choose auto, pooler or mean"),
+        (["--head", "mlm"], "--head mlm: unknown head 'mlm'; choose auto, readout or prompt"),
+        (["--pooling", "cls"], "--pooling cls: unknown pooling 'cls'; choose auto, pooler or mean"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
@@ -39,9 +41,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
 
 
 def test_max_bytes_units():
-    assert ntk_cli.parse_bytes("512M") == 512 << 20
-    assert ntk_cli.parse_bytes("2G") == 2 << 30
-    assert ntk_cli.parse_bytes("1000") == 1000
+    assert parse_bytes("512M") == 512 << 20
+    assert parse_bytes("2G") == 2 << 30
+    assert parse_bytes("1000") == 1000
 
 
 def _pooling_dir(root: Path, modules: list | None, pooling_dirs: dict) -> str:
@@ -59,17 +61,29 @@ def test_auto_pooling_follows_a_sentence_transformers_pooling_config(tmp_path):
     cls = {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
     pooling_module = {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"}
     assert ntk_cli.parse_args([]).pooling == "auto"
-    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "a", None, {"1_Pooling": mean})) == "mean"
-    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "b", [pooling_module], {"pool": mean})) == "mean"
-    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "c", None, {"1_Pooling": cls})) == "pooler"
-    assert ntk_cli.checkpoint_pooling(_pooling_dir(tmp_path / "d", None, {})) == "pooler"
-    assert ntk_cli.checkpoint_pooling("roberta-base") == "pooler"  # a hub id
+    assert checkpoint_pooling(_pooling_dir(tmp_path / "a", None, {"1_Pooling": mean})) == "mean"
+    assert checkpoint_pooling(_pooling_dir(tmp_path / "b", [pooling_module], {"pool": mean})) == "mean"
+    assert checkpoint_pooling(_pooling_dir(tmp_path / "c", None, {"1_Pooling": cls})) == "pooler"
+    assert checkpoint_pooling(_pooling_dir(tmp_path / "d", None, {})) == "pooler"
+    assert checkpoint_pooling("roberta-base") == "pooler"  # a hub id
 
 
 def test_demo_run_with_a_prompt_writes_results_consistent_with_its_kernels(tmp_path):
     out = tmp_path / "ntk"
-    args = ["--head", "prompt", "--k", "4", "--seeds", "1", "--subsets", "full,row1", "--limit-eval", "16",
-            "--output-dir", str(out)]
+    args = [
+        "--head",
+        "prompt",
+        "--k",
+        "4",
+        "--seeds",
+        "1",
+        "--subsets",
+        "full,row1",
+        "--limit-eval",
+        "16",
+        "--output-dir",
+        str(out),
+    ]
     assert ntk_cli.main(args) == 0
     results = json.loads((out / "ntk_results.json").read_text())
     assert list(results) == ["full", "row1"]
@@ -84,7 +98,8 @@ def test_demo_run_with_a_prompt_writes_results_consistent_with_its_kernels(tmp_p
             continue
         for p in (1, 2):
             assert entry[f"distance_p{p}"] == pytest.approx(
-                ntk_metrics.relative_distance(k, kernels["full"], p), rel=1e-12)
+                ntk_metrics.relative_distance(k, kernels["full"], p), rel=1e-12
+            )
     assert "| row1 | 896 |" in (out / "ntk_results.md").read_text()
     run = json.loads((out / "ntk_run.json").read_text())
     assert run["head"] == "PromptForward" and run["pooling"] is None and run["num_dev"] == 16
@@ -111,9 +126,26 @@ def test_minilm_sst2_16_shot_row_and_column_kernels_against_full(tmp_path, minil
     if not (SHARED_GLUE / "SST-2" / "dev.tsv").is_file():
         pytest.skip("../shared/data/glue is absent")
     out = tmp_path / "ntk"
-    args = ["--model", str(minilm_dir), "--task", "sst2", "--data-dir", str(SHARED_GLUE), "--k", "16",
-            "--seeds", "2", "--subsets", "full,row1,column1", "--limit-eval", "32",
-            "--max-bytes", "2G", "--output-dir", str(out)]
+    args = [
+        "--model",
+        str(minilm_dir),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(SHARED_GLUE),
+        "--k",
+        "16",
+        "--seeds",
+        "2",
+        "--subsets",
+        "full,row1,column1",
+        "--limit-eval",
+        "32",
+        "--max-bytes",
+        "2G",
+        "--output-dir",
+        str(out),
+    ]
     assert ntk_cli.main(args) == 0
     results = json.loads((out / "ntk_results.json").read_text())
     print((out / "ntk_results.md").read_text())

@@ -239,9 +239,11 @@ def test_trains_from_a_local_dir_of_either_weight_format(tmp_path, reference_run
     model_dir = exported
     if weights == "pytorch_model.bin":
         model_dir = tmp_path / "pt"
-        AutoModelForSequenceClassification.from_pretrained(exported).save_pretrained(model_dir, safe_serialization=False)
+        torch_model = AutoModelForSequenceClassification.from_pretrained(exported)
+        torch_model.save_pretrained(model_dir, safe_serialization=False)
         AutoTokenizer.from_pretrained(exported).save_pretrained(model_dir)
         assert (model_dir / "pytorch_model.bin").is_file() and not (model_dir / "model.safetensors").exists()
     out = tmp_path / "run"
-    assert run.main(["--model", str(model_dir), "--max-steps", "4", "--limit-eval", "64", "--output-dir", str(out)]) == 0
+    args = ["--model", str(model_dir), "--max-steps", "4", "--limit-eval", "64", "--output-dir", str(out)]
+    assert run.main(args) == 0
     assert json.loads((out / "results.json").read_text())["model"] == str(model_dir)

@@ -1,8 +1,8 @@
 """The LLM tasks of `train.run`: causal-LM fine-tuning on LLM-Adapters data, scored by generation.
 
 ``python -m train.run --task boolq`` (or any `llm_data.TASKS` name) trains an HF Flax causal LM with the
-next-token loss on an LLM-Adapters JSON file, then answers the task's test set (`train.generate`). The
-trainer's loop, checkpoints and sharding are those of the GLUE tasks; `LlmJob` supplies what differs.
+next-token loss on an LLM-Adapters JSON file, then answers the task's test set (`train.generate`, which
+compiles its own programs: the trainer's eval step is unused). `LlmJob` is the trainer's `Job` for them.
 
 Each training example is tokenized as LLM-Adapters' finetune.py does (`llm_data.tokenize_example`: the
 training template, --cutoff, EOS; with --train-on-inputs false the prompt tokens are left out of the loss
@@ -11,7 +11,8 @@ rows are padded to the smallest power-of-two bucket holding its longest example,
 left drops its attention mask (`input_pipeline.drop_full_mask`: attention runs unmasked, in a second variant
 of the step); with several, rows are padded to --cutoff and keep the mask, so all processes agree on the batch
 without talking. With --grad-accum N the arrays are (B, N, T): N micro-batches of --batch-size rows,
-accumulated inside the jitted step (`train.step.train_step`).
+accumulated inside the jitted step (`train.step.train_step`). Generation is costly, so by default the job
+evaluates only after the last step.
 """
 
 from __future__ import annotations
@@ -27,30 +28,10 @@ from train import distributed, generate, models
 from train import input_pipeline as pipeline
 from train.byte_tokenizer import make_byte_tokenizer
 from train.config import TrainConfig
-from train.errors import ConfigError
-from train.errors import DataError
+from train.errors import ConfigError, DataError, ModelError
 from train.llm_data import IGNORE_INDEX, find_file, get_task, load_records, tokenize_example
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
-
-
-def load_model_and_tokenizer(config: TrainConfig):
-    """``(model, params, tokenizer)`` of a causal LM; presets are random-init with the byte tokenizer."""
-    if config.model in models.PRESETS:
-        base = models.preset_config(config.model)
-        if base.model_type not in models.CAUSAL_LM_TYPES:
-            causal = ", ".join(n for n in models.PRESETS
-                               if models.preset_config(n).model_type in models.CAUSAL_LM_TYPES)
-            raise models.ModelError(f"--task {config.task} trains a causal LM, and preset {config.model!r} is a "
-                                    f"{base.model_type} encoder; pass a hub id, a local model dir, or one of {causal}")
-        model_config = models.preset_config(config.model, **models.dropout_overrides(base, config.dropout))
-        model, params = models.random_model_fast(model_config, "causal-lm", config.dtype, config.seed)
-        return model, params, make_byte_tokenizer()
-    from transformers import AutoTokenizer
-
-    overrides = models.dropout_overrides(models.load_config(config.model), config.dropout)
-    model, params = models.load_pretrained(config.model, "causal-lm", config.dtype, **overrides)
-    return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
 
 
 def train_file(config: TrainConfig) -> Path:
@@ -86,6 +67,7 @@ class LlmJob:
     loss_kind = "causal-lm"
     metric_names = ("accuracy",)
     eval_each_epoch = False  # generation is costly: by default only after the last step
+    compiles_eval_step = False  # train.generate compiles its own programs
 
     def __init__(self, config: TrainConfig):
         for name, least in (("cutoff", 1), ("grad_accum", 1), ("num_beams", 1), ("max_new_tokens", 0)):
@@ -98,6 +80,25 @@ class LlmJob:
         self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
         self.examples_per_step = config.batch_size * config.grad_accum
         self.generator = None
+
+    @classmethod
+    def load_model_and_tokenizer(cls, config: TrainConfig):
+        """``(model, params, tokenizer)`` of a causal LM; presets are random-init with the byte tokenizer."""
+        if config.model in models.PRESETS:
+            base = models.preset_config(config.model)
+            if base.model_type not in models.CAUSAL_LM_TYPES:
+                causal = ", ".join(n for n in models.PRESETS
+                                   if models.preset_config(n).model_type in models.CAUSAL_LM_TYPES)
+                raise ModelError(f"--task {config.task} trains a causal LM, and preset {config.model!r} is a "
+                                 f"{base.model_type} encoder; pass a hub id, a local model dir, or one of {causal}")
+            model_config = models.preset_config(config.model, **models.dropout_overrides(base, config.dropout))
+            model, params = models.random_model_fast(model_config, "causal-lm", config.dtype, config.seed)
+            return model, params, make_byte_tokenizer()
+        from transformers import AutoTokenizer
+
+        overrides = models.dropout_overrides(models.load_config(config.model), config.dropout)
+        model, params = models.load_pretrained(config.model, "causal-lm", config.dtype, **overrides)
+        return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
         """Reads the training and test records (cut to --limit-train / --limit-eval)."""

@@ -1,11 +1,12 @@
-"""The offline demo task: a made-up sentiment task and its tokenizer.
+"""The offline demo task: a made-up sentiment task, its tokenizer, and its job.
 
 The project must train end to end with no download, so it ships a task it
 generates itself. Sentences of 8 to 20 words mix positive, negative and
 neutral words; the label is 1 iff positive words outnumber negative ones.
 Ties are redrawn, so every label is decided. Counting is what attention
 pooling does, so a tiny random-init transformer learns it in a minute on CPU.
-The columns match ``load_glue`` (``sentence``, ``label``).
+The columns match ``load_glue`` (``sentence``, ``label``), so `DemoJob` is
+GLUE's job with generated splits; its spec is ``train.glue.TASKS["demo"]``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from train.errors import DataError
+from train.tasks.glue import GlueJob
 
 POSITIVE = ("good", "great", "happy", "bright", "kind", "warm", "calm", "brave", "clever", "gentle", "lovely", "joyful")
 NEGATIVE = ("bad", "awful", "sad", "dark", "cruel", "cold", "angry", "timid", "dull", "harsh", "ugly", "gloomy")
@@ -33,6 +37,13 @@ def make_demo_task(seed: int = 0, num_train: int = 4000, num_eval: int = 500) ->
         "train": _make_split(np.random.default_rng([seed, 0]), num_train),
         "validation": _make_split(np.random.default_rng([seed, 1]), num_eval),
     }
+
+
+def load_demo(data_dir=None) -> dict[str, dict[str, list]]:
+    """The demo's splits (seed 0); it has no files, so a ``data_dir`` is an error rather than ignored."""
+    if data_dir is not None:
+        raise DataError("the demo task is generated in memory; do not pass --data-dir with it")
+    return make_demo_task()
 
 
 def _make_split(rng: np.random.Generator, num: int) -> dict[str, list]:
@@ -74,3 +85,10 @@ def make_demo_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
         model_max_length=model_max_length,
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+class DemoJob(GlueJob):
+    """GLUE's job on the generated splits."""
+
+    def read_splits(self) -> dict[str, dict[str, list]]:
+        return load_demo(self.config.data_dir)

@@ -1,0 +1,161 @@
+"""The training loop: the steps, and the periodic actions that run after each one.
+
+A `Run` holds what `train.trainer.setup` built and what the loop advances (the train state). After every
+step the actions run in this order: `Progress` (metrics.jsonl train lines and the progress bar),
+`Evaluate`, `StopOnSigterm` (save a checkpoint and exit at the step boundary) and `SaveCheckpoint`. Each
+acts when its interval divides the step, except after the last step, which `train.trainer.finish` handles.
+Adding a periodic action is one small class and one entry in `loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from train import checkpoint as ckpt
+from train import distributed, reporting
+from train import methods as methods_lib
+from train import step as step_lib
+from train.config import TrainConfig
+from train.tasks.base import EvalContext, Job
+
+
+@dataclasses.dataclass
+class Run:
+    """One run in progress: what `train.trainer.setup` built, and what the loop and `finish` read and advance."""
+
+    config: TrainConfig
+    job: Job
+    out: Path
+    method: methods_lib.Method
+    per_epoch: int
+    total_steps: int
+    schedule: Callable[[int], Any]
+    state: step_lib.TrainState
+    frozen: Any
+    train_fn: Any
+    context: EvalContext
+    checkpoints: Any  # orbax CheckpointManager
+    meta: dict[str, Any]
+    log: reporting.MetricsLog
+
+    def evaluate(self) -> dict[str, float]:
+        return self.job.evaluate(self.context, self.state.trainable, self.frozen)
+
+    def save(self, step: int) -> None:
+        data_position = {"step": step, "epoch": step / self.per_epoch}
+        ckpt.save(self.checkpoints, step, self.state, {**self.meta, "data_position": data_position})
+
+
+def due(interval: int, done: int, total: int) -> bool:
+    """After every ``interval``-th step (0: never), except the last: `finish` handles that one."""
+    return bool(interval) and done % interval == 0 and done != total
+
+
+class Action:
+    """A periodic action of the loop, called after each step; `close` runs when the loop ends, however."""
+
+    def __call__(self, done: int, metrics: dict[str, jax.Array]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Progress(Action):
+    """Train lines in metrics.jsonl every --log-every steps and after the last; loss, lr and examples/s on the bar.
+
+    Losses stay on the device until a line is due, so the host never waits on a step it could queue behind.
+    """
+
+    def __init__(self, run: Run, bar, start: int):
+        self.run, self.bar = run, bar
+        self.pending: list[tuple[int, Any]] = []
+        self.t_last, self.n_last = time.perf_counter(), start
+
+    def __call__(self, done, metrics):
+        run, every = self.run, self.run.config.log_every
+        self.pending.append((done, metrics["loss"]))
+        if done % every == 0 or done == run.total_steps:
+            now = time.perf_counter()
+            losses = [(s, float(loss)) for s, loss in self.pending]
+            self.pending.clear()
+            for s, loss in losses:
+                if s % every == 0 or s == run.total_steps:
+                    run.log.write({"step": s, "loss": loss, "lr": float(run.schedule(s - 1))})
+            rate = (done - self.n_last) * run.job.examples_per_step / max(now - self.t_last, 1e-9)
+            self.bar.set_postfix(loss=f"{losses[-1][1]:.4f}", lr=f"{float(run.schedule(done - 1)):.2e}",
+                                 ex_s=f"{rate:.0f}")
+            self.t_last, self.n_last = now, done
+        self.bar.update(1)
+
+
+class Evaluate(Action):
+    """Evaluation every --eval-every steps; with 0, every epoch for jobs that ask for it."""
+
+    def __init__(self, run: Run, bar):
+        self.run, self.bar = run, bar
+        self.every = run.config.eval_every or (run.per_epoch if run.job.eval_each_epoch else 0)
+
+    def __call__(self, done, metrics):
+        if due(self.every, done, self.run.total_steps):
+            results = self.run.evaluate()
+            self.run.log.write({"step": done, **results})
+            if distributed.is_main():
+                self.bar.write(reporting.eval_table(done, results))
+
+
+class StopOnSigterm(Action):
+    """On SIGTERM, saves a checkpoint at the next step boundary and exits; the handler is restored on close."""
+
+    def __init__(self, run: Run, bar):
+        self.run, self.bar, self.stop = run, bar, False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __call__(self, done, metrics):
+        if self.stop:
+            self.run.save(done)
+            self.bar.close()
+            raise SystemExit(f"SIGTERM: saved a checkpoint at step {done} in {self.run.out / 'checkpoints'}; "
+                             "rerun with --resume to continue")
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+class SaveCheckpoint(Action):
+    """A checkpoint every --save-every steps (the last step's is saved by `finish`)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __call__(self, done, metrics):
+        if due(self.run.config.save_every, done, self.run.total_steps):
+            self.run.save(done)
+
+
+def loop(run: Run) -> None:
+    """The steps from the restored one to the last, each followed by the periodic actions in order."""
+    start = int(run.state.step)
+    bar = tqdm(total=run.total_steps, initial=start, desc=f"{run.job.name}/{run.config.method}",
+               dynamic_ncols=True, disable=not distributed.is_main())
+    actions = (Progress(run, bar, start), Evaluate(run, bar), StopOnSigterm(run, bar), SaveCheckpoint(run))
+    try:
+        for step in range(start, run.total_steps):
+            run.state, metrics = run.train_fn(run.state, run.frozen, run.job.train_batch(step))
+            for action in actions:
+                action(step + 1, metrics)
+    finally:
+        for action in actions:
+            action.close()
+        bar.close()

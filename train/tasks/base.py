@@ -1,0 +1,59 @@
+"""The `Job` protocol: everything the trainer asks of a task, and nothing it may ask otherwise.
+
+A job is made from the run's config, which it checks at once (bad task options fail before any model loads).
+The trainer then calls, in order: `Job.load_model_and_tokenizer`, `Job.prepare` (read the data), and each step
+`Job.train_batch(step)`, whose result depends only on (seed, step) so a resumed run replays exactly. Wanda
+strategies draw `Job.calibration_batches`. `Job.evaluate` scores the trainable tree whenever the loop asks;
+`Job.results` adds the job's own keys to results.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+
+class EvalContext(NamedTuple):
+    """What a job's evaluation may use: the model, method, compiled eval step and output dir."""
+
+    model: Any
+    method: Any  # train.methods.Method
+    eval_fn: Any
+    output_dir: Path
+
+
+class Job(Protocol):
+    """One task kind's data, loss and evaluation, as the trainer's loop consumes them."""
+
+    name: str  # canonical task name, as results.json and the progress bar show it
+    metric_names: tuple[str, ...]  # every metric `evaluate` returns; curves.png plots them
+    loss_kind: str  # one of train.step.LOSSES
+    examples_per_step: int  # examples in one optimizer step (throughput, steps per epoch)
+    num_train: int  # training examples, known after `prepare`
+    eval_each_epoch: ClassVar[bool]  # evaluate every epoch when --eval-every is 0, else only after the last step
+    compiles_eval_step: ClassVar[bool]  # `evaluate` runs the trainer's eval step (ahead-of-time compiled
+    # with several processes); False when the job compiles its own evaluation
+
+    @classmethod
+    def load_model_and_tokenizer(cls, config) -> tuple[Any, Any, Any]:
+        """``(model, params, tokenizer)`` for this kind of task, without reading its data."""
+
+    def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
+        """Reads the data (cut to --limit-train / --limit-eval); batches are laid out by ``batch_sharding``."""
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        """The global batch of optimizer step ``step``, a function of (seed, step) alone."""
+
+    def calibration_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Host batches of model inputs for Wanda-scored selection."""
+
+    def evaluate(self, context: EvalContext, trainable, frozen) -> dict[str, float]:
+        """The task's metrics, identical on every process."""
+
+    def results(self) -> dict[str, Any]:
+        """What results.json adds for this kind of task."""
