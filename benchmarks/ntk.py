@@ -36,8 +36,10 @@ def main(argv=None) -> None:
     model, params = models.random_model_fast(config, "base", args.dtype)
     forward = ReadoutForward(model, init_readout(config.hidden_size, 2))
     rng = np.random.default_rng(0)
-    batch = {"input_ids": jnp.asarray(rng.integers(3, config.vocab_size, (args.n, args.seq_len)), jnp.int32),
-             "attention_mask": jnp.ones((args.n, args.seq_len), jnp.int32)}
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(3, config.vocab_size, (args.n, args.seq_len)), jnp.int32),
+        "attention_mask": jnp.ones((args.n, args.seq_len), jnp.int32),
+    }
     for name in args.subsets.split(","):
         subset = ntk.make_subset(name, params, forward)
         size = sum(int(np.size(v)) for v in jax.tree.leaves(subset.theta))
@@ -47,10 +49,23 @@ def main(argv=None) -> None:
             k = ntk.kernel(subset, batch, max_bytes=int(args.max_bytes), chunk_size=args.chunk_size)
             times.append(time.perf_counter() - t0)
         stats = jax.devices()[0].memory_stats() or {}
-        print(json.dumps({"model": args.model, "subset": name, "n": args.n, "seq_len": args.seq_len,
-                          "num_params": size, "first_s": times[0], "kernel_s": times[1],
-                          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-                          "trace": float(np.trace(k)), "device": jax.devices()[0].device_kind}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "subset": name,
+                    "n": args.n,
+                    "seq_len": args.seq_len,
+                    "num_params": size,
+                    "first_s": times[0],
+                    "kernel_s": times[1],
+                    "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+                    "trace": float(np.trace(k)),
+                    "device": jax.devices()[0].device_kind,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

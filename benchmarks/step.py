@@ -53,8 +53,11 @@ def build(args, method_name: str):
     """Model, method, state, frozen tree, batch and the compiled train step, as `train.run` builds them."""
     head = head_of(args)
     # Dropout (off by default, so attention can fuse) as the PyTorch peers get it.
-    overrides = {} if head == "causal-lm" else {"num_labels": 2, "hidden_dropout_prob": args.dropout,
-                                                 "attention_probs_dropout_prob": args.dropout}
+    overrides = (
+        {}
+        if head == "causal-lm"
+        else {"num_labels": 2, "hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout}
+    )
     config = models.preset_config(args.model, **overrides)
     # Llama-likes have no HF remat option: their layers are rematerialized by interception instead.
     intercepted = config.model_type in remat_lib.MODEL_TYPES
@@ -62,12 +65,11 @@ def build(args, method_name: str):
         raise SystemExit("--remat dots needs a Llama/Mistral/Gemma model; use --remat full (HF's own) here")
     hf_remat = args.remat != "none" and not intercepted
     model, params = models.random_model_fast(config, head, args.dtype, remat=hf_remat)
-    method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode,
-                                      lora_rank=8, lora_alpha=16)
+    method = methods_lib.build_method(method_name, params, rank=args.rank, mode=args.mode, lora_rank=8, lora_alpha=16)
     trainable, frozen = method.split(params)
     del params
     tx, _ = step_lib.make_optimizer(1e-4, 1000, 10)
-    devices = jax.devices()[:args.num_devices or None]
+    devices = jax.devices()[: args.num_devices or None]
     mesh = sharding.make_mesh(sharding.parse_mesh("", len(devices)), devices)
     state, shardings = step_lib.init_sharded_state(trainable, tx, 0, mesh, method.mask.family, frozen)
     rng = np.random.default_rng(0)
@@ -80,9 +82,15 @@ def build(args, method_name: str):
         batch["labels"] = rng.integers(0, 2, (args.batch_size,)).astype(np.int32)
     if not args.keep_mask:  # as train.run's host drops it: attention then runs unmasked
         batch = pipeline.drop_full_mask(batch, jax.process_count())
-    train_fn, _ = step_lib.compile_steps(model, method, tx, loss, shardings,
-                                         attention=methods_lib.resolve_attention(args.attention),
-                                         remat=args.remat if intercepted and args.remat != "none" else None)
+    train_fn, _ = step_lib.compile_steps(
+        model,
+        method,
+        tx,
+        loss,
+        shardings,
+        attention=methods_lib.resolve_attention(args.attention),
+        remat=args.remat if intercepted and args.remat != "none" else None,
+    )
     frozen, batch = jax.device_put(frozen, shardings.frozen), jax.device_put(batch, shardings.batch)
     return config, head, method, state, frozen, batch, train_fn
 
@@ -145,29 +153,52 @@ def time_method(args, method_name: str) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="roberta-base",
-                   help=f"shape preset ({', '.join(models.PRESETS)}) or HF config dir")
+    p.add_argument(
+        "--model", default="roberta-base", help=f"shape preset ({', '.join(models.PRESETS)}) or HF config dir"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--rank", type=int, default=3)
     p.add_argument("--mode", choices=("row", "column"), default="row")
     p.add_argument("--causal", action="store_true", help="causal-LM loss for an HF config dir")
-    p.add_argument("--attention", default="auto", help="auto (cuDNN on GPU), plain, xla, cudnn or cudnn-lengths "
-                                                           "(padding as key lengths: right-padded batches only)")
-    p.add_argument("--keep-mask", action="store_true",
-                   help="time the step with an all-ones attention mask, as padded batches run (default: no mask, "
-                        "as train.run's batches without padding)")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="hidden and attention dropout of encoder models, both stacks (train.run's default: 0.1)")
-    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
-                   help="recompute each layer in the backward pass: full, or all but the projections (dots, "
-                        "Llama-likes; see rocoft_jax.fast.remat)")
-    p.add_argument("--num-devices", type=int, default=0,
-                   help="data-parallel over the first N devices (default: all); --batch-size is the global batch")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="auto (cuDNN on GPU), plain, xla, cudnn or cudnn-lengths "
+        "(padding as key lengths: right-padded batches only)",
+    )
+    p.add_argument(
+        "--keep-mask",
+        action="store_true",
+        help="time the step with an all-ones attention mask, as padded batches run (default: no mask, "
+        "as train.run's batches without padding)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="hidden and attention dropout of encoder models, both stacks (train.run's default: 0.1)",
+    )
+    p.add_argument(
+        "--remat",
+        choices=("none", "full", "dots"),
+        default="none",
+        help="recompute each layer in the backward pass: full, or all but the projections (dots, "
+        "Llama-likes; see rocoft_jax.fast.remat)",
+    )
+    p.add_argument(
+        "--num-devices",
+        type=int,
+        default=0,
+        help="data-parallel over the first N devices (default: all); --batch-size is the global batch",
+    )
     p.add_argument("--profile", help="also write a Chrome trace (.trace.json.gz) of 3 steps to this file")
-    p.add_argument("--flops", action="store_true",
-                   help="report compiled FLOPs of the rocoft and full steps (compiled for the CPU on any machine)")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="report compiled FLOPs of the rocoft and full steps (compiled for the CPU on any machine)",
+    )
     p.add_argument("--methods", default="rocoft,full", help=f"JAX methods to time, from {','.join(JAX_METHODS)}")
     p.add_argument("--peers", default="algorithm1,lora", help="PyTorch peers to time (empty: none)")
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
@@ -203,8 +234,16 @@ def _ratios(rows: list[dict]) -> dict[str, float]:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ("method", "num_devices", "step_ms", "tokens_per_s", "tokens_per_s_per_device", "peak_gib",
-            "useful_flop_util", "compile_s")
+    cols = (
+        "method",
+        "num_devices",
+        "step_ms",
+        "tokens_per_s",
+        "tokens_per_s_per_device",
+        "peak_gib",
+        "useful_flop_util",
+        "compile_s",
+    )
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         lines.append(" | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
@@ -221,8 +260,14 @@ def main(argv=None) -> None:
         # Mosaic kernels are custom calls it leaves out. On the CPU every op is XLA's.
         jax.config.update("jax_platforms", "cpu")
         rocoft, full = compiled_flops(args, "rocoft"), compiled_flops(args, "full")
-        result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                  "rocoft_step_flops": rocoft, "full_step_flops": full, "ratio": rocoft / full}
+        result = {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "rocoft_step_flops": rocoft,
+            "full_step_flops": full,
+            "ratio": rocoft / full,
+        }
         print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
         return
     rows = []
@@ -230,23 +275,51 @@ def main(argv=None) -> None:
     for name in filter(None, args.methods.split(",")):
         if name not in JAX_METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(JAX_METHODS)}")
-        rows.append(_subprocess_json([sys.executable, "-m", "benchmarks.step", *argv, "--worker", name],
-                                     f"jax-{name}"))
+        rows.append(_subprocess_json([sys.executable, "-m", "benchmarks.step", *argv, "--worker", name], f"jax-{name}"))
     torch_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for peer in filter(None, args.peers.split(",")):
-        rows.append(_subprocess_json(
-            [sys.executable, "-m", "benchmarks.torch_step", "--peer", peer, "--model", args.model,
-             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
-             "--dropout", str(args.dropout)],
-            f"torch-{peer}", env=torch_env))
+        rows.append(
+            _subprocess_json(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.torch_step",
+                    "--peer",
+                    peer,
+                    "--model",
+                    args.model,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--rank",
+                    str(args.rank),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--dtype",
+                    args.dtype,
+                    "--dropout",
+                    str(args.dropout),
+                ],
+                f"torch-{peer}",
+                env=torch_env,
+            )
+        )
     for row in rows:
         if "step_ms" in row and "useful_flop_util" not in row:
-            useful = useful_step_flops(models.preset_config(args.model), args.batch_size, args.seq_len,
-                                       head_of(args))
+            useful = useful_step_flops(models.preset_config(args.model), args.batch_size, args.seq_len, head_of(args))
             row["useful_flop_util"] = useful / (row["step_ms"] / 1e3) / args.peak
-    result = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "dropout": args.dropout,
-              "device": jax.devices()[0].device_kind, "results": rows, "ratios": _ratios(rows)}
+    result = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "dropout": args.dropout,
+        "device": jax.devices()[0].device_kind,
+        "results": rows,
+        "ratios": _ratios(rows),
+    }
     ratios = "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items())
     print(json.dumps(result) if args.json else f"{_table(rows)}\n{ratios}")
 

@@ -26,17 +26,43 @@ from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaFo
 
 ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
 PRESETS = {  # name: (family, config kwargs)
-    "tiny": ("roberta", dict(ROBERTA, vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, intermediate_size=128)),
-    "tiny-llama": ("llama", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)),
-    "roberta-base": ("roberta", dict(ROBERTA, hidden_size=768, num_hidden_layers=12,
-                                     num_attention_heads=12, intermediate_size=3072)),
-    "roberta-large": ("roberta", dict(ROBERTA, hidden_size=1024, num_hidden_layers=24,
-                                      num_attention_heads=16, intermediate_size=4096)),
-    "llama-2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=32,
-                                 intermediate_size=11008, max_position_embeddings=4096)),
+    "tiny": (
+        "roberta",
+        dict(
+            ROBERTA, vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        ),
+    ),
+    "tiny-llama": (
+        "llama",
+        dict(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=128,
+        ),
+    ),
+    "roberta-base": (
+        "roberta",
+        dict(ROBERTA, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    ),
+    "roberta-large": (
+        "roberta",
+        dict(ROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    ),
+    "llama-2-7b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            max_position_embeddings=4096,
+        ),
+    ),
 }
 # Linear layers that Algorithm 1 (and `--lora-targets all`) adapts, as module-name suffixes.
 TARGETS = {
@@ -71,8 +97,13 @@ def build_model(name: str, dtype: torch.dtype, device: str, dropout: float = 0.0
     """
     family, kw = PRESETS[name]
     if family == "roberta":
-        config = RobertaConfig(**kw, num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                               attn_implementation="sdpa")
+        config = RobertaConfig(
+            **kw,
+            num_labels=2,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            attn_implementation="sdpa",
+        )
         cls = RobertaForSequenceClassification
     else:
         config = LlamaConfig(**kw, attention_dropout=0.0, attn_implementation="sdpa")
@@ -85,8 +116,11 @@ def build_model(name: str, dtype: torch.dtype, device: str, dropout: float = 0.0
 
 def target_names(model: nn.Module, family: str) -> list[str]:
     """Names of the target Linears; checks the per-layer count so a renamed module fails loudly."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and ".layer" in n and n.endswith(TARGETS[family])]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".layer" in n and n.endswith(TARGETS[family])
+    ]
     assert len(names) == PER_LAYER[family] * model.config.num_hidden_layers, names
     return names
 
@@ -111,8 +145,13 @@ def apply_lora(model: nn.Module, family: str, all_targets: bool) -> nn.Module:
         targets = list(TARGETS[family])
     else:
         targets = ["query", "value"] if family == "roberta" else ["q_proj", "v_proj"]
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
-                     modules_to_save=["classifier"] if family == "roberta" else None)
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=targets,
+        lora_dropout=0.0,
+        modules_to_save=["classifier"] if family == "roberta" else None,
+    )
     return get_peft_model(model, cfg)
 
 
@@ -187,7 +226,7 @@ def main(argv=None) -> dict:
         done.append(_completion_mark(cuda))
     if cuda:
         torch.cuda.synchronize()
-    marks = done[args.warmup:]
+    marks = done[args.warmup :]
     median = statistics.median(_seconds_between(a, b, cuda) for a, b in zip(marks, marks[1:]))
     return {
         "method": f"torch-{args.peer}",
@@ -198,8 +237,13 @@ def main(argv=None) -> dict:
         "loss": float(losses[-1]),
         "first_loss": float(losses[0]),
         "compile": args.compile,
-        "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "dtype": args.dtype, "dropout": args.dropout, "attn": attn, "torch": torch.__version__,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "dtype": args.dtype,
+        "dropout": args.dropout,
+        "attn": attn,
+        "torch": torch.__version__,
     }
 
 

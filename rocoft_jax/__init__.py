@@ -14,7 +14,16 @@ analysis in `rocoft_jax.ntk`; import them where you need them.
 """
 
 from rocoft_jax.families import FAMILIES, Family, detect_family, get_family
-from rocoft_jax.mask import FROZEN, ROCOFT, TRAIN, KernelSlice, RoCoFTMask, mask_from_description, mask_leaves, mask_params
+from rocoft_jax.mask import (
+    FROZEN,
+    ROCOFT,
+    TRAIN,
+    KernelSlice,
+    RoCoFTMask,
+    mask_from_description,
+    mask_leaves,
+    mask_params,
+)
 from rocoft_jax.optim import MaskedSlicesState, masked
 from rocoft_jax.selection import activation_norms
 from rocoft_jax.sliced import intercept_kernels, sliced_kernels, sliced_matmul

@@ -117,23 +117,42 @@ FAMILIES: tuple[Family, ...] = (
             col=r"attention/self/(query|key|value)|intermediate/dense",
             row=r"output/dense",
             embeddings="word_embeddings",
-            extra=((r"embeddings/\w+_embeddings/embedding$", P()),
-                   (r"(embeddings_project|lm_head|cls|generator_\w+|discriminator_\w+)/", P())),  # ELECTRA, MLM heads
+            extra=(
+                (r"embeddings/\w+_embeddings/embedding$", P()),
+                (r"(embeddings_project|lm_head|cls|generator_\w+|discriminator_\w+)/", P()),
+            ),  # ELECTRA, MLM heads
         ),
         fast=FastPaths(
-            self_attention=("FlaxBertSelfAttention", "FlaxRobertaSelfAttention", "FlaxXLMRobertaSelfAttention",
-                            "FlaxElectraSelfAttention",
-                            # HF's exact copies (BigBird in its "original_full" mode)
-                            "FlaxRobertaPreLayerNormSelfAttention", "FlaxBigBirdSelfAttention"),
+            self_attention=(
+                "FlaxBertSelfAttention",
+                "FlaxRobertaSelfAttention",
+                "FlaxXLMRobertaSelfAttention",
+                "FlaxElectraSelfAttention",
+                # HF's exact copies (BigBird in its "original_full" mode)
+                "FlaxRobertaPreLayerNormSelfAttention",
+                "FlaxBigBirdSelfAttention",
+            ),
             attention_style="encoder",
-            attention_outputs=("FlaxBertSelfOutput", "FlaxRobertaSelfOutput", "FlaxXLMRobertaSelfOutput",
-                               "FlaxElectraSelfOutput"),
-            intermediates=("FlaxBertIntermediate", "FlaxRobertaIntermediate", "FlaxXLMRobertaIntermediate",
-                           "FlaxElectraIntermediate"),
+            attention_outputs=(
+                "FlaxBertSelfOutput",
+                "FlaxRobertaSelfOutput",
+                "FlaxXLMRobertaSelfOutput",
+                "FlaxElectraSelfOutput",
+            ),
+            intermediates=(
+                "FlaxBertIntermediate",
+                "FlaxRobertaIntermediate",
+                "FlaxXLMRobertaIntermediate",
+                "FlaxElectraIntermediate",
+            ),
             outputs=("FlaxBertOutput", "FlaxRobertaOutput", "FlaxXLMRobertaOutput", "FlaxElectraOutput"),
             layers=("FlaxBertLayer", "FlaxRobertaLayer", "FlaxXLMRobertaLayer", "FlaxElectraLayer"),
-            first_token_heads=("FlaxBertForSequenceClassification", "FlaxRobertaForSequenceClassification",
-                               "FlaxXLMRobertaForSequenceClassification", "FlaxElectraForSequenceClassification"),
+            first_token_heads=(
+                "FlaxBertForSequenceClassification",
+                "FlaxRobertaForSequenceClassification",
+                "FlaxXLMRobertaForSequenceClassification",
+                "FlaxElectraForSequenceClassification",
+            ),
         ),
     ),
     Family(
@@ -143,8 +162,11 @@ FAMILIES: tuple[Family, ...] = (
         kind="encoder",
         model_types=("distilbert",),
         head=(r"^pre_classifier/", r"^classifier/"),
-        sharding=Sharding(col=r"attention/(q_lin|k_lin|v_lin)|ffn/lin1", row=r"attention/out_lin|ffn/lin2",
-                          embeddings="word_embeddings"),
+        sharding=Sharding(
+            col=r"attention/(q_lin|k_lin|v_lin)|ffn/lin1",
+            row=r"attention/out_lin|ffn/lin2",
+            embeddings="word_embeddings",
+        ),
     ),
     Family(
         name="bart",
@@ -153,8 +175,11 @@ FAMILIES: tuple[Family, ...] = (
         kind="seq2seq",
         model_types=("bart",),
         head=(r"^classification_head/",),
-        sharding=Sharding(col=r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1",
-                          row=r"(self_attn|encoder_attn)/out_proj|fc2", embeddings="shared|embed_tokens"),
+        sharding=Sharding(
+            col=r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1",
+            row=r"(self_attn|encoder_attn)/out_proj|fc2",
+            embeddings="shared|embed_tokens",
+        ),
     ),
     Family(
         name="llama",
@@ -162,11 +187,17 @@ FAMILIES: tuple[Family, ...] = (
         targets=(r"layers/\d+/(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))/kernel$",),
         kind="causal-lm",
         model_types=("llama", "mistral", "gemma"),
-        sharding=Sharding(col=r"self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj)",
-                          row=r"self_attn/o_proj|mlp/down_proj", embeddings="embed_tokens", extra=_LM_HEAD),
-        fast=FastPaths(self_attention=("FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"),
-                       attention_style="decoder",
-                       remat_layers=("FlaxLlamaDecoderLayer", "FlaxMistralDecoderLayer", "FlaxGemmaDecoderLayer")),
+        sharding=Sharding(
+            col=r"self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj)",
+            row=r"self_attn/o_proj|mlp/down_proj",
+            embeddings="embed_tokens",
+            extra=_LM_HEAD,
+        ),
+        fast=FastPaths(
+            self_attention=("FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"),
+            attention_style="decoder",
+            remat_layers=("FlaxLlamaDecoderLayer", "FlaxMistralDecoderLayer", "FlaxGemmaDecoderLayer"),
+        ),
     ),
     Family(
         name="opt",
@@ -174,9 +205,12 @@ FAMILIES: tuple[Family, ...] = (
         targets=(r"layers/\d+/(self_attn/(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)/kernel$",),
         kind="causal-lm",
         model_types=("opt",),
-        sharding=Sharding(col=r"self_attn/(q_proj|k_proj|v_proj)|fc1", row=r"self_attn/out_proj|fc2",
-                          embeddings="embed_tokens",
-                          extra=((r"(project_in|project_out)/kernel$", P()), *_LM_HEAD)),
+        sharding=Sharding(
+            col=r"self_attn/(q_proj|k_proj|v_proj)|fc1",
+            row=r"self_attn/out_proj|fc2",
+            embeddings="embed_tokens",
+            extra=((r"(project_in|project_out)/kernel$", P()), *_LM_HEAD),
+        ),
     ),
     Family(
         name="gptj",
@@ -184,8 +218,12 @@ FAMILIES: tuple[Family, ...] = (
         targets=(r"h/\d+/(attn/(q_proj|k_proj|v_proj|out_proj)|mlp/(fc_in|fc_out))/kernel$",),
         kind="causal-lm",
         model_types=("gptj",),
-        sharding=Sharding(col=r"attn/(q_proj|k_proj|v_proj)|mlp/fc_in", row=r"attn/out_proj|mlp/fc_out",
-                          embeddings="wte", extra=_LM_HEAD),
+        sharding=Sharding(
+            col=r"attn/(q_proj|k_proj|v_proj)|mlp/fc_in",
+            row=r"attn/out_proj|mlp/fc_out",
+            embeddings="wte",
+            extra=_LM_HEAD,
+        ),
     ),
     Family(
         name="bloom",
@@ -193,8 +231,11 @@ FAMILIES: tuple[Family, ...] = (
         targets=(r"h/\d+/(self_attention/(query_key_value|dense)|mlp/(dense_h_to_4h|dense_4h_to_h))/kernel$",),
         kind="causal-lm",
         model_types=("bloom",),
-        sharding=Sharding(col=r"self_attention/query_key_value|mlp/dense_h_to_4h",
-                          row=r"self_attention/dense|mlp/dense_4h_to_h", embeddings="word_embeddings"),
+        sharding=Sharding(
+            col=r"self_attention/query_key_value|mlp/dense_h_to_4h",
+            row=r"self_attention/dense|mlp/dense_4h_to_h",
+            embeddings="word_embeddings",
+        ),
     ),
     Family(
         name="gpt2",
@@ -204,13 +245,15 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("gpt2",),
         out_axis=0,
         # Conv1D kernels are (d_out, d_in): the Megatron layout, mirrored.
-        sharding=Sharding(rules=(
-            (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
-            (r"(attn/c_attn|mlp/c_fc)/bias$", P("tensor")),
-            (r"(attn/c_proj|mlp/c_proj)/kernel$", P("fsdp", "tensor")),
-            (r"wte/embedding$", P(None, "fsdp")),
-            (r"wpe/embedding$", P()),
-        )),
+        sharding=Sharding(
+            rules=(
+                (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
+                (r"(attn/c_attn|mlp/c_fc)/bias$", P("tensor")),
+                (r"(attn/c_proj|mlp/c_proj)/kernel$", P("fsdp", "tensor")),
+                (r"wte/embedding$", P(None, "fsdp")),
+                (r"wpe/embedding$", P()),
+            )
+        ),
     ),
 )
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-from rocoft_jax import families as families_lib, selection, tree as tree_lib
+from rocoft_jax import families as families_lib
+from rocoft_jax import selection
+from rocoft_jax import tree as tree_lib
 
 MODES = ("row", "column", "random")
 ROCOFT, TRAIN, FROZEN = "rocoft", "train", "frozen"
@@ -38,8 +41,10 @@ class KernelSlice:
         # The slice's gathers clip instead of filling out-of-bounds rows (`take_slice`): check here.
         bound = math.prod(self.shape) if self.axis is None else self.shape[self.axis]
         if self.indices.size and not 0 <= int(self.indices.min()) <= int(self.indices.max()) < bound:
-            raise ValueError(f"selected indices {int(self.indices.min())}..{int(self.indices.max())} do not fit a "
-                             f"kernel of shape {self.shape}; was the selection made for a different base model?")
+            raise ValueError(
+                f"selected indices {int(self.indices.min())}..{int(self.indices.max())} do not fit a "
+                f"kernel of shape {self.shape}; was the selection made for a different base model?"
+            )
 
     @property
     def size(self) -> int:
@@ -78,10 +83,7 @@ class RoCoFTMask:
 
     def summary(self) -> str:
         pct = 100.0 * self.num_trainable / max(self.num_total, 1)
-        return (
-            f"trainable params: {self.num_trainable:,} || all params: {self.num_total:,} || "
-            f"trainable%: {pct:.4f}"
-        )
+        return f"trainable params: {self.num_trainable:,} || all params: {self.num_total:,} || trainable%: {pct:.4f}"
 
     def print_trainable_parameters(self) -> None:
         print(self.summary())
@@ -138,8 +140,7 @@ def _check_rank(mode: str, rank, kernels: dict[str, Any], axis_of: dict[str, int
         dim = kernel.shape[axis_of[path]]
         if rank > dim:
             raise ValueError(
-                f"rank {rank} exceeds the {dim} {mode}s of {path} (shape {tuple(kernel.shape)}); "
-                f"choose rank <= {dim}"
+                f"rank {rank} exceeds the {dim} {mode}s of {path} (shape {tuple(kernel.shape)}); choose rank <= {dim}"
             )
 
 
@@ -230,15 +231,25 @@ def mask_params(
 
     rest = [p for p in leaves if p not in slices]
     head = fam.head if fam else ()
-    full = families_lib.match_paths(rest, tuple(train) if train is not None else head, "train",
-                                   strict=train is not None)
+    full = families_lib.match_paths(
+        rest, tuple(train) if train is not None else head, "train", strict=train is not None
+    )
     if train_bias:  # layers without a bias (Llama) simply have none to train
         biases = tuple("^" + re.escape(p[: -len("kernel")]) + "bias$" for p in kernels)
         trained = set(full) | set(families_lib.match_paths(rest, biases, "bias", strict=False))
         full = [p for p in rest if p in trained]
 
-    return _build(params, leaves, slices, full, mode=mode, rank=rank, strategy=strategy,
-                  family=fam.name if fam else None, seed=seed)
+    return _build(
+        params,
+        leaves,
+        slices,
+        full,
+        mode=mode,
+        rank=rank,
+        strategy=strategy,
+        family=fam.name if fam else None,
+        seed=seed,
+    )
 
 
 def mask_leaves(params, train: Sequence[str], *, name: str = "full", strict: bool = True) -> RoCoFTMask:
@@ -274,5 +285,14 @@ def mask_from_description(params, description: Mapping[str, Any]) -> RoCoFTMask:
         else:
             axis = out_axis if mode == "row" else 1 - out_axis
             slices[path] = KernelSlice(shape, axis, out_axis, np.asarray(description["indices"][path], np.int32))
-    return _build(params, leaves, slices, description["train"], mode=mode, rank=description["rank"],
-                  strategy=description["strategy"], family=family, seed=description["seed"])
+    return _build(
+        params,
+        leaves,
+        slices,
+        description["train"],
+        mode=mode,
+        rank=description["rank"],
+        strategy=description["strategy"],
+        family=family,
+        seed=description["seed"],
+    )

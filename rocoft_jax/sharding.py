@@ -85,8 +85,10 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
             raise ValueError(f"fsdp*tensor={rest} does not divide the {num_devices} devices")
         sizes["data"] = num_devices // rest
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices, but {num_devices} are available; "
-                         "make data*fsdp*tensor equal the device count")
+        raise ValueError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices, but {num_devices} are available; "
+            "make data*fsdp*tensor equal the device count"
+        )
     return sizes
 
 
@@ -131,8 +133,10 @@ def partition_specs(tree, family: str | None, mesh: Mesh):
     place Adam's moments next to their weights.
     """
     if family not in RULES and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
-        raise ValueError(f"no partition rules for family {family!r} (rules exist for {', '.join(RULES)}); "
-                         "use a data-only mesh, or give the family a Sharding in rocoft_jax.families")
+        raise ValueError(
+            f"no partition rules for family {family!r} (rules exist for {', '.join(RULES)}); "
+            "use a data-only mesh, or give the family a Sharding in rocoft_jax.families"
+        )
     rules = [(re.compile(rx), spec) for rx, spec in _REPLICATED_TRAINED + RULES.get(family or "", ()) + _COMMON_TAIL]
     pure_data = mesh.shape["fsdp"] * mesh.shape["tensor"] == 1
 
@@ -145,7 +149,8 @@ def partition_specs(tree, family: str | None, mesh: Mesh):
             return P()  # biases, scalars and step counters are small: replicate
         raise ValueError(
             f"no partition rule matches {path!r} (shape {shape}) for family {family!r}; "
-            f"add a (regex, PartitionSpec) rule to the {family!r} record's Sharding in rocoft_jax.families")
+            f"add a (regex, PartitionSpec) rule to the {family!r} record's Sharding in rocoft_jax.families"
+        )
 
     return jax.tree_util.tree_map_with_path(spec_of, tree)
 

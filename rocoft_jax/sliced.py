@@ -37,7 +37,8 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -121,11 +122,15 @@ def input_grad(dy, picked, kernel, values, spec: KernelSlice, precision, merged)
     if merged is not None:
         return _matmul_t(dy, merged, out_axis, precision)
     if spec.axis == out_axis:  # rows: a rank-r correction through the selected outputs
-        return _matmul_t(dy, kernel, out_axis, precision) + _matmul_t(picked, _delta(kernel, values, spec), out_axis,
-                                                                       precision)
+        return _matmul_t(dy, kernel, out_axis, precision) + _matmul_t(
+            picked, _delta(kernel, values, spec), out_axis, precision
+        )
     # columns: the selected input features' gradients come from the slice alone
-    return _matmul_t(dy, kernel, out_axis, precision).at[..., spec.indices].set(
-        _matmul_t(dy, values.astype(kernel.dtype), out_axis, precision))
+    return (
+        _matmul_t(dy, kernel, out_axis, precision)
+        .at[..., spec.indices]
+        .set(_matmul_t(dy, values.astype(kernel.dtype), out_axis, precision))
+    )
 
 
 def token_product(lhs, rhs, precision):
@@ -185,8 +190,10 @@ def _module_kernel_layout(module) -> tuple[str, int] | None:
 def _sliced_call(module, x, values, spec: KernelSlice):
     kernel_name, out_axis = _module_kernel_layout(module)
     if out_axis != spec.out_axis:
-        raise ValueError(f"{type(module).__name__} at {'/'.join(module.path)} has output axis {out_axis}, "
-                         f"but the mask assumed {spec.out_axis}; rebuild the mask with the right family")
+        raise ValueError(
+            f"{type(module).__name__} at {'/'.join(module.path)} has output axis {out_axis}, "
+            f"but the mask assumed {spec.out_axis}; rebuild the mask with the right family"
+        )
     kernel = module.get_variable("params", kernel_name)
     return finish_layer(module, sliced_matmul(x, kernel, values, spec, dtype=module.dtype, precision=module.precision))
 
@@ -212,8 +219,9 @@ def intercept_kernels(calls: Mapping[tuple[str, ...], Callable]):
     seen: set[tuple[str, ...]] = set()
 
     def selected(module) -> bool:
-        return (_module_kernel_layout(module) is not None and not module.is_initializing()
-                and tuple(module.path) in calls)
+        return (
+            _module_kernel_layout(module) is not None and not module.is_initializing() and tuple(module.path) in calls
+        )
 
     def replacement(module, args, kwargs, call_original):
         path = tuple(module.path)
@@ -241,8 +249,10 @@ def sliced_kernels(trainable, mask: RoCoFTMask):
     if missing:
         raise ValueError(f"no trained slice for {sorted(missing)[0]!r}; pass the trainable tree from split()")
     slices = {tuple(path.split("/")[:-1]): (values[path], spec) for path, spec in mask.slices.items()}
-    calls = {module_path: lambda module, x, _, v=v, s=s: _sliced_call(module, x, v, s)
-             for module_path, (v, s) in slices.items()}
+    calls = {
+        module_path: lambda module, x, _, v=v, s=s: _sliced_call(module, x, v, s)
+        for module_path, (v, s) in slices.items()
+    }
     return _activate(slices, calls)
 
 

@@ -100,4 +100,3 @@ def merge(trainable, frozen, mask: RoCoFTMask):
     if missing:
         raise ValueError(f"trainable tree lacks {missing[0]!r}; it does not belong to this mask")
     return tree_lib.unflatten(flat)
-

@@ -6,7 +6,8 @@ rules and checkpoints all key on these strings.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import traverse_util

@@ -48,65 +48,177 @@ def cpu_env(devices: int | None = None) -> dict[str, str]:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
+
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 # name -> (config class, Flax model class, config kwargs, family, targeted kernels of one layer, default "train")
-_ENC = ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense",
-        "intermediate/dense", "output/dense")
-_ROBERTA_HEAD = ("classifier/dense/kernel", "classifier/dense/bias", "classifier/out_proj/kernel",
-                 "classifier/out_proj/bias")
-_LLAMA = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
-          "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
-_BERTLIKE = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 64, "max_position_embeddings": 34}
-_LLAMALIKE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
+_ENC = (
+    "attention/self/query",
+    "attention/self/key",
+    "attention/self/value",
+    "attention/output/dense",
+    "intermediate/dense",
+    "output/dense",
+)
+_ROBERTA_HEAD = (
+    "classifier/dense/kernel",
+    "classifier/dense/bias",
+    "classifier/out_proj/kernel",
+    "classifier/out_proj/bias",
+)
+_LLAMA = (
+    "self_attn/q_proj",
+    "self_attn/k_proj",
+    "self_attn/v_proj",
+    "self_attn/o_proj",
+    "mlp/gate_proj",
+    "mlp/up_proj",
+    "mlp/down_proj",
+)
+_BERTLIKE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 34,
+}
+_LLAMALIKE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+}
 _GPT = {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32}
 FAMILY_MODELS = {
-    "bert": (tf.BertConfig, tf.FlaxBertForSequenceClassification, _BERTLIKE, "bert", _ENC,
-             ("bert/pooler/dense/kernel", "bert/pooler/dense/bias", "classifier/kernel", "classifier/bias")),
-    "roberta": (tf.RobertaConfig, tf.FlaxRobertaForSequenceClassification, {**_BERTLIKE, "pad_token_id": 1},
-                "bert", _ENC, _ROBERTA_HEAD),
-    "xlm-roberta": (tf.XLMRobertaConfig, tf.FlaxXLMRobertaForSequenceClassification,
-                    {**_BERTLIKE, "pad_token_id": 1}, "bert", _ENC, _ROBERTA_HEAD),
-    "electra": (tf.ElectraConfig, tf.FlaxElectraForSequenceClassification, {**_BERTLIKE, "embedding_size": 16},
-                "bert", _ENC, _ROBERTA_HEAD),
-    "distilbert": (tf.DistilBertConfig, tf.FlaxDistilBertForSequenceClassification,
-                   {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64,
-                    "max_position_embeddings": 32},
-                   "distilbert",
-                   ("attention/q_lin", "attention/k_lin", "attention/v_lin", "attention/out_lin", "ffn/lin1",
-                    "ffn/lin2"),
-                   ("pre_classifier/kernel", "pre_classifier/bias", "classifier/kernel", "classifier/bias")),
-    "bart": (tf.BartConfig, tf.FlaxBartForSequenceClassification,
-             {"vocab_size": 64, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
-              "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
-              "decoder_ffn_dim": 64, "max_position_embeddings": 32},
-             "bart",
-             # encoder layers have no encoder_attn; test_mask.py checks each stack
-             ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj",
-              "encoder_attn/q_proj", "encoder_attn/k_proj", "encoder_attn/v_proj", "encoder_attn/out_proj",
-              "fc1", "fc2"),
-             ("classification_head/dense/kernel", "classification_head/dense/bias",
-              "classification_head/out_proj/kernel", "classification_head/out_proj/bias")),
-    "gpt2": (tf.GPT2Config, tf.FlaxGPT2LMHeadModel, _GPT, "gpt2",
-             ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"), ()),
-    "opt": (tf.OPTConfig, tf.FlaxOPTForCausalLM,
-            {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 64,
-             "max_position_embeddings": 32, "word_embed_proj_dim": 32},
-            "opt", ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj", "fc1", "fc2"),
-            ()),
-    "gptj": (tf.GPTJConfig, tf.FlaxGPTJForCausalLM, {**_GPT, "rotary_dim": 4}, "gptj",
-             ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/out_proj", "mlp/fc_in", "mlp/fc_out"), ()),
-    "bloom": (tf.BloomConfig, tf.FlaxBloomForCausalLM, {"vocab_size": 64, "hidden_size": 32, "n_layer": 2, "n_head": 4},
-              "bloom",
-              ("self_attention/query_key_value", "self_attention/dense", "mlp/dense_h_to_4h", "mlp/dense_4h_to_h"),
-              ()),
+    "bert": (
+        tf.BertConfig,
+        tf.FlaxBertForSequenceClassification,
+        _BERTLIKE,
+        "bert",
+        _ENC,
+        ("bert/pooler/dense/kernel", "bert/pooler/dense/bias", "classifier/kernel", "classifier/bias"),
+    ),
+    "roberta": (
+        tf.RobertaConfig,
+        tf.FlaxRobertaForSequenceClassification,
+        {**_BERTLIKE, "pad_token_id": 1},
+        "bert",
+        _ENC,
+        _ROBERTA_HEAD,
+    ),
+    "xlm-roberta": (
+        tf.XLMRobertaConfig,
+        tf.FlaxXLMRobertaForSequenceClassification,
+        {**_BERTLIKE, "pad_token_id": 1},
+        "bert",
+        _ENC,
+        _ROBERTA_HEAD,
+    ),
+    "electra": (
+        tf.ElectraConfig,
+        tf.FlaxElectraForSequenceClassification,
+        {**_BERTLIKE, "embedding_size": 16},
+        "bert",
+        _ENC,
+        _ROBERTA_HEAD,
+    ),
+    "distilbert": (
+        tf.DistilBertConfig,
+        tf.FlaxDistilBertForSequenceClassification,
+        {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "max_position_embeddings": 32},
+        "distilbert",
+        ("attention/q_lin", "attention/k_lin", "attention/v_lin", "attention/out_lin", "ffn/lin1", "ffn/lin2"),
+        ("pre_classifier/kernel", "pre_classifier/bias", "classifier/kernel", "classifier/bias"),
+    ),
+    "bart": (
+        tf.BartConfig,
+        tf.FlaxBartForSequenceClassification,
+        {
+            "vocab_size": 64,
+            "d_model": 32,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 32,
+        },
+        "bart",
+        # encoder layers have no encoder_attn; test_mask.py checks each stack
+        (
+            "self_attn/q_proj",
+            "self_attn/k_proj",
+            "self_attn/v_proj",
+            "self_attn/out_proj",
+            "encoder_attn/q_proj",
+            "encoder_attn/k_proj",
+            "encoder_attn/v_proj",
+            "encoder_attn/out_proj",
+            "fc1",
+            "fc2",
+        ),
+        (
+            "classification_head/dense/kernel",
+            "classification_head/dense/bias",
+            "classification_head/out_proj/kernel",
+            "classification_head/out_proj/bias",
+        ),
+    ),
+    "gpt2": (
+        tf.GPT2Config,
+        tf.FlaxGPT2LMHeadModel,
+        _GPT,
+        "gpt2",
+        ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"),
+        (),
+    ),
+    "opt": (
+        tf.OPTConfig,
+        tf.FlaxOPTForCausalLM,
+        {
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "ffn_dim": 64,
+            "max_position_embeddings": 32,
+            "word_embed_proj_dim": 32,
+        },
+        "opt",
+        ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/out_proj", "fc1", "fc2"),
+        (),
+    ),
+    "gptj": (
+        tf.GPTJConfig,
+        tf.FlaxGPTJForCausalLM,
+        {**_GPT, "rotary_dim": 4},
+        "gptj",
+        ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/out_proj", "mlp/fc_in", "mlp/fc_out"),
+        (),
+    ),
+    "bloom": (
+        tf.BloomConfig,
+        tf.FlaxBloomForCausalLM,
+        {"vocab_size": 64, "hidden_size": 32, "n_layer": 2, "n_head": 4},
+        "bloom",
+        ("self_attention/query_key_value", "self_attention/dense", "mlp/dense_h_to_4h", "mlp/dense_4h_to_h"),
+        (),
+    ),
     "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM, _LLAMALIKE, "llama", _LLAMA, ()),
     "mistral": (tf.MistralConfig, tf.FlaxMistralForCausalLM, _LLAMALIKE, "llama", _LLAMA, ()),
-    "gemma": (tf.GemmaConfig, tf.FlaxGemmaForCausalLM,
-              {**_LLAMALIKE, "num_key_value_heads": 1, "head_dim": 8, "hidden_activation": "gelu_pytorch_tanh"},
-              "llama", _LLAMA, ()),
+    "gemma": (
+        tf.GemmaConfig,
+        tf.FlaxGemmaForCausalLM,
+        {**_LLAMALIKE, "num_key_value_heads": 1, "head_dim": 8, "hidden_activation": "gelu_pytorch_tanh"},
+        "llama",
+        _LLAMA,
+        (),
+    ),
 }
 
 
@@ -120,22 +232,50 @@ fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizatio
 
 def roberta_config(**overrides):
     """A 2-layer RoBERTa with hidden 32 and intermediate 64, dropout off, 3 labels."""
-    kw = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-              initializer_range=0.1, num_labels=3, **NO_DROPOUT)
+    kw = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        initializer_range=0.1,
+        num_labels=3,
+        **NO_DROPOUT,
+    )
     kw.update(overrides)
     return tf.RobertaConfig(**kw)
 
 
 def llama_config():
-    return tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                          initializer_range=0.1)
+    return tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.1,
+    )
 
 
 def gpt2_config():
-    return tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.1,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return tf.GPT2Config(
+        vocab_size=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        initializer_range=0.1,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
 
 
 def abstract_params(model_cls, config, seq_len: int = 8):
@@ -249,7 +389,7 @@ def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    """"/"-joined path -> numpy array."""
+    """ "/"-joined path -> numpy array."""
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
 
 
@@ -278,8 +418,9 @@ def element_masks(params, mask, mode: str, out_axis: int, train_prefixes=()) -> 
         if path in mask.indices:
             out[path] = dense_mask(leaf.shape, mask.indices[path], mode, out_axis)
         else:
-            out[path] = np.full(leaf.shape, float(path.startswith(tuple(train_prefixes)) and bool(train_prefixes)),
-                                np.float32)
+            out[path] = np.full(
+                leaf.shape, float(path.startswith(tuple(train_prefixes)) and bool(train_prefixes)), np.float32
+            )
     return out
 
 

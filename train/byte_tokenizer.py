@@ -27,15 +27,21 @@ def make_byte_tokenizer(model_max_length: int = 2048) -> PreTrainedTokenizerFast
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([BOS, EOS, PAD])
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=model_max_length,
-                                   model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=model_max_length,
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def _byte_level_chars() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the one ByteLevel (pre-tokenizer and decoder) uses."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

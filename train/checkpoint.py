@@ -35,16 +35,16 @@ def fingerprint(frozen) -> str:
     for path, leaf in sorted(tree_lib.flatten(frozen).items()):
         flat = leaf.reshape(-1)
         stride = max(flat.shape[0] // 64, 1)
-        sample = np.concatenate([np.asarray(jax.device_get(flat[:64])),
-                                 np.asarray(jax.device_get(flat[::stride][:64]))])
+        sample = np.concatenate(
+            [np.asarray(jax.device_get(flat[:64])), np.asarray(jax.device_get(flat[::stride][:64]))]
+        )
         digest.update(f"{path}:{tuple(leaf.shape)}".encode())
         digest.update(sample.astype(np.float32).astype(ml_dtypes.bfloat16).tobytes())
     return digest.hexdigest()[:16]
 
 
 def manager(directory: Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
@@ -52,8 +52,11 @@ def manager(directory: Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict[str, Any]) -> None:
     """Writes one step; returns once it is complete on disk."""
     meta = {"format_version": FORMAT_VERSION, **meta}
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)),
-                                           meta=ocp.args.JsonSave(meta)), force=True)
+    mgr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
     mgr.wait_until_finished()
 
 
@@ -70,8 +73,10 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def _damaged(mgr, step: int, err: Exception) -> str:
     where = Path(str(mgr.directory)) / str(step)
-    return (f"checkpoint {where} is corrupt or incomplete ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            f"delete that step directory to resume from an earlier one, or start a new --output-dir")
+    return (
+        f"checkpoint {where} is corrupt or incomplete ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        f"delete that step directory to resume from an earlier one, or start a new --output-dir"
+    )
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -82,16 +87,20 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any]) -> None:
         raise CheckpointError(
             f"checkpoint was trained on other base weights ({meta['model']}, fingerprint {meta['fingerprint']}) "
             f"than this run's {expected['model']} (fingerprint {expected['fingerprint']}); "
-            f"resume with --model {meta['model']} and the same --dtype, or use a new --output-dir")
+            f"resume with --model {meta['model']} and the same --dtype, or use a new --output-dir"
+        )
     for key in ("method", "mode", "rank", "strategy", "lora_rank", "task", "kernels"):
         if meta["selection"].get(key) != expected["selection"].get(key):
             raise CheckpointError(
                 f"checkpoint has {key}={meta['selection'].get(key)!r} but this run asks for "
-                f"{expected['selection'].get(key)!r}; pass the checkpoint's value or use a new --output-dir")
+                f"{expected['selection'].get(key)!r}; pass the checkpoint's value or use a new --output-dir"
+            )
     same_draw = meta["selection"].get("seed") == expected["selection"].get("seed")
     if meta["selection"].get("indices") != expected["selection"].get("indices") or not same_draw:
-        raise CheckpointError("checkpoint selected other rows/columns than this run (different --seed, strategy "
-                              "or calibration); pass the checkpoint's settings or use a new --output-dir")
+        raise CheckpointError(
+            "checkpoint selected other rows/columns than this run (different --seed, strategy "
+            "or calibration); pass the checkpoint's settings or use a new --output-dir"
+        )
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, like_state):
@@ -114,8 +123,9 @@ def load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         # Onto this process's first device, whatever mesh or process count saved it.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                mgr.item_metadata(step)["state"])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), mgr.item_metadata(step)["state"]
+        )
         tree = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as err:
         raise CheckpointError(_damaged(mgr, step, err)) from err

@@ -16,8 +16,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-ENV = {"coordinator_address": "ROCOFT_COORDINATOR_ADDRESS", "num_processes": "ROCOFT_NUM_PROCESSES",
-       "process_id": "ROCOFT_PROCESS_ID"}
+ENV = {
+    "coordinator_address": "ROCOFT_COORDINATOR_ADDRESS",
+    "num_processes": "ROCOFT_NUM_PROCESSES",
+    "process_id": "ROCOFT_PROCESS_ID",
+}
 
 
 def _launched_by_scheduler() -> bool:
@@ -26,8 +29,12 @@ def _launched_by_scheduler() -> bool:
     return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, heartbeat_timeout: int = 60) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout: int = 60,
+) -> bool:
     """Joins a multi-process run if one was asked for; returns whether it did."""
     coordinator_address = coordinator_address or os.environ.get(ENV["coordinator_address"])
     num_processes = num_processes or int(os.environ.get(ENV["num_processes"], "0")) or None
@@ -37,8 +44,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not explicit and not _launched_by_scheduler():
         return False
     if explicit and (num_processes is None or process_id is None):
-        raise ValueError("--coordinator-address needs --num-processes and --process-id "
-                         f"(or {ENV['num_processes']} and {ENV['process_id']})")
+        raise ValueError(
+            "--coordinator-address needs --num-processes and --process-id "
+            f"(or {ENV['num_processes']} and {ENV['process_id']})"
+        )
     # CPU processes need a collectives backend of their own; GPUs use NCCL regardless.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {"heartbeat_timeout_seconds": heartbeat_timeout}
@@ -63,8 +72,10 @@ def to_global(tree, shardings):
 
 def batch_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int):
     """This process's rows of a global batch -> one global array per key."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
+        for k, v in local_batch.items()
+    }
 
 
 def barrier(name: str, timeout_s: int = 1800) -> None:

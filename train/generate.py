@@ -43,15 +43,30 @@ def max_positions(model_config) -> int | None:
 class Generator:
     """Answers a task's test records with one model and method; compiled programs persist across evaluations."""
 
-    def __init__(self, model, method, tokenizer, task: LlmTask, *, max_new_tokens: int, num_beams: int,
-                 batch_size: int, batch_sharding: NamedSharding):
+    def __init__(
+        self,
+        model,
+        method,
+        tokenizer,
+        task: LlmTask,
+        *,
+        max_new_tokens: int,
+        num_beams: int,
+        batch_size: int,
+        batch_sharding: NamedSharding,
+    ):
         self.model, self.method, self.tokenizer, self.task = model, method, tokenizer, task
         self.max_new_tokens, self.num_beams, self.batch_size = max_new_tokens, num_beams, batch_size
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.batch_sharding = batch_sharding
-        self.config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                       eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        self.config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
         self._generate = jax.jit(self._continue, out_shardings=NamedSharding(batch_sharding.mesh, PartitionSpec()))
         self._compiled: dict[int, object] = {}
         self.compile_seconds = 0.0
@@ -59,18 +74,24 @@ class Generator:
     def _continue(self, trainable, frozen, input_ids, attention_mask):
         """The generated tokens after each left-padded prompt; pad after EOS."""
         with self.method.layers(trainable):
-            out = self.model.generate(input_ids, generation_config=self.config, attention_mask=attention_mask,
-                                      params=rocoft_jax.with_trained_leaves(frozen, trainable))
-        return out.sequences[:, input_ids.shape[1]:]
+            out = self.model.generate(
+                input_ids,
+                generation_config=self.config,
+                attention_mask=attention_mask,
+                params=rocoft_jax.with_trained_leaves(frozen, trainable),
+            )
+        return out.sequences[:, input_ids.shape[1] :]
 
     def check_positions(self, prompts: list[list[int]]) -> None:
         """Each prompt plus its generation must fit the model's positions."""
         limit = max_positions(self.model.config)
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         if limit is not None and len(prompts[longest]) + self.max_new_tokens > limit:
-            raise DataError(f"test example {longest} has a {len(prompts[longest])}-token prompt; with "
-                            f"--max-new-tokens {self.max_new_tokens} it exceeds the model's {limit} positions; "
-                            "lower --max-new-tokens or use a model with more positions")
+            raise DataError(
+                f"test example {longest} has a {len(prompts[longest])}-token prompt; with "
+                f"--max-new-tokens {self.max_new_tokens} it exceeds the model's {limit} positions; "
+                "lower --max-new-tokens or use a model with more positions"
+            )
 
     def _compiled_for(self, trainable, frozen, ids, mask):
         """The program for this prompt length, compiled on first use; processes meet after compiling."""
@@ -90,13 +111,19 @@ class Generator:
         if jax.process_count() > 1:
             buckets = buckets[-1:]
         lines, generated, start, compiling = [], 0, time.perf_counter(), self.compile_seconds
-        bar = tqdm(total=len(records), desc=f"generate {self.task.name}", unit="ex", dynamic_ncols=True,
-                   disable=output_dir is None)
+        bar = tqdm(
+            total=len(records),
+            desc=f"generate {self.task.name}",
+            unit="ex",
+            dynamic_ncols=True,
+            disable=output_dir is None,
+        )
         for rows, weights in pipeline.eval_rows(len(records), self.batch_size):
             length = pipeline.fit_bucket(buckets, max(len(prompts[i]) for i in rows))
             mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
-            batch = distributed.batch_to_global(left_pad([prompts[i] for i in mine], length, self.pad_id),
-                                                self.batch_sharding, len(rows))
+            batch = distributed.batch_to_global(
+                left_pad([prompts[i] for i in mine], length, self.pad_id), self.batch_sharding, len(rows)
+            )
             args = (trainable, frozen, batch["input_ids"], batch["attention_mask"])
             tokens = np.asarray(self._compiled_for(*args)(*args))
             for i, new in zip(rows[weights > 0], tokens[weights > 0]):
@@ -104,15 +131,20 @@ class Generator:
                 lines.append(line)
                 generated += n_new
             bar.update(int(weights.sum()))
-            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}",
-                            acc=f"{sum(line['correct'] for line in lines) / len(lines):.3f}")
+            bar.set_postfix(
+                tok_s=f"{generated / (time.perf_counter() - start):.0f}",
+                acc=f"{sum(line['correct'] for line in lines) / len(lines):.3f}",
+            )
         bar.close()
         if output_dir is not None:
             with open(Path(output_dir) / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-        stats = {"examples": len(records), "generated_tokens": generated,
-                 "seconds": round(time.perf_counter() - start, 3),
-                 "compile_seconds": round(self.compile_seconds - compiling, 3)}
+        stats = {
+            "examples": len(records),
+            "generated_tokens": generated,
+            "seconds": round(time.perf_counter() - start, 3),
+            "compile_seconds": round(self.compile_seconds - compiling, 3),
+        }
         return {"accuracy": sum(line["correct"] for line in lines) / len(records)}, stats
 
     def score(self, index: int, record: dict, prompt: list[int], new: list[int]) -> tuple[dict, int]:
@@ -144,6 +176,6 @@ def left_pad(prompts: list[list[int]], length: int, pad_id: int) -> dict[str, np
     ids = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = prompt
-        mask[row, length - len(prompt):] = 1
+        ids[row, length - len(prompt) :] = prompt
+        mask[row, length - len(prompt) :] = 1
     return {"input_ids": ids, "attention_mask": mask}

@@ -36,8 +36,14 @@ def encode(
     out: dict[str, np.ndarray] = {}
     for start in range(0, n, chunk_size):
         chunk = [t[start : start + chunk_size] for t in texts]
-        enc = tokenizer(*chunk, truncation=True, padding="max_length", max_length=max_length,
-                        padding_side="right", return_tensors="np")
+        enc = tokenizer(
+            *chunk,
+            truncation=True,
+            padding="max_length",
+            max_length=max_length,
+            padding_side="right",
+            return_tensors="np",
+        )
         for key in _MODEL_INPUTS:
             if key in enc:
                 out.setdefault(key, np.empty((n, max_length), np.int32))[start : start + len(chunk[0])] = enc[key]

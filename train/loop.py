@@ -91,8 +91,9 @@ class Progress(Action):
                 if s % every == 0 or s == run.total_steps:
                     run.log.write({"step": s, "loss": loss, "lr": float(run.schedule(s - 1))})
             rate = (done - self.n_last) * run.job.examples_per_step / max(now - self.t_last, 1e-9)
-            self.bar.set_postfix(loss=f"{losses[-1][1]:.4f}", lr=f"{float(run.schedule(done - 1)):.2e}",
-                                 ex_s=f"{rate:.0f}")
+            self.bar.set_postfix(
+                loss=f"{losses[-1][1]:.4f}", lr=f"{float(run.schedule(done - 1)):.2e}", ex_s=f"{rate:.0f}"
+            )
             self.t_last, self.n_last = now, done
         self.bar.update(1)
 
@@ -126,8 +127,10 @@ class StopOnSigterm(Action):
         if self.stop:
             self.run.save(done)
             self.bar.close()
-            raise SystemExit(f"SIGTERM: saved a checkpoint at step {done} in {self.run.out / 'checkpoints'}; "
-                             "rerun with --resume to continue")
+            raise SystemExit(
+                f"SIGTERM: saved a checkpoint at step {done} in {self.run.out / 'checkpoints'}; "
+                "rerun with --resume to continue"
+            )
 
     def close(self):
         signal.signal(signal.SIGTERM, self.previous)
@@ -147,8 +150,13 @@ class SaveCheckpoint(Action):
 def loop(run: Run) -> None:
     """The steps from the restored one to the last, each followed by the periodic actions in order."""
     start = int(run.state.step)
-    bar = tqdm(total=run.total_steps, initial=start, desc=f"{run.job.name}/{run.config.method}",
-               dynamic_ncols=True, disable=not distributed.is_main())
+    bar = tqdm(
+        total=run.total_steps,
+        initial=start,
+        desc=f"{run.job.name}/{run.config.method}",
+        dynamic_ncols=True,
+        disable=not distributed.is_main(),
+    )
     actions = (Progress(run, bar, start), Evaluate(run, bar), StopOnSigterm(run, bar), SaveCheckpoint(run))
     try:
         for step in range(start, run.total_steps):

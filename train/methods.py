@@ -36,7 +36,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def resolve_attention(name: str) -> str:
-    """"auto" is cuDNN's fused kernel on GPUs and HF's own attention elsewhere.
+    """ "auto" is cuDNN's fused kernel on GPUs and HF's own attention elsewhere.
 
     On GPUs it passes padding as key lengths ("cudnn-lengths"), cuDNN's native
     form: `train` batches are right-padded, and a row that is not comes out NaN.
@@ -59,8 +59,10 @@ def resolve_remat(name: str, model_type: str, num_params: int) -> str | None:
     if name == "auto":
         return "dots" if layered and num_params >= REMAT_MIN_PARAMS else None
     if name != "none" and not layered:
-        raise ValueError(f"--remat {name} needs a Llama, Mistral or Gemma model (this is {model_type}, whose "
-                         "layers cannot be rematerialized); use --remat none")
+        raise ValueError(
+            f"--remat {name} needs a Llama, Mistral or Gemma model (this is {model_type}, whose "
+            "layers cannot be rematerialized); use --remat none"
+        )
     return None if name == "none" else name
 
 
@@ -109,8 +111,19 @@ class Method:
         """The context that routes the adapted layers through the trainable tree."""
         return contextlib.nullcontext()
 
-    def apply(self, model, trainable, frozen, batch: Mapping[str, Any], *, dropout_rng=None, train=False,
-              attention: str = "plain", remat: str | None = None, mesh=None):
+    def apply(
+        self,
+        model,
+        trainable,
+        frozen,
+        batch: Mapping[str, Any],
+        *,
+        dropout_rng=None,
+        train=False,
+        attention: str = "plain",
+        remat: str | None = None,
+        mesh=None,
+    ):
         """The model's logits.
 
         ``attention`` other than "plain" runs HF attention fused (`fused_attention`),
@@ -128,8 +141,11 @@ class Method:
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         # Most HF Flax models take train=; OPT takes deterministic= instead.
-        mode = {"train": train} if "train" in inspect.signature(model.__call__).parameters \
+        mode = (
+            {"train": train}
+            if "train" in inspect.signature(model.__call__).parameters
             else {"deterministic": not train}
+        )
         with self.layers(trainable):
             return model(**inputs, params=params, dropout_rng=dropout_rng, **mode).logits
 
@@ -154,8 +170,15 @@ class RoCoFT(Method):
             if options.calibrate is None:
                 raise ValueError(f"strategy {options.strategy!r} needs calibration batches")
             calibration = options.calibrate(list(targets.kernel_paths))
-        mask = rocoft_jax.mask_params(params, options.rank, options.mode, strategy=options.strategy,
-                                      seed=options.seed, calibration=calibration, train_bias=options.train_bias)
+        mask = rocoft_jax.mask_params(
+            params,
+            options.rank,
+            options.mode,
+            strategy=options.strategy,
+            seed=options.seed,
+            calibration=calibration,
+            train_bias=options.train_bias,
+        )
         return cls(mask, seed=options.seed)
 
     def layers(self, trainable):
@@ -199,14 +222,20 @@ class LoRA(Method):
         mask = rocoft_jax.mask_leaves(params, targets.family.head + biases, name=cls.name, strict=False)
         leaves = tree_lib.flat_paths(params)
         adapters = sum(int(options.lora_rank) * sum(jnp.shape(leaves[p])) for p in targets.kernel_paths)
-        mask = dataclasses.replace(mask, family=targets.family.name, rank=int(options.lora_rank),
-                                   num_trainable=mask.num_trainable + adapters)
+        mask = dataclasses.replace(
+            mask, family=targets.family.name, rank=int(options.lora_rank), num_trainable=mask.num_trainable + adapters
+        )
         return cls(mask, options.seed, tuple(targets.kernel_paths), int(options.lora_rank), float(options.lora_alpha))
 
     @classmethod
     def restore(cls, mask: rocoft_jax.RoCoFTMask, description: Mapping[str, Any]) -> Method:
-        return cls(mask, int(description["seed"]), tuple(description["lora_targets"]),
-                   int(description["lora_rank"]), float(description["lora_alpha"]))
+        return cls(
+            mask,
+            int(description["seed"]),
+            tuple(description["lora_targets"]),
+            int(description["lora_rank"]),
+            float(description["lora_alpha"]),
+        )
 
     def _out_axis(self) -> int:
         return families_lib.get_family(self.mask.family).out_axis
@@ -214,7 +243,8 @@ class LoRA(Method):
     def split(self, params):
         trainable, frozen = super().split(params)
         trainable[lora_lib.LORA] = lora_lib.init_lora(
-            params, self.lora_paths, self.lora_rank, jax.random.PRNGKey(self.seed), self._out_axis())
+            params, self.lora_paths, self.lora_rank, jax.random.PRNGKey(self.seed), self._out_axis()
+        )
         return trainable, frozen
 
     def layers(self, trainable):
@@ -222,12 +252,15 @@ class LoRA(Method):
 
     def merge(self, trainable, frozen):
         params = super().merge(trainable, frozen)
-        return lora_lib.merge_lora(params, trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank,
-                                   self._out_axis())
+        return lora_lib.merge_lora(params, trainable[lora_lib.LORA], self.lora_alpha, self.lora_rank, self._out_axis())
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
-                "lora_targets": list(self.lora_paths)}
+        return {
+            **super().describe(),
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": list(self.lora_paths),
+        }
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RoCoFT, Full, LoRA, BitFit)}

@@ -16,53 +16,134 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import transformers
-from transformers import (AutoConfig, BertConfig, BloomConfig, GemmaConfig, GPT2Config, GPTJConfig, LlamaConfig,
-                          MistralConfig, OPTConfig, RobertaConfig)
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    BloomConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTJConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    RobertaConfig,
+)
 
 from rocoft_jax import families
 from train import byte_tokenizer
 from train.errors import ModelError
 
-_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                pad_token_id=1, bos_token_id=0, eos_token_id=2)
+_ROBERTA = dict(
+    vocab_size=50265,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
 # The byte tokenizer's 259 ids, padded to a multiple of 8 so fsdp/tensor axes can split the vocabulary.
-_BYTES = dict(vocab_size=264, bos_token_id=byte_tokenizer.BOS_ID, eos_token_id=byte_tokenizer.EOS_ID,
-              pad_token_id=byte_tokenizer.PAD_ID)
+_BYTES = dict(
+    vocab_size=264,
+    bos_token_id=byte_tokenizer.BOS_ID,
+    eos_token_id=byte_tokenizer.EOS_ID,
+    pad_token_id=byte_tokenizer.PAD_ID,
+)
 PRESETS = {
-    "tiny": lambda: RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=66, type_vocab_size=1,
-                                  pad_token_id=1, bos_token_id=0, eos_token_id=2),
-    "tiny-llama": lambda: LlamaConfig(**_BYTES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
-    "tiny-mistral": lambda: MistralConfig(**_BYTES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "tiny-gemma": lambda: GemmaConfig(**_BYTES, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                      hidden_activation="gelu_pytorch_tanh", max_position_embeddings=2048),
+    "tiny": lambda: RobertaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
+    "tiny-llama": lambda: LlamaConfig(
+        **_BYTES,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
+    "tiny-mistral": lambda: MistralConfig(
+        **_BYTES,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "tiny-gemma": lambda: GemmaConfig(
+        **_BYTES,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=2048,
+    ),
     "tiny-gptj": lambda: GPTJConfig(**_BYTES, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048),
     "tiny-bloom": lambda: BloomConfig(**_BYTES, hidden_size=64, n_layer=2, n_head=4),
-    "tiny-opt": lambda: OPTConfig(**_BYTES, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                                  word_embed_proj_dim=64, max_position_embeddings=2048),
+    "tiny-opt": lambda: OPTConfig(
+        **_BYTES,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        word_embed_proj_dim=64,
+        max_position_embeddings=2048,
+    ),
     "tiny-gpt2": lambda: GPT2Config(**_BYTES, n_embd=64, n_layer=2, n_head=4, n_positions=2048),
     "roberta-base": lambda: RobertaConfig(**_ROBERTA),
-    "roberta-large": lambda: RobertaConfig(**_ROBERTA, hidden_size=1024, num_hidden_layers=24,
-                                           num_attention_heads=16, intermediate_size=4096),
+    "roberta-large": lambda: RobertaConfig(
+        **_ROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
     "bert-base-uncased": lambda: BertConfig(),
-    "llama-2-7b": lambda: LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                      max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-2-13b": lambda: LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                                       max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-2-7b": lambda: LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-2-13b": lambda: LlamaConfig(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # The ``model_type`` of the families trained as causal LMs (HF Flax has *ForCausalLM for each).
 CAUSAL_LM_TYPES = families.model_types("causal-lm")
 # Config attributes of dropout rates across families: BERT-likes, DistilBERT/BART/OPT, Llama-likes and Bloom, GPT-2/J.
-DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
-                "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
-
+DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+)
 
 
 def _auto_class(head: str):
@@ -97,8 +178,10 @@ def _unbound_model(config, head: str, dtype: str, remat: bool):
     """
     mapping = _auto_class(head)._model_mapping
     if type(config) not in mapping:
-        raise ModelError(f"{config.model_type} has no HF Flax {head} class; for the LLM tasks use a Llama, Mistral, "
-                         "Gemma, GPT-J, Bloom, OPT or GPT-2 model")
+        raise ModelError(
+            f"{config.model_type} has no HF Flax {head} class; for the LLM tasks use a Llama, Mistral, "
+            "Gemma, GPT-J, Bloom, OPT or GPT-2 model"
+        )
     cls = mapping[type(config)]
     kwargs = {"gradient_checkpointing": True} if remat else {}
     return cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
@@ -157,8 +240,10 @@ def load_config(name_or_dir: str):
     try:
         return AutoConfig.from_pretrained(name_or_dir)
     except OSError as err:
-        raise ModelError(f"cannot load the config of --model {name_or_dir} ({str(err).splitlines()[0]}); "
-                         "give a local model dir or a reachable hub id") from err
+        raise ModelError(
+            f"cannot load the config of --model {name_or_dir} ({str(err).splitlines()[0]}); "
+            "give a local model dir or a reachable hub id"
+        ) from err
 
 
 def _weights_kind(path: Path) -> dict:
@@ -166,9 +251,7 @@ def _weights_kind(path: Path) -> dict:
         return {}
     if (path / "pytorch_model.bin").is_file():
         return {"from_pt": True}
-    raise ModelError(
-        f"{path} holds no weights: expected flax_model.msgpack, model.safetensors or pytorch_model.bin"
-    )
+    raise ModelError(f"{path} holds no weights: expected flax_model.msgpack, model.safetensors or pytorch_model.bin")
 
 
 def check_source(name_or_dir: str) -> Path | None:
@@ -190,16 +273,17 @@ def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_o
     if local is not None:
         kwargs.update(_weights_kind(local))
     try:
-        model = _auto_class(head).from_pretrained(str(local) if local else name_or_dir,
-                                                  dtype=DTYPES[dtype], **kwargs)
+        model = _auto_class(head).from_pretrained(str(local) if local else name_or_dir, dtype=DTYPES[dtype], **kwargs)
     except OSError as err:
         raise ModelError(
             f"cannot load model {name_or_dir!r} ({str(err).splitlines()[0]}); give a local model dir, "
             "or check the hub id and your network (HF_HUB_OFFLINE=1 needs a cached copy)"
         ) from err
     except ValueError as err:  # a config class the Auto mapping lacks
-        raise ModelError(f"--model {name_or_dir} has no HF Flax {head} class ({str(err).splitlines()[0][:160]}); "
-                         "for the LLM tasks use a Llama, Mistral, Gemma, GPT-J, Bloom, OPT or GPT-2 model") from err
+        raise ModelError(
+            f"--model {name_or_dir} has no HF Flax {head} class ({str(err).splitlines()[0][:160]}); "
+            "for the LLM tasks use a Llama, Mistral, Gemma, GPT-J, Bloom, OPT or GPT-2 model"
+        ) from err
     params = model.params
     if dtype == "bf16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

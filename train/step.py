@@ -36,8 +36,14 @@ def _decays(path, leaf) -> bool:
     return path[0].key != "train" or name not in ("bias", "scale") and "LayerNorm" not in str(path)
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.0,
-                   schedule: str = "cosine", max_grad_norm: float = 0.0):
+def make_optimizer(
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    max_grad_norm: float = 0.0,
+):
     """AdamW (torch defaults) with linear warmup then cosine or linear decay to 0.
 
     Returns ``(optimizer, schedule_fn)``.
@@ -47,11 +53,16 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, weight_de
         sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, 1), 0.0)
     elif schedule == "linear":
         sched = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup_steps),
-             optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1))], [warmup_steps])
+            [
+                optax.linear_schedule(0.0, lr, warmup_steps),
+                optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1)),
+            ],
+            [warmup_steps],
+        )
     elif schedule == "constant":
-        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
-                                     [warmup_steps])
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)], [warmup_steps]
+        )
     else:
         raise ValueError(f"unknown lr schedule {schedule!r}; choose cosine, linear or constant")
     decay_mask = lambda tree: jax.tree_util.tree_map_with_path(_decays, tree)
@@ -75,7 +86,8 @@ def loss_sum(logits, batch, kind: str):
     if kind == "causal-lm":
         weights = batch.get("loss_mask", batch.get("attention_mask"))
         per_token = optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
+            logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:]
+        )
         if weights is None:
             return jnp.sum(per_token), jnp.float32(per_token.size)
         weights = weights[:, 1:].astype(jnp.float32)
@@ -84,12 +96,25 @@ def loss_sum(logits, batch, kind: str):
 
 
 def init_state(trainable, tx, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
-                      rng=jax.random.PRNGKey(seed))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed)
+    )
 
 
-def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, loss_kind: str,
-               attention: str = "plain", remat: str | None = None, grad_accum: int = 1, mesh=None):
+def train_step(
+    state: TrainState,
+    frozen,
+    batch,
+    *,
+    model,
+    method: Method,
+    tx,
+    loss_kind: str,
+    attention: str = "plain",
+    remat: str | None = None,
+    grad_accum: int = 1,
+    mesh=None,
+):
     """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``.
 
     With ``grad_accum`` N > 1 every batch array is (B, N, ...): N micro-batches of B rows, run one after
@@ -100,11 +125,13 @@ def train_step(state: TrainState, frozen, batch, *, model, method: Method, tx, l
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def summed(trainable, micro, rng):
-        logits = method.apply(model, trainable, frozen, micro, dropout_rng=rng, train=True,
-                              attention=attention, remat=remat, mesh=mesh)
+        logits = method.apply(
+            model, trainable, frozen, micro, dropout_rng=rng, train=True, attention=attention, remat=remat, mesh=mesh
+        )
         return loss_sum(logits, micro, loss_kind)
 
     if grad_accum == 1:
+
         def loss_fn(trainable):
             total, count = summed(trainable, batch, dropout_rng)
             return total / jnp.maximum(count, 1.0)
@@ -150,8 +177,9 @@ def global_norm(tree, concatenate: bool = True):
 
 def eval_step(trainable, frozen, batch, *, model, method: Method, attention: str = "plain", mesh=None):
     """fp32 logits of a batch, dropout off."""
-    return method.apply(model, trainable, frozen, batch, train=False, attention=attention,
-                        mesh=mesh).astype(jnp.float32)
+    return method.apply(model, trainable, frozen, batch, train=False, attention=attention, mesh=mesh).astype(
+        jnp.float32
+    )
 
 
 class StepShardings(NamedTuple):
@@ -163,8 +191,12 @@ class StepShardings(NamedTuple):
 
 def step_shardings(mesh, family: str | None, state, frozen) -> StepShardings:
     """Where the state, frozen weights and batches live on ``mesh`` (see `rocoft_jax.sharding`)."""
-    return StepShardings(sharding.shardings(state, family, mesh), sharding.shardings(frozen, family, mesh),
-                         NamedSharding(mesh, sharding.BATCH), NamedSharding(mesh, P()))
+    return StepShardings(
+        sharding.shardings(state, family, mesh),
+        sharding.shardings(frozen, family, mesh),
+        NamedSharding(mesh, sharding.BATCH),
+        NamedSharding(mesh, P()),
+    )
 
 
 # XLA's dot merger joins the query and key projections (one input) into one matmul, and then adds
@@ -180,8 +212,17 @@ def compiler_options(family: str | None, backend: str) -> dict | None:
     return None
 
 
-def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShardings, donate: bool = True,
-                  attention: str = "plain", remat: str | None = None, grad_accum: int = 1):
+def compile_steps(
+    model,
+    method: Method,
+    tx,
+    loss_kind: str,
+    shardings: StepShardings,
+    donate: bool = True,
+    attention: str = "plain",
+    remat: str | None = None,
+    grad_accum: int = 1,
+):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
 
     The train state's buffers are donated; metrics and eval logits come back
@@ -192,13 +233,28 @@ def compile_steps(model, method: Method, tx, loss_kind: str, shardings: StepShar
     mesh = sh.batch.mesh
     options = compiler_options(method.mask.family, jax.default_backend())
     train_fn = jax.jit(
-        functools.partial(train_step, model=model, method=method, tx=tx, loss_kind=loss_kind, attention=attention,
-                          remat=remat, grad_accum=grad_accum, mesh=mesh),
-        in_shardings=(sh.state, sh.frozen, sh.batch), out_shardings=(sh.state, sh.replicated),
-        donate_argnums=(0,) if donate else (), compiler_options=options)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, method=method, attention=attention, mesh=mesh),
-                      in_shardings=(sh.state.trainable, sh.frozen, sh.batch), out_shardings=sh.replicated,
-                      compiler_options=options)
+        functools.partial(
+            train_step,
+            model=model,
+            method=method,
+            tx=tx,
+            loss_kind=loss_kind,
+            attention=attention,
+            remat=remat,
+            grad_accum=grad_accum,
+            mesh=mesh,
+        ),
+        in_shardings=(sh.state, sh.frozen, sh.batch),
+        out_shardings=(sh.state, sh.replicated),
+        donate_argnums=(0,) if donate else (),
+        compiler_options=options,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model, method=method, attention=attention, mesh=mesh),
+        in_shardings=(sh.state.trainable, sh.frozen, sh.batch),
+        out_shardings=sh.replicated,
+        compiler_options=options,
+    )
     return train_fn, eval_fn
 
 
@@ -206,6 +262,7 @@ def init_sharded_state(trainable, tx, seed: int, mesh, family: str | None, froze
     """The initial train state created directly in its sharded layout, plus all step shardings."""
     abstract = jax.eval_shape(lambda t: init_state(t, tx, seed), trainable)
     sh = step_shardings(mesh, family, abstract, frozen)
-    state = jax.jit(lambda t: init_state(t, tx, seed), in_shardings=(sh.state.trainable,),
-                    out_shardings=sh.state)(trainable)
+    state = jax.jit(lambda t: init_state(t, tx, seed), in_shardings=(sh.state.trainable,), out_shardings=sh.state)(
+        trainable
+    )
     return state, sh

@@ -65,8 +65,9 @@ def prepare_output_dir(config: TrainConfig) -> Path:
         raise ConfigError(f"--output-dir {out} is not writable ({err.strerror}); choose another directory") from err
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     if has_ckpt and not config.resume:
-        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue that run, "
-                          "or choose a new --output-dir")
+        raise ConfigError(
+            f"{out} already holds checkpoints; pass --resume to continue that run, or choose a new --output-dir"
+        )
     if config.resume and not has_ckpt:
         raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start fresh")
     return out
@@ -77,8 +78,9 @@ def make_mesh(config: TrainConfig):
     n_devices = jax.device_count()
     for flag, size in (("--batch-size", config.batch_size), ("--eval-batch-size", config.eval_batch_size)):
         if size % n_devices:
-            raise ConfigError(f"{flag} {size} is not divisible by the {n_devices} devices; "
-                              f"use a multiple of {n_devices}")
+            raise ConfigError(
+                f"{flag} {size} is not divisible by the {n_devices} devices; use a multiple of {n_devices}"
+            )
     with config_errors("--mesh"):
         return sharding.make_mesh(sharding.parse_mesh(config.mesh, n_devices))
 
@@ -97,9 +99,17 @@ def build_method(config: TrainConfig, model, params, job: Job) -> methods_lib.Me
 
     with config_errors():
         return methods_lib.build_method(
-            config.method, params, rank=selection_rank(config), mode=config.mode, strategy=config.strategy,
-            seed=config.seed, train_bias=config.train_bias, lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha, calibrate=calibrate)
+            config.method,
+            params,
+            rank=selection_rank(config),
+            mode=config.mode,
+            strategy=config.strategy,
+            seed=config.seed,
+            train_bias=config.train_bias,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            calibrate=calibrate,
+        )
 
 
 def setup(config: TrainConfig) -> loop_lib.Run:
@@ -112,18 +122,38 @@ def setup(config: TrainConfig) -> loop_lib.Run:
     fingerprint = ckpt.fingerprint(frozen)
     per_epoch = pipeline.steps_per_epoch(job.num_train, job.examples_per_step)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    tx, schedule = step_lib.make_optimizer(config.lr, total_steps, config.warmup_steps, config.weight_decay,
-                                           config.lr_schedule, config.max_grad_norm)
+    tx, schedule = step_lib.make_optimizer(
+        config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
+    )
     state, frozen, train_fn, eval_fn = compile_steps(config, job, model, method, tx, mesh, remat, trainable, frozen)
-    meta = {"model": config.model, "fingerprint": fingerprint, "config": config.to_dict(),
-            "selection": {**method.describe(), "task": job.name}, "process_count": jax.process_count()}
+    meta = {
+        "model": config.model,
+        "fingerprint": fingerprint,
+        "config": config.to_dict(),
+        "selection": {**method.describe(), "task": job.name},
+        "process_count": jax.process_count(),
+    }
     checkpoints = ckpt.manager(out / "checkpoints")
     state, resume_step = restore(config, checkpoints, meta, state)
     if main:
         save_config(config, out / "config.yaml")
     log = reporting.MetricsLog(out, resume_step, enabled=main)
-    return loop_lib.Run(config, job, out, method, per_epoch, total_steps, schedule, state, frozen, train_fn,
-                        EvalContext(model, method, eval_fn, out), checkpoints, meta, log)
+    return loop_lib.Run(
+        config,
+        job,
+        out,
+        method,
+        per_epoch,
+        total_steps,
+        schedule,
+        state,
+        frozen,
+        train_fn,
+        EvalContext(model, method, eval_fn, out),
+        checkpoints,
+        meta,
+        log,
+    )
 
 
 def load_model_and_method(config: TrainConfig, job: Job, mesh):
@@ -134,8 +164,9 @@ def load_model_and_method(config: TrainConfig, job: Job, mesh):
     if distributed.is_main():
         print(f"{config.method}: {method.mask.summary()}")
     with config_errors():
-        remat = methods_lib.resolve_remat(config.remat, model.config.model_type,
-                                          sum(x.size for x in jax.tree.leaves(params)))
+        remat = methods_lib.resolve_remat(
+            config.remat, model.config.model_type, sum(x.size for x in jax.tree.leaves(params))
+        )
     trainable, frozen = method.split(params)
     return model, method, remat, trainable, frozen
 
@@ -147,8 +178,9 @@ def compile_steps(config: TrainConfig, job: Job, model, method, tx, mesh, remat,
     frozen = distributed.to_global(frozen, shardings.frozen)
     with config_errors():
         attention = methods_lib.resolve_attention(config.attention)
-    train_fn, eval_fn = step_lib.compile_steps(model, method, tx, job.loss_kind, shardings, attention=attention,
-                                               remat=remat, grad_accum=config.grad_accum)
+    train_fn, eval_fn = step_lib.compile_steps(
+        model, method, tx, job.loss_kind, shardings, attention=attention, remat=remat, grad_accum=config.grad_accum
+    )
     if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
         example = job.train_batch(0)
         train_fn = train_fn.lower(state, frozen, example).compile()
@@ -188,10 +220,19 @@ def finish(run: loop_lib.Run) -> dict[str, Any]:
     metrics = run.evaluate()
     run.log.write({"step": total, **metrics})
     run.save(total)
-    results = {"task": run.job.name, "model": config.model, "method": config.method, "mode": config.mode,
-               "rank": selection_rank(config), "strategy": config.strategy,
-               "num_trainable": run.method.mask.num_trainable, "num_total": run.method.mask.num_total,
-               "steps": total, "metrics": metrics, **run.job.results()}
+    results = {
+        "task": run.job.name,
+        "model": config.model,
+        "method": config.method,
+        "mode": config.mode,
+        "rank": selection_rank(config),
+        "strategy": config.strategy,
+        "num_trainable": run.method.mask.num_trainable,
+        "num_total": run.method.mask.num_total,
+        "steps": total,
+        "metrics": metrics,
+        **run.job.results(),
+    }
     if distributed.is_main():
         print(reporting.eval_table(total, metrics))
         (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -23,7 +23,8 @@ import contextlib
 from rocoft_jax.fast.attention import fused_attention
 from rocoft_jax.fast.first_token import first_token_only, reads_first_token_only
 from rocoft_jax.fast.mlp import fast_gelu
-from rocoft_jax.fast.remat import POLICIES as REMAT_POLICIES, remat_layers
+from rocoft_jax.fast.remat import POLICIES as REMAT_POLICIES
+from rocoft_jax.fast.remat import remat_layers
 
 ATTENTION = ("plain", "xla", "cudnn", "cudnn-lengths")
 
@@ -43,9 +44,14 @@ def fast_paths(model, attention: str = "cudnn-lengths", remat: str | None = None
         raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION)}")
     with contextlib.ExitStack() as stack:
         if attention != "plain":
-            stack.enter_context(fused_attention(attention.removesuffix("-lengths"),
-                                                right_padded=attention.endswith("-lengths"), unpadded=unpadded,
-                                                mesh=mesh))
+            stack.enter_context(
+                fused_attention(
+                    attention.removesuffix("-lengths"),
+                    right_padded=attention.endswith("-lengths"),
+                    unpadded=unpadded,
+                    mesh=mesh,
+                )
+            )
             stack.enter_context(fast_gelu(mesh))
             if reads_first_token_only(model):
                 stack.enter_context(first_token_only(model))
@@ -54,5 +60,13 @@ def fast_paths(model, attention: str = "cudnn-lengths", remat: str | None = None
         yield
 
 
-__all__ = ["ATTENTION", "REMAT_POLICIES", "fast_gelu", "fast_paths", "first_token_only", "fused_attention",
-           "reads_first_token_only", "remat_layers"]
+__all__ = [
+    "ATTENTION",
+    "REMAT_POLICIES",
+    "fast_gelu",
+    "fast_paths",
+    "first_token_only",
+    "fused_attention",
+    "reads_first_token_only",
+    "remat_layers",
+]

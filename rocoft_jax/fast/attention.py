@@ -66,7 +66,7 @@ def get_class_names(module) -> set[str]:
 
 
 def find_family(module) -> str | None:
-    """"encoder", "decoder" or None, from the class (or a base class) name."""
+    """ "encoder", "decoder" or None, from the class (or a base class) name."""
     names = get_class_names(module)
     return "encoder" if names & ENCODERS else "decoder" if names & DECODERS else None
 
@@ -109,8 +109,9 @@ def drops_in_kernel(module, family: str, arguments: dict, implementation) -> boo
 
 def find_fallback_reason(module, family: str, arguments: dict, implementation=None) -> str | None:
     """Why the fused path would not be exact here, or None."""
-    if attention_dropout_rate(module, family, arguments) and not drops_in_kernel(module, family, arguments,
-                                                                                 implementation):
+    if attention_dropout_rate(module, family, arguments) and not drops_in_kernel(
+        module, family, arguments, implementation
+    ):
         return "dropout"
     if arguments["output_attentions"]:
         return "output_attentions"
@@ -148,15 +149,17 @@ def split_heads(x, head_dim: int):
 def project_encoder(module, arguments):
     """Q, K, V (B, T, heads, head_dim) through the BERT-style Dense submodules."""
     hidden = arguments["hidden_states"]
-    projections = fused_dense.dense_sharing_input([module.query, module.key, module.value],
-                                                [layer_norm.branch(hidden, name) for name in QKV])
+    projections = fused_dense.dense_sharing_input(
+        [module.query, module.key, module.value], [layer_norm.branch(hidden, name) for name in QKV]
+    )
     return tuple(split_heads(y, module.head_dim) for y in projections)
 
 
 def project_decoder(module, arguments):
     """Q, K, V through the Llama-style projections, rotary embedding applied; K/V keep their own heads."""
-    projections = fused_dense.dense_sharing_input([module.q_proj, module.k_proj, module.v_proj],
-                                                [arguments["hidden_states"]] * 3)
+    projections = fused_dense.dense_sharing_input(
+        [module.q_proj, module.k_proj, module.v_proj], [arguments["hidden_states"]] * 3
+    )
     q, k, v = (split_heads(y, module.head_dim) for y in projections)
     k, q = module.rotary_emb(k, q, arguments["position_ids"])
     return q, k, v
@@ -181,8 +184,9 @@ def poison_unless_prefix(out, keep, lengths):
     return jnp.where(prefix[:, None, None, None], out, jnp.nan)
 
 
-def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded: bool, check_prefix: bool = True,
-           mesh=None):
+def attend(
+    q, k, v, keep, *, causal: bool, window, implementation, right_padded: bool, check_prefix: bool = True, mesh=None
+):
     """``jax.nn.dot_product_attention`` with the padding ``keep`` (B, S) bool and the causal/window masks.
 
     With ``right_padded``, ``check_prefix`` NaNs the rows whose ``keep`` is not ones-then-zeros.
@@ -217,18 +221,28 @@ def attend(q, k, v, keep, *, causal: bool, window, implementation, right_padded:
 def attend_with_dropout(q, k, v, keys, drop, mesh=None):
     """`rocoft_jax.fast.dropout_attention` of (B, T, heads, head_dim) inputs; under a ``mesh``, on each
     device's rows and heads (`sharding.heads_sharding`), which the kernels treat independently."""
-    run = lambda q, k, v, keys, drop: dropout_lib.dropout_attention(q, k, v, keys, drop, q.shape[-1] ** -0.5,
-                                                                    jax.default_backend() != "gpu")
+    run = lambda q, k, v, keys, drop: dropout_lib.dropout_attention(
+        q, k, v, keys, drop, q.shape[-1] ** -0.5, jax.default_backend() != "gpu"
+    )
     if mesh is None or mesh.size == 1:
         return run(q, k, v, keys, drop)
     spec = sharding.heads_sharding(mesh, k.shape).spec
     keys_spec = None if keys is None else P(spec[0], None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, keys_spec, P()), out_specs=spec,
-                         check_vma=False)(q, k, v, keys, drop)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, keys_spec, P()), out_specs=spec, check_vma=False)(
+        q, k, v, keys, drop
+    )
 
 
-def fused_call(module, family: str, arguments: dict, implementation, right_padded: bool, check_prefix: bool, mesh,
-               unpadded: bool = False):
+def fused_call(
+    module,
+    family: str,
+    arguments: dict,
+    implementation,
+    right_padded: bool,
+    check_prefix: bool,
+    mesh,
+    unpadded: bool = False,
+):
     """The module's output tuple, computed with `attend` (or, under active dropout, `attend_with_dropout`);
     and the implementation used.
 
@@ -250,8 +264,18 @@ def fused_call(module, family: str, arguments: dict, implementation, right_padde
         q, k, v = project_decoder(module, arguments)
         keep = None if mask is None else mask.astype(bool)  # HF: combine_masks = logical_and
         causal, window = True, find_window(module, k.shape[1])
-    out, used = attend(q, k, v, keep, causal=causal, window=window, implementation=implementation,
-                       right_padded=right_padded, check_prefix=check_prefix, mesh=mesh)
+    out, used = attend(
+        q,
+        k,
+        v,
+        keep,
+        causal=causal,
+        window=window,
+        implementation=implementation,
+        right_padded=right_padded,
+        check_prefix=check_prefix,
+        mesh=mesh,
+    )
     return _finish_heads(module, family, arguments, out), used
 
 
@@ -310,8 +334,16 @@ def fused_attention(implementation=None, *, right_padded: bool = False, unpadded
         if reason is not None:
             counts[f"fallback:{reason}"] += 1
             return call_original(*args, **kwargs)
-        outputs, used = fused_call(module, family, arguments, implementation, right_padded,
-                                   check_prefix=is_first_layer(module), mesh=mesh, unpadded=unpadded)
+        outputs, used = fused_call(
+            module,
+            family,
+            arguments,
+            implementation,
+            right_padded,
+            check_prefix=is_first_layer(module),
+            mesh=mesh,
+            unpadded=unpadded,
+        )
         counts[f"fused:{used}"] += 1
         return outputs
 
@@ -320,6 +352,5 @@ def fused_attention(implementation=None, *, right_padded: bool = False, unpadded
 
     is_attention = lambda module: find_family(module) is not None
     is_output = lambda module: not is_attention(module) and type(module).__name__ in SELF_OUTPUTS
-    with (replace_calls(is_attention, attention), replace_calls(is_output, attention_output),
-          layer_norm.branching()):
+    with replace_calls(is_attention, attention), replace_calls(is_output, attention_output), layer_norm.branching():
         yield counts

@@ -75,15 +75,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, keep_ref, drop_ref, o_ref, lse_ref, *, 
         o = correction[:, None] * o + pl_triton.dot(dropped.astype(v.dtype), v)
         return o, m_next, correction * l + p.sum(axis=-1)
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block,), -jnp.inf, jnp.float32),
-            jnp.zeros((block,), jnp.float32))
+    init = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((block,), -jnp.inf, jnp.float32),
+        jnp.zeros((block,), jnp.float32),
+    )
     o, m, l = lax.fori_loop(0, k_ref.shape[0] // block, body, init)
     lse_ref[...] = m + jnp.log2(l)
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, keep_ref, drop_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *,
-                     sm_scale, block):
+def _backward_kernel(
+    q_ref, k_ref, v_ref, keep_ref, drop_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *, sm_scale, block
+):
     """dK and dV for key block i, then dQ for query block i (one program does both)."""
     index = pl.program_id(2)
     k_slice = pl.ds(index * block, block)
@@ -130,8 +134,9 @@ def _forward(q, k, v, keep, drop, sm_scale, interpret):
     b, t, h, d = q.shape
     block = min(BLOCK, t)
     whole, keep_spec, drop_spec = _specs(t, d, keep)
-    remap = lambda spec: None if spec is None else pl.BlockSpec(spec.block_shape,
-                                                                lambda i, j, k, m=spec.index_map: m(j, k, i))
+    remap = lambda spec: (
+        None if spec is None else pl.BlockSpec(spec.block_shape, lambda i, j, k, m=spec.index_map: m(j, k, i))
+    )
     q_spec = pl.BlockSpec((None, block, None, d), lambda i, j, k: (j, i, k, 0))
     return pl.pallas_call(
         functools.partial(_forward_kernel, sm_scale=sm_scale, block=block),
@@ -140,7 +145,8 @@ def _forward(q, k, v, keep, drop, sm_scale, interpret):
         out_specs=[q_spec, pl.BlockSpec((None, None, block), lambda i, j, k: (j, k, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
         compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="rocoft_dropout_attention_fwd",
+        interpret=interpret,
+        name="rocoft_dropout_attention_fwd",
     )(q, k, v, keep, drop)
 
 
@@ -174,7 +180,8 @@ def _bwd(sm_scale, interpret, residuals, do):
         out_specs=[out_block] * 3,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
         compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="rocoft_dropout_attention_bwd",
+        interpret=interpret,
+        name="rocoft_dropout_attention_bwd",
     )(q, k, v, keep, drop, do, lse, delta)
     return dq, dk, dv, None, None
 

@@ -68,8 +68,11 @@ def _first_query_attention(module, hidden, attention_mask, head_mask, determinis
     bias = None
     if attention_mask is not None:
         mask = jnp.expand_dims(attention_mask, axis=(-3, -2))
-        bias = lax.select(mask > 0, jnp.full(mask.shape, 0.0).astype(module.dtype),
-                          jnp.full(mask.shape, jnp.finfo(module.dtype).min).astype(module.dtype))
+        bias = lax.select(
+            mask > 0,
+            jnp.full(mask.shape, 0.0).astype(module.dtype),
+            jnp.full(mask.shape, jnp.finfo(module.dtype).min).astype(module.dtype),
+        )
     weights = dot_product_attention_weights(query, key, bias=bias, dtype=module.dtype, precision=None)
     rate = module.config.attention_probs_dropout_prob
     if not deterministic and rate > 0.0:  # HF's (T, S) mask, row 0
@@ -84,6 +87,7 @@ def _first_query_attention(module, hidden, attention_mask, head_mask, determinis
 def _dropout_over(tokens: int):
     """Context in which ``nn.Dropout`` on (B, 1, ...) draws its mask at (B, tokens, ...), as HF's layer
     does, and keeps token 0's."""
+
     def full_shape(module, args, kwargs, call_original):
         x, *rest = args
         return call_original(jnp.broadcast_to(x, x.shape[:1] + (tokens,) + x.shape[2:]), *rest, **kwargs)[:, :1]
@@ -95,8 +99,9 @@ def _dropout_over(tokens: int):
 def _first_token_layer(layer, arguments):
     """HF's ``FlaxBertLayer.__call__`` for token 0: ``(hidden state (B, 1, D),)``."""
     hidden, deterministic = arguments["hidden_states"], arguments["deterministic"]
-    attended = _first_query_attention(layer.attention.self, hidden, arguments["attention_mask"],
-                                      arguments["layer_head_mask"], deterministic)
+    attended = _first_query_attention(
+        layer.attention.self, hidden, arguments["attention_mask"], arguments["layer_head_mask"], deterministic
+    )
     with _dropout_over(hidden.shape[1]):
         attention_output = layer.attention.output(attended, hidden[:, :1], deterministic=deterministic)
         return (layer.output(layer.intermediate(attention_output), attention_output, deterministic=deterministic),)
@@ -117,8 +122,10 @@ def first_token_only(model):
             logits = model(**batch, params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
     """
     if not reads_first_token_only(model):
-        raise ValueError(f"first_token_only needs a head that reads token 0 alone ({', '.join(sorted(HEADS))}); "
-                         f"got {type(model).__name__}, whose output needs every token of the last layer")
+        raise ValueError(
+            f"first_token_only needs a head that reads token 0 alone ({', '.join(sorted(HEADS))}); "
+            f"got {type(model).__name__}, whose output needs every token of the last layer"
+        )
     counts: collections.Counter = collections.Counter()
 
     def last_layer(module, args, kwargs, call_original):
@@ -130,7 +137,6 @@ def first_token_only(model):
         counts["first_token"] += 1
         return _first_token_layer(module, arguments)
 
-    is_last = lambda module: (type(module).__name__ in LAYERS and not module.is_initializing()
-                              and _is_last_layer(module))
+    is_last = lambda module: type(module).__name__ in LAYERS and not module.is_initializing() and _is_last_layer(module)
     with replace_calls(is_last, last_layer):
         yield counts

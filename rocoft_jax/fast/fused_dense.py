@@ -37,8 +37,9 @@ def _rows_sharing_input(xs, kernels, values, specs, precision):
 
 
 def _rows_sharing_input_fwd(xs, kernels, values, specs, precision):
-    ys, residuals = zip(*(sliced.forward_with_residuals(xs[0], k, v, s, precision)
-                          for k, v, s in zip(kernels, values, specs)))
+    ys, residuals = zip(
+        *(sliced.forward_with_residuals(xs[0], k, v, s, precision) for k, v, s in zip(kernels, values, specs))
+    )
     return ys, (xs[0], kernels, values, tuple(merged for *_, merged in residuals))
 
 
@@ -46,8 +47,10 @@ def _rows_sharing_input_bwd(specs, precision, residuals, dys):
     x, kernels, values, merged = residuals
     picked = [take_slice(dy, s, axis=-1) for dy, s in zip(dys, specs)]
     # One input gradient per reference: autodiff adds those of a shared one.
-    dxs = tuple(sliced.input_grad(dy, p, k, v, s, precision, m).astype(x.dtype)
-                for dy, p, k, v, s, m in zip(dys, picked, kernels, values, specs, merged))
+    dxs = tuple(
+        sliced.input_grad(dy, p, k, v, s, precision, m).astype(x.dtype)
+        for dy, p, k, v, s, m in zip(dys, picked, kernels, values, specs, merged)
+    )
     # Every slice gradient from one product: x is read once instead of once per layer.
     together = sliced.token_product(x, jnp.concatenate(picked, axis=-1), precision)
     parts = jnp.split(together, np.cumsum([len(s.indices) for s in specs])[:-1], axis=-1)
@@ -80,9 +83,12 @@ _after_gelu.defvjp(_after_gelu_fwd, _after_gelu_bwd)
 
 def _shares_rows(modules, entries) -> bool:
     """Whether these Dense layers can run as one: all train rows, in one dtype and precision."""
-    return (len(modules) > 1 and all(type(m) is nn.Dense for m in modules)
-            and all(spec.axis == spec.out_axis == 1 for _, spec in entries)
-            and len({(m.dtype, m.precision, m.get_variable("params", "kernel").dtype) for m in modules}) == 1)
+    return (
+        len(modules) > 1
+        and all(type(m) is nn.Dense for m in modules)
+        and all(spec.axis == spec.out_axis == 1 for _, spec in entries)
+        and len({(m.dtype, m.precision, m.get_variable("params", "kernel").dtype) for m in modules}) == 1
+    )
 
 
 def dense_sharing_input(modules, xs) -> list:
@@ -95,8 +101,11 @@ def dense_sharing_input(modules, xs) -> list:
     Anything else runs the layers one by one, through their usual interceptors.
     """
     entries = [sliced.active_slice(m) for m in modules]
-    if any(e is None for e in entries) or any(m.is_initializing() for m in modules) \
-            or not _shares_rows(modules, entries):
+    if (
+        any(e is None for e in entries)
+        or any(m.is_initializing() for m in modules)
+        or not _shares_rows(modules, entries)
+    ):
         return [m(x) for m, x in zip(modules, xs)]
     values, specs = zip(*entries)
     kernels = [m.get_variable("params", "kernel") for m in modules]
@@ -118,8 +127,11 @@ def fuses_after_gelu(module, x, mesh=None) -> bool:
     entry = sliced.active_slice(module)
     if entry is None or type(module) is not nn.Dense or module.is_initializing() or entry[1].axis is None:
         return False
-    return ((mesh is None or mesh.size == 1) and gelu_matmul.available()
-            and sliced.merges(x, module.get_variable("params", "kernel"), entry[1]))
+    return (
+        (mesh is None or mesh.size == 1)
+        and gelu_matmul.available()
+        and sliced.merges(x, module.get_variable("params", "kernel"), entry[1])
+    )
 
 
 def dense_after_gelu(module, h):

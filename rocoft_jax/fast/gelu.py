@@ -81,7 +81,7 @@ def pallas_elementwise(fn, x, dy=None, *, outputs: int = 1, interpret: bool = Fa
     operands = [a.reshape(-1) for a in (x, dy) if a is not None]
 
     def kernel(*refs):
-        inputs, outs = refs[:len(operands)], refs[len(operands):]
+        inputs, outs = refs[: len(operands)], refs[len(operands) :]
         values = [r[...] for r in inputs]
         results = fn(values[0], values[1] if len(values) > 1 else None, _cdf_pdf_zs)
         for ref, result in zip(outs, results if outputs > 1 else (results,)):
@@ -90,10 +90,15 @@ def pallas_elementwise(fn, x, dy=None, *, outputs: int = 1, interpret: bool = Fa
     spec = pl.BlockSpec((BLOCK,), lambda i: (i,))
     shape = jax.ShapeDtypeStruct(operands[0].shape, x.dtype)
     params = None if interpret else pl_triton.CompilerParams(num_warps=4, num_stages=1)
-    out = pl.pallas_call(kernel, out_shape=(shape,) * outputs if outputs > 1 else shape,
-                         grid=(operands[0].size // BLOCK,), in_specs=[spec] * len(operands),
-                         out_specs=(spec,) * outputs if outputs > 1 else spec,
-                         interpret=interpret, compiler_params=params)(*operands)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=(shape,) * outputs if outputs > 1 else shape,
+        grid=(operands[0].size // BLOCK,),
+        in_specs=[spec] * len(operands),
+        out_specs=(spec,) * outputs if outputs > 1 else spec,
+        interpret=interpret,
+        compiler_params=params,
+    )(*operands)
     return tuple(o.reshape(x.shape) for o in out) if outputs > 1 else out.reshape(x.shape)
 
 
@@ -107,8 +112,9 @@ def _elementwise(fn, mesh, x, dy=None, outputs: int = 1):
     def local(x, dy=None):
         if x.size % BLOCK:
             return xla(x, dy)
-        return lax.platform_dependent(x, dy, cuda=lambda x, dy: pallas_elementwise(fn, x, dy, outputs=outputs),
-                                      default=xla)
+        return lax.platform_dependent(
+            x, dy, cuda=lambda x, dy: pallas_elementwise(fn, x, dy, outputs=outputs), default=xla
+        )
 
     if mesh is None or mesh.size == 1:
         return local(x, dy)

@@ -30,8 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import backend
 from jax.experimental import pallas as pl
+from jax.extend import backend
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -65,8 +65,10 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
     swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
     out_swizzle = plgpu.find_swizzle(epi * jnp.dtype(dtype).itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
+    out_transforms = (
+        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(out_swizzle),
+    )
     m_iters, n_iters, k_iters = m // cta_tile_m, n // tile_n, k // tile_k
 
     def get_pipeline(body, compute_context):
@@ -75,10 +77,10 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
             grid=(k_iters,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((cta_tile_m, tile_k), lambda kk: (0, kk), transforms=transforms,
-                                memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk), transforms=transforms,
-                                memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(
+                    (cta_tile_m, tile_k), lambda kk: (0, kk), transforms=transforms, memory_space=plgpu.SMEM
+                ),
+                plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk), transforms=transforms, memory_space=plgpu.SMEM),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -102,8 +104,7 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
         def _tiles(loop_info):
             (lin,) = loop_info.index
-            m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), int(tiling.grid_minor_n),
-                                              tiling.grid_tile_width)
+            m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), int(tiling.grid_minor_n), tiling.grid_tile_width)
             m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
             n_slice = pl.ds(n_idx * tile_n, tile_n)
             wg_m_slice = pl.ds(wg * tile_m, tile_m)
@@ -115,8 +116,9 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
                 # The tiles of s load while the tensor cores run; the last tile's stores must have read them first.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 for i, (mi, ni) in enumerate(sub_tiles):
-                    plgpu.copy_gmem_to_smem(gmem_tile(s_gmem, mi, ni), s_smem.at[wg, i],
-                                            s_barrier.at[wg * len(sub_tiles) + i])
+                    plgpu.copy_gmem_to_smem(
+                        gmem_tile(s_gmem, mi, ni), s_smem.at[wg, i], s_barrier.at[wg * len(sub_tiles) + i]
+                    )
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                 def _acc(acc_ref):
@@ -124,7 +126,7 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
                     acc = acc_ref[...]
                     for i, (mi, ni) in enumerate(sub_tiles):
                         plgpu.barrier_wait(s_barrier.at[wg * len(sub_tiles) + i])
-                        sub = acc[mi * epi:(mi + 1) * epi, ni * epi:(ni + 1) * epi]
+                        sub = acc[mi * epi : (mi + 1) * epi, ni * epi : (ni + 1) * epi]
                         s_smem[wg, i] = (sub * s_smem[wg, i].astype(jnp.float32)).astype(dtype)
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(s_smem.at[wg, i], gmem_tile(out_gmem, mi, ni))
@@ -134,8 +136,9 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            get_pipeline(mma, compute_context)(a_gmem.at[m_slice, :], w_gmem.at[n_slice, :],
-                                               allocations=pipeline_allocs)
+            get_pipeline(mma, compute_context)(
+                a_gmem.at[m_slice, :], w_gmem.at[n_slice, :], allocations=pipeline_allocs
+            )
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -143,16 +146,24 @@ def _kernel(a_gmem, w_gmem, s_gmem, out_gmem, tiling: Tiling):
 def supported(dy, w, s, tiling: Tiling = Tiling()) -> bool:
     """Whether the kernel takes these shapes and dtypes (bf16, tiles dividing every dimension)."""
     (m, k), (n, k2) = dy.shape, w.shape
-    return (dy.dtype == w.dtype == s.dtype == jnp.bfloat16 and k == k2 and s.shape == (m, n)
-            and m % (2 * tiling.tile_m) == 0 and n % tiling.tile_n == 0 and k % tiling.tile_k == 0)
+    return (
+        dy.dtype == w.dtype == s.dtype == jnp.bfloat16
+        and k == k2
+        and s.shape == (m, n)
+        and m % (2 * tiling.tile_m) == 0
+        and n % tiling.tile_n == 0
+        and k % tiling.tile_k == 0
+    )
 
 
 def matmul_t_scale(dy, w, s, tiling: Tiling = Tiling()):
     """``(dy @ w.T) * s`` in one Hopper kernel: dy (M, K), w (N, K), s (M, N), all bf16."""
     if not supported(dy, w, s, tiling):
-        raise ValueError(f"matmul_t_scale needs bf16 dy (M, K), w (N, K), s (M, N) with M divisible by "
-                         f"{2 * tiling.tile_m}, N by {tiling.tile_n} and K by {tiling.tile_k}; got dy {dy.shape} "
-                         f"{dy.dtype}, w {w.shape} {w.dtype}, s {s.shape} {s.dtype}")
+        raise ValueError(
+            f"matmul_t_scale needs bf16 dy (M, K), w (N, K), s (M, N) with M divisible by "
+            f"{2 * tiling.tile_m}, N by {tiling.tile_n} and K by {tiling.tile_k}; got dy {dy.shape} "
+            f"{dy.dtype}, w {w.shape} {w.dtype}, s {s.shape} {s.dtype}"
+        )
     num_sms = getattr(backend.get_default_device(), "core_count", 132)  # 132: H100 SXM, when traced off-GPU
     call = plgpu.kernel(
         functools.partial(_kernel, tiling=tiling),
@@ -181,9 +192,11 @@ def scaled_input_grad(dy, w, s, precision=None):
 
     One `matmul_t_scale` kernel on a Hopper GPU where the shapes fit it, else XLA.
     """
+
     def xla(dy, w, s):
-        dg = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
+        dg = lax.dot_general(
+            dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
         return (dg * s.astype(jnp.float32)).astype(s.dtype)
 
     flat_dy, flat_s = dy.reshape(-1, dy.shape[-1]), s.reshape(-1, s.shape[-1])

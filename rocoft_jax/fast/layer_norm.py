@@ -57,7 +57,8 @@ def _input_grad_xla(dy, summed, mean, rstd, scale):
 
 def _forward_kernel(x_ref, r_ref, s_ref, b_ref, y_ref, sum_ref, mean_ref, rstd_ref, *, epsilon):
     y_ref[...], sum_ref[...], mean_ref[...], rstd_ref[...] = _forward_xla(
-        x_ref[...], r_ref[...], s_ref[...], b_ref[...], epsilon, y_ref.dtype)
+        x_ref[...], r_ref[...], s_ref[...], b_ref[...], epsilon, y_ref.dtype
+    )
 
 
 def _backward_kernel(*refs):
@@ -69,18 +70,30 @@ def _backward_kernel(*refs):
 
 def _blocks(d):
     """One program per row: the row of (N, D) operands, the whole (D,) scale and bias, the row's statistic."""
-    return (pl.BlockSpec((1, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,)),
-            pl.BlockSpec((1,), lambda i: (i,)))
+    return (
+        pl.BlockSpec((1, d), lambda i: (i, 0)),
+        pl.BlockSpec((d,), lambda i: (0,)),
+        pl.BlockSpec((1,), lambda i: (i,)),
+    )
 
 
 def _forward_pallas(x, residual, scale, bias, epsilon, dtype, interpret=False):
     n, d = x.shape
     row, vector, stat = _blocks(d)
-    shapes = [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((n, d), x.dtype),
-              jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32)]
+    shapes = [
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((n, d), x.dtype),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+    ]
     return pl.pallas_call(
-        functools.partial(_forward_kernel, epsilon=epsilon), grid=(n,), in_specs=[row, row, vector, vector],
-        out_specs=[row, row, stat, stat], out_shape=shapes, interpret=interpret, name="rocoft_add_layer_norm_fwd",
+        functools.partial(_forward_kernel, epsilon=epsilon),
+        grid=(n,),
+        in_specs=[row, row, vector, vector],
+        out_specs=[row, row, stat, stat],
+        out_shape=shapes,
+        interpret=interpret,
+        name="rocoft_add_layer_norm_fwd",
         compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=WARPS_FORWARD, num_stages=1),
     )(x, residual, scale, bias)
 
@@ -89,8 +102,13 @@ def _input_grad_pallas(dys, summed, mean, rstd, scale, interpret=False):
     n, d = summed.shape
     row, vector, stat = _blocks(d)
     return pl.pallas_call(
-        _backward_kernel, grid=(n,), in_specs=[row] * (len(dys) + 1) + [stat, stat, vector], out_specs=row,
-        out_shape=jax.ShapeDtypeStruct((n, d), summed.dtype), interpret=interpret, name="rocoft_add_layer_norm_bwd",
+        _backward_kernel,
+        grid=(n,),
+        in_specs=[row] * (len(dys) + 1) + [stat, stat, vector],
+        out_specs=row,
+        out_shape=jax.ShapeDtypeStruct((n, d), summed.dtype),
+        interpret=interpret,
+        name="rocoft_add_layer_norm_bwd",
         compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=WARPS_BACKWARD, num_stages=1),
     )(*dys, summed, mean, rstd, scale)
 
@@ -145,8 +163,9 @@ def _bwd(epsilon, dtype, single_device, copies, residuals, dys):
     dy = sum(dy.astype(jnp.float32) for dy in dys)  # for XLA's dx and the scale and bias gradients
     xla = lambda s, m, r, *_: _input_grad_xla(dy, s, m, r, scale)
     if _uses_kernels(summed, single_device):
-        pallas = lambda s, m, r, *dys: _flat(lambda s, m, r, *dys: _input_grad_pallas(dys, s, m, r, scale),
-                                             s, m, r, *dys)
+        pallas = lambda s, m, r, *dys: _flat(
+            lambda s, m, r, *dys: _input_grad_pallas(dys, s, m, r, scale), s, m, r, *dys
+        )
         dx = lax.platform_dependent(summed, mean, rstd, *dys, cuda=pallas, default=xla)
     else:
         dx = xla(summed, mean, rstd)
@@ -161,8 +180,7 @@ def _bwd(epsilon, dtype, single_device, copies, residuals, dys):
 add_layer_norm_copies.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 # The active `branching` context's {id(output): (output, {consumer: reference})}; per thread.
-_REGISTRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rocoft_jax_layer_norm_branches",
-                                                                         default=None)
+_REGISTRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rocoft_jax_layer_norm_branches", default=None)
 
 
 @contextlib.contextmanager
@@ -201,8 +219,9 @@ def residual_layer_norm(layer_norm, x, residual, mesh=None, branches: tuple[str,
     dtype = layer_norm.dtype or jnp.result_type(x, scale, bias)
     registry = _REGISTRY.get()
     branches = branches if registry is not None else ()
-    y, *copies = add_layer_norm_copies(x, residual, scale, bias, layer_norm.epsilon, dtype,
-                                       mesh is None or mesh.size == 1, 1 + len(branches))
+    y, *copies = add_layer_norm_copies(
+        x, residual, scale, bias, layer_norm.epsilon, dtype, mesh is None or mesh.size == 1, 1 + len(branches)
+    )
     if branches:
         registry[id(y)] = (y, dict(zip(branches, copies)))
     return y

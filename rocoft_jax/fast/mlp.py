@@ -71,7 +71,8 @@ def fast_gelu(mesh=None):
         residual = layer_norm.branch(arguments["attention_output"], "residual")
         return layer_norm.residual_layer_norm(module.LayerNorm, y, residual, mesh, branches=(*QKV, "residual"))
 
-    exact_gelu = lambda module: (type(module).__name__ in INTERMEDIATES
-                                 and getattr(module.config, "hidden_act", None) == "gelu")
+    exact_gelu = lambda module: (
+        type(module).__name__ in INTERMEDIATES and getattr(module.config, "hidden_act", None) == "gelu"
+    )
     with replace_calls(exact_gelu, intermediate), replace_calls(OUTPUTS, output), layer_norm.branching():
         yield counts

@@ -38,7 +38,8 @@ POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(sliced.CHECKPOINT_NAME, attention.CHECKPOINT_NAME)),
+        jax.checkpoint_policies.save_only_these_names(sliced.CHECKPOINT_NAME, attention.CHECKPOINT_NAME),
+    ),
 }
 
 
@@ -71,6 +72,3 @@ def remat_layers(policy: str = "full"):
     outermost = lambda module: type(module).__name__ in LAYERS and not getattr(inside, "active", False)
     with replace_calls(outermost, rematerialized):
         yield
-
-
-

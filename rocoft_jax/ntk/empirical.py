@@ -32,8 +32,23 @@ from tqdm.auto import tqdm
 from rocoft_jax import tree as tree_lib
 from rocoft_jax.ntk.subsets import SUBSET_NAMES, Subset, make_subset, parse_subset, restrict
 
-__all__ = ["DEFAULT_MAX_BYTES", "SUBSET_NAMES", "Subset", "kernel", "kernel_apply", "linearized", "make_subset",
-           "num_examples", "num_outputs", "outputs", "parse_subset", "plan_groups", "predict", "restrict", "tangent"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "SUBSET_NAMES",
+    "Subset",
+    "kernel",
+    "kernel_apply",
+    "linearized",
+    "make_subset",
+    "num_examples",
+    "num_outputs",
+    "outputs",
+    "parse_subset",
+    "plan_groups",
+    "predict",
+    "restrict",
+    "tangent",
+]
 
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -65,8 +80,10 @@ def _gram(ga, gb):
         return g.reshape(g.shape[0] * g.shape[1], -1)
 
     pairs = zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True)
-    return sum(jnp.dot(rows(a), rows(b).T, precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32) for a, b in pairs)
+    return sum(
+        jnp.dot(rows(a), rows(b).T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        for a, b in pairs
+    )
 
 
 def num_examples(batch) -> int:
@@ -80,13 +97,14 @@ def _chunks(batch, n: int, size: int):
     """``(start, valid, chunk)`` with every chunk padded to ``size`` rows by repeating the last row."""
     for start in range(0, n, size):
         rows = np.minimum(np.arange(start, start + size), n - 1)
-        yield start, min(size, n - start), jax.tree.map(lambda a: np.asarray(a)[rows], batch)
+        yield start, min(size, n - start), jax.tree.map(lambda a, rows=rows: np.asarray(a)[rows], batch)
 
 
 def num_outputs(subset: Subset, batch) -> int:
     one = jax.tree.map(lambda a: np.asarray(a)[:1], batch)
-    return int(np.prod(jax.eval_shape(functools.partial(_outputs, subset.apply), subset.theta, subset.consts,
-                                      one).shape[1:]))
+    return int(
+        np.prod(jax.eval_shape(functools.partial(_outputs, subset.apply), subset.theta, subset.consts, one).shape[1:])
+    )
 
 
 def plan_groups(example_bytes: dict[str, int], hold: int, max_bytes: int) -> list[list[str]]:
@@ -100,8 +118,10 @@ def plan_groups(example_bytes: dict[str, int], hold: int, max_bytes: int) -> lis
     size = 0
     for path, nbytes in example_bytes.items():
         if 2 * nbytes > max_bytes:
-            raise ValueError(f"max_bytes={max_bytes} cannot hold the gradients of two examples for {path} "
-                             f"({nbytes} bytes each); raise max_bytes to at least {2 * nbytes}")
+            raise ValueError(
+                f"max_bytes={max_bytes} cannot hold the gradients of two examples for {path} "
+                f"({nbytes} bytes each); raise max_bytes to at least {2 * nbytes}"
+            )
         if groups and size + nbytes <= limit:
             groups[-1].append(path)
             size += nbytes
@@ -111,8 +131,9 @@ def plan_groups(example_bytes: dict[str, int], hold: int, max_bytes: int) -> lis
     return groups
 
 
-def kernel(subset: Subset, x1, x2=None, *, max_bytes: int = DEFAULT_MAX_BYTES, chunk_size: int = 16,
-           progress: bool = False) -> np.ndarray:
+def kernel(
+    subset: Subset, x1, x2=None, *, max_bytes: int = DEFAULT_MAX_BYTES, chunk_size: int = 16, progress: bool = False
+) -> np.ndarray:
     """The ``(n1*C, n2*C)`` empirical NTK of ``subset`` between batches ``x1`` and ``x2`` (default x1).
 
     Batches are dicts of arrays with a leading example axis. At most ``max_bytes`` of
@@ -132,8 +153,13 @@ def kernel(subset: Subset, x1, x2=None, *, max_bytes: int = DEFAULT_MAX_BYTES, c
     hold = -(-n2 // chunk) * chunk + (0 if symmetric else chunk)  # all of x2 (padded), plus a chunk of x1
     groups = plan_groups(per_example, hold, max_bytes)
     out = np.zeros((n1 * c_out, n2 * c_out), np.float64)
-    bar = tqdm(total=n1 * len(groups), unit="ex", desc=f"kernel {subset.name} ({len(groups)} groups)",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=n1 * len(groups),
+        unit="ex",
+        desc=f"kernel {subset.name} ({len(groups)} groups)",
+        disable=not progress,
+        leave=False,
+    )
     for paths in groups:
         sub = subset if len(groups) == 1 else restrict(subset, paths)
         cap = max_bytes // sum(per_example[p] for p in paths)
@@ -157,7 +183,7 @@ def _accumulate(out, sub: Subset, x1, x2, n1, n2, size, c_out, cached, symmetric
 
     def add(a0, va, ga, b0, vb, gb):
         block = np.asarray(_gram(ga, gb), np.float64)[: va * c_out, : vb * c_out]
-        out[a0 * c_out:(a0 + va) * c_out, b0 * c_out:(b0 + vb) * c_out] += block
+        out[a0 * c_out : (a0 + va) * c_out, b0 * c_out : (b0 + vb) * c_out] += block
 
     inner = [(b0, vb, grads(ch)) for b0, vb, ch in _chunks(x2, n2, size)] if cached else None
     for a0, va, chunk_a in _chunks(x1, n1, size):
@@ -194,7 +220,7 @@ def tangent(subset: Subset, x, alpha, *, chunk_size: int = 16):
     v = None
     for start, valid, chunk in _chunks(x, n, chunk_size):
         cot = np.zeros((chunk_size, alpha.shape[1]), np.float32)
-        cot[:valid] = alpha[start:start + valid]
+        cot[:valid] = alpha[start : start + valid]
         part = _pullback(subset.apply, subset.theta, subset.consts, chunk, cot)
         v = part if v is None else jax.tree.map(jnp.add, v, part)
     return v
@@ -224,8 +250,18 @@ def kernel_apply(subset: Subset, x, alpha, x_new, *, chunk_size: int = 16):
     return linearized(subset, tangent(subset, x, alpha, chunk_size=chunk_size), x_new, chunk_size=chunk_size)[1]
 
 
-def predict(subset: Subset, x, alpha, x_new, *, max_bytes: int = DEFAULT_MAX_BYTES, chunk_size: int = 16,
-            jvp_chunk_size: int = 64, explicit_limit: int = 1 << 20, progress: bool = False) -> np.ndarray:
+def predict(
+    subset: Subset,
+    x,
+    alpha,
+    x_new,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_size: int = 16,
+    jvp_chunk_size: int = 64,
+    explicit_limit: int = 1 << 20,
+    progress: bool = False,
+) -> np.ndarray:
     """``K(x_new, x) @ alpha`` as ``(m, C)``, by the cheaper of two exact routes.
 
     Subsets with at most ``explicit_limit`` parameters (times outputs) form the cross kernel

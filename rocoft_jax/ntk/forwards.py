@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+
 def class_outputs(logits):
     """The outputs f of class logits: their difference (one output) for two classes, else the logits."""
     return logits[:, 1:] - logits[:, :1] if logits.shape[-1] == 2 else logits

@@ -52,8 +52,9 @@ def _loss_terms(f: np.ndarray, labels: np.ndarray):
     return loss, (p - onehot) / n, hess
 
 
-def fit(kernel, labels, lam: float, *, num_outputs: int = 1, offset=None, max_iter: int = 100,
-        tol: float = 1e-10) -> KLRFit:
+def fit(
+    kernel, labels, lam: float, *, num_outputs: int = 1, offset=None, max_iter: int = 100, tol: float = 1e-10
+) -> KLRFit:
     """Minimises the objective above for ``kernel`` ``(n*C, n*C)`` and integer ``labels`` ``(n,)``.
 
     ``offset`` (``(n, C)``, optional) is f0, the outputs at init, for the linearized model.
@@ -140,8 +141,9 @@ def _rows(rows: np.ndarray, c: int) -> np.ndarray:
     return (rows[:, None] * c + np.arange(c)).reshape(-1)
 
 
-def select_lambda(kernel, labels, lambdas=DEFAULT_LAMBDAS, *, num_outputs: int = 1, fraction: float = 0.25,
-                  seed: int = 0, offset=None) -> tuple[float, dict[float, tuple[float, float]]]:
+def select_lambda(
+    kernel, labels, lambdas=DEFAULT_LAMBDAS, *, num_outputs: int = 1, fraction: float = 0.25, seed: int = 0, offset=None
+) -> tuple[float, dict[float, tuple[float, float]]]:
     """The lambda with the best held-out accuracy (ties: lower held-out loss, then larger lambda).
 
     Returns it and ``{lam: (accuracy, loss)}`` on the held-out examples.
@@ -154,8 +156,9 @@ def select_lambda(kernel, labels, lambdas=DEFAULT_LAMBDAS, *, num_outputs: int =
     f0 = None if offset is None else np.asarray(offset, np.float64).reshape(len(labels), c)
     scores = {}
     for lam in lambdas:
-        model = fit(k[np.ix_(fr, fr)], labels[fit_rows], lam, num_outputs=c,
-                    offset=None if f0 is None else f0[fit_rows])
+        model = fit(
+            k[np.ix_(fr, fr)], labels[fit_rows], lam, num_outputs=c, offset=None if f0 is None else f0[fit_rows]
+        )
         out = decision(k[np.ix_(hr, fr)], model.alpha, c, None if f0 is None else f0[held])
         scores[float(lam)] = (float(np.mean(predict(out) == labels[held])), mean_loss(out, labels[held]))
     best = max(scores, key=lambda lam: (scores[lam][0], -scores[lam][1], lam))

@@ -8,8 +8,8 @@ matplotlib is imported only to draw.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from rocoft_jax import families as families_lib, lora as lora_lib
+from rocoft_jax import families as families_lib
+from rocoft_jax import lora as lora_lib
 from rocoft_jax import tree as tree_lib
-from rocoft_jax.sliced import sliced_kernels
 from rocoft_jax.mask import ROCOFT, TRAIN, RoCoFTMask, mask_leaves, mask_params
+from rocoft_jax.sliced import sliced_kernels
 from rocoft_jax.slices import merge, split
 
 SUBSET_NAMES = "full, bitfit, row<r>, column<r>, lora<r>"
@@ -110,8 +112,17 @@ class _Restricted:
         return self.apply(_overlay(rest, theta), base, batch)
 
 
-def make_subset(name: str, params, forward: Callable, *, seed: int = 0, targets=None, strategy: str = "first",
-                lora_alpha: float | None = None, family: str | None = None) -> Subset:
+def make_subset(
+    name: str,
+    params,
+    forward: Callable,
+    *,
+    seed: int = 0,
+    targets=None,
+    strategy: str = "first",
+    lora_alpha: float | None = None,
+    family: str | None = None,
+) -> Subset:
     """The subset ``name`` (see `parse_subset`) of ``params`` for ``forward(params, batch) -> (B, C)``.
 
     Rows/columns come from `mask_params` (``targets``, ``strategy``, ``seed``, ``family`` as
@@ -125,8 +136,16 @@ def make_subset(name: str, params, forward: Callable, *, seed: int = 0, targets=
         mask = mask_leaves(params, (r"(^|/)bias$",), name="bitfit")
         trainable, frozen = split(params, mask, dtype=None)
         return Subset(name, trainable[TRAIN], frozen, _Plain(forward), _Plain(forward))
-    mask = mask_params(params, rank if kind != "lora" else 1, kind if kind != "lora" else "row", targets=targets,
-                       strategy=strategy if kind != "lora" else "first", seed=seed, train=(), family=family)
+    mask = mask_params(
+        params,
+        rank if kind != "lora" else 1,
+        kind if kind != "lora" else "row",
+        targets=targets,
+        strategy=strategy if kind != "lora" else "first",
+        seed=seed,
+        train=(),
+        family=family,
+    )
     if kind == "lora":
         out_axis = families_lib.get_family(mask.family).out_axis if mask.family else 1
         theta = lora_lib.init_lora(params, list(mask.slices), rank, jax.random.PRNGKey(seed), out_axis)
@@ -134,8 +153,9 @@ def make_subset(name: str, params, forward: Callable, *, seed: int = 0, targets=
         return Subset(name, theta, params, apply, apply)
     trainable, frozen = split(params, mask, dtype=None)
     key = (kind, rank, tuple((p, s.axis, tuple(s.indices.tolist())) for p, s in mask.slices.items()))
-    return Subset(name, trainable[ROCOFT], frozen, _Sliced(forward, key, False, mask),
-                  _Sliced(forward, key, True, mask))
+    return Subset(
+        name, trainable[ROCOFT], frozen, _Sliced(forward, key, False, mask), _Sliced(forward, key, True, mask)
+    )
 
 
 def restrict(subset: Subset, paths) -> Subset:
@@ -150,5 +170,10 @@ def restrict(subset: Subset, paths) -> Subset:
         raise ValueError(f"{unknown[0]!r} is not a leaf of subset {subset.name!r}")
     rest = tree_lib.unflatten({p: v for p, v in flat.items() if p not in set(chosen)})
     theta = tree_lib.unflatten({p: flat[p] for p in chosen})
-    return Subset(f"{subset.name}[{len(chosen)} leaves]", theta, (rest, subset.consts),
-                  _Restricted(subset.apply, tuple(chosen)), _Restricted(subset.apply_jvp, tuple(chosen)))
+    return Subset(
+        f"{subset.name}[{len(chosen)} leaves]",
+        theta,
+        (rest, subset.consts),
+        _Restricted(subset.apply, tuple(chosen)),
+        _Restricted(subset.apply_jvp, tuple(chosen)),
+    )

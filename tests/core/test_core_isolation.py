@@ -20,23 +20,23 @@ REPO = TESTS.parent
 # Names the core must not load; flax itself imports private jax._src.pallas modules, which are not these.
 FORBIDDEN = ("rocoft_jax.fast", "rocoft_jax.ntk", "jax.experimental.pallas", "jax.experimental.mosaic")
 
-LOADED = textwrap.dedent('''
+LOADED = textwrap.dedent("""
     import json, sys
     FORBIDDEN = tuple(sys.argv[1].split(","))
 
     def forbidden_modules():
         return sorted(m for m in sys.modules if m.startswith(FORBIDDEN))
-''')
+""")
 
-IMPORT_ONLY = LOADED + textwrap.dedent('''
+IMPORT_ONLY = LOADED + textwrap.dedent("""
     import importlib
     importlib.import_module(sys.argv[2])
     print(json.dumps({"loaded": forbidden_modules()}))
-''')
+""")
 
 # One step of the core API on a tiny RoBERTa classifier, against a reference built with numpy only:
 # SGD on full params with the gradient multiplied by a 0/1 mask rebuilt from mask.indices.
-CORE_STEP = LOADED + textwrap.dedent('''
+CORE_STEP = LOADED + textwrap.dedent("""
     import rocoft_jax
     after_import = forbidden_modules()
 
@@ -102,12 +102,18 @@ CORE_STEP = LOADED + textwrap.dedent('''
     print(json.dumps({"after_import": after_import, "after_use": forbidden_modules(), "moved": moved,
                       "efficient_gap": gap(efficient), "dropin_gap": gap(dropin),
                       "slices": len(mask.slices), "finite": all(np.isfinite(r).all() for r in reference.values())}))
-''')
+""")
 
 
 def _run(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script, ",".join(FORBIDDEN), *args], capture_output=True, text=True,
-                          cwd=REPO, env=cpu_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, ",".join(FORBIDDEN), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=cpu_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -130,6 +136,10 @@ def test_the_check_sees_the_fast_paths_when_they_are_imported():
 
 def test_library_tests_do_not_import_train():
     pattern = re.compile(r"^\s*(from\s+train(\.\w+)*\s+import|import\s+train\b)", re.MULTILINE)
-    offenders = [str(path.relative_to(TESTS)) for folder in ("core", "fast", "ntk")
-                 for path in sorted((TESTS / folder).rglob("*.py")) if pattern.search(path.read_text())]
+    offenders = [
+        str(path.relative_to(TESTS))
+        for folder in ("core", "fast", "ntk")
+        for path in sorted((TESTS / folder).rglob("*.py"))
+        if pattern.search(path.read_text())
+    ]
     assert offenders == []

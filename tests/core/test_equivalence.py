@@ -96,8 +96,8 @@ def _run_masked(model_name, mode, rank, make_tx):
     _, params, batches, *_, full_grad = _setup(model_name)
     mask, _ = _mask_and_grad(model_name, mode, rank)
     tx = optax.multi_transform(
-        {"rocoft": rocoft_jax.masked(make_tx(), mask), "train": make_tx(), "frozen": optax.set_to_zero()},
-        mask.labels)
+        {"rocoft": rocoft_jax.masked(make_tx(), mask), "train": make_tx(), "frozen": optax.set_to_zero()}, mask.labels
+    )
     state, step = tx.init(params), fast_jit(_step(tx))
     for batch in batches:
         params, state = step(params, state, full_grad(params, batch))
@@ -141,8 +141,11 @@ def test_three_paths_agree(model_name, mode, rank, opt):
     for params in results.values():
         assert_unchanged_outside(params, start, masks)
     # The reference really trained: the live entries moved well beyond the tolerance.
-    moved = max(np.abs(v - flat(start)[k])[masks[k] > 0].max(initial=0.0)
-                for k, v in flat(results["dense"]).items() if masks[k].any())
+    moved = max(
+        np.abs(v - flat(start)[k])[masks[k] > 0].max(initial=0.0)
+        for k, v in flat(results["dense"]).items()
+        if masks[k].any()
+    )
     assert moved > 1e-3
     for name in paths[:-1]:
         assert_trees_close(results[name], results["dense"], atol=1e-6)
@@ -166,8 +169,9 @@ def test_adam_state_holds_two_scalars_per_trained_entry(mode, rank):
     slice_scalars = mask.num_trainable
     assert slice_scalars == sum(s.size for s in mask.slices.values())
 
-    tx = optax.multi_transform({"rocoft": rocoft_jax.masked(optax.adam(1e-3), mask), "frozen": optax.set_to_zero()},
-                               mask.labels)
+    tx = optax.multi_transform(
+        {"rocoft": rocoft_jax.masked(optax.adam(1e-3), mask), "frozen": optax.set_to_zero()}, mask.labels
+    )
     floats, ints = _float_and_int_leaves(tx.init(params))
     assert sum(x.size for x in floats) == 2 * slice_scalars
     assert ints and all(np.ndim(x) == 0 for x in ints)  # step counts only
@@ -201,6 +205,7 @@ def test_bf16_frozen_weights_keep_updates_below_bf16_resolution(mode):
         def body(_, t):
             updates, _ = tx.update(grads, tx.init(t), t)
             return optax.apply_updates(t, updates)
+
         return jax.lax.fori_loop(0, steps, body, tree)
 
     trained = run(trainable)
@@ -258,14 +263,16 @@ def test_split_then_merge_gives_back_the_params(model_name, mode, rank, dtype):
             np.testing.assert_array_equal(values, expected)
     assert set(flat(trainable["train"])) == {p for p in flat(params) if p.startswith(train_prefixes or ("\0",))}
     merged = rocoft_jax.merge(trainable, frozen, mask)
-    assert_unchanged_outside(jax.tree.map(lambda x: x.astype(dtype), merged), params,
-                             {p: np.zeros(v.shape) for p, v in flat(params).items()})
+    assert_unchanged_outside(
+        jax.tree.map(lambda x: x.astype(dtype), merged), params, {p: np.zeros(v.shape) for p, v in flat(params).items()}
+    )
     assert all(flat(merged)[p].dtype == np.dtype(dtype) for p in mask.slices)  # kernels keep their dtype
 
 
 def test_merge_accepts_numpy_params():
     """Params restored with flax.serialization.msgpack_restore (or built with numpy) are numpy arrays."""
     from flax import serialization
+
     _, params = tiny_roberta()
     restored = serialization.msgpack_restore(serialization.to_bytes(params))
     assert isinstance(jax.tree.leaves(restored)[0], np.ndarray)
@@ -278,6 +285,7 @@ def test_merge_rejects_a_trainable_tree_of_another_mask():
     _, params = tiny_roberta()
     mask = rocoft_jax.mask_params(params, 2, "row")
     trainable, frozen = rocoft_jax.split(params, mask)
-    with pytest.raises(ValueError,
-                       match=r"trainable tree lacks 'classifier/dense/bias'; it does not belong to this mask"):
+    with pytest.raises(
+        ValueError, match=r"trainable tree lacks 'classifier/dense/bias'; it does not belong to this mask"
+    ):
         rocoft_jax.merge({"rocoft": trainable["rocoft"], "train": {}}, frozen, mask)

@@ -49,13 +49,18 @@ REFERENCE_RULES: dict[str, tuple[tuple[str, P], ...]] = {
         (r"embeddings/\w+_embeddings/embedding$", P()),
         (r"(embeddings_project|lm_head|cls|generator_\w+|discriminator_\w+)/", P()),  # ELECTRA, MLM heads
     ),
-    "distilbert": _layers(r"attention/(q_lin|k_lin|v_lin)|ffn/lin1", r"attention/out_lin|ffn/lin2",
-                          "word_embeddings"),
-    "bart": _layers(r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1", r"(self_attn|encoder_attn)/out_proj|fc2",
-                    "shared|embed_tokens"),
+    "distilbert": _layers(r"attention/(q_lin|k_lin|v_lin)|ffn/lin1", r"attention/out_lin|ffn/lin2", "word_embeddings"),
+    "bart": _layers(
+        r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1",
+        r"(self_attn|encoder_attn)/out_proj|fc2",
+        "shared|embed_tokens",
+    ),
     "llama": (
-        *_layers(r"self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj)", r"self_attn/o_proj|mlp/down_proj",
-                 "embed_tokens"),
+        *_layers(
+            r"self_attn/(q_proj|k_proj|v_proj)|mlp/(gate_proj|up_proj)",
+            r"self_attn/o_proj|mlp/down_proj",
+            "embed_tokens",
+        ),
         (r"lm_head/kernel$", P("fsdp", "tensor")),
     ),
     "opt": (
@@ -67,8 +72,11 @@ REFERENCE_RULES: dict[str, tuple[tuple[str, P], ...]] = {
         *_layers(r"attn/(q_proj|k_proj|v_proj)|mlp/fc_in", r"attn/out_proj|mlp/fc_out", "wte"),
         (r"lm_head/kernel$", P("fsdp", "tensor")),
     ),
-    "bloom": _layers(r"self_attention/query_key_value|mlp/dense_h_to_4h", r"self_attention/dense|mlp/dense_4h_to_h",
-                     "word_embeddings"),
+    "bloom": _layers(
+        r"self_attention/query_key_value|mlp/dense_h_to_4h",
+        r"self_attention/dense|mlp/dense_4h_to_h",
+        "word_embeddings",
+    ),
     "gpt2": (
         (r"(attn/c_attn|mlp/c_fc)/kernel$", P("tensor", "fsdp")),
         (r"(attn/c_attn|mlp/c_fc)/bias$", _COL_BIAS),
@@ -79,24 +87,46 @@ REFERENCE_RULES: dict[str, tuple[tuple[str, P], ...]] = {
 }
 
 REFERENCE_TABLES = {
-    "attention.ENCODERS": (attention.ENCODERS, {
-        "FlaxBertSelfAttention", "FlaxRobertaSelfAttention", "FlaxXLMRobertaSelfAttention",
-        "FlaxElectraSelfAttention", "FlaxRobertaPreLayerNormSelfAttention", "FlaxBigBirdSelfAttention"}),
+    "attention.ENCODERS": (
+        attention.ENCODERS,
+        {
+            "FlaxBertSelfAttention",
+            "FlaxRobertaSelfAttention",
+            "FlaxXLMRobertaSelfAttention",
+            "FlaxElectraSelfAttention",
+            "FlaxRobertaPreLayerNormSelfAttention",
+            "FlaxBigBirdSelfAttention",
+        },
+    ),
     "attention.DECODERS": (attention.DECODERS, {"FlaxLlamaAttention", "FlaxMistralAttention", "FlaxGemmaAttention"}),
-    "attention.SELF_OUTPUTS": (attention.SELF_OUTPUTS, {"FlaxBertSelfOutput", "FlaxRobertaSelfOutput",
-                                                        "FlaxXLMRobertaSelfOutput", "FlaxElectraSelfOutput"}),
-    "mlp.INTERMEDIATES": (mlp.INTERMEDIATES, {"FlaxBertIntermediate", "FlaxRobertaIntermediate",
-                                              "FlaxXLMRobertaIntermediate", "FlaxElectraIntermediate"}),
+    "attention.SELF_OUTPUTS": (
+        attention.SELF_OUTPUTS,
+        {"FlaxBertSelfOutput", "FlaxRobertaSelfOutput", "FlaxXLMRobertaSelfOutput", "FlaxElectraSelfOutput"},
+    ),
+    "mlp.INTERMEDIATES": (
+        mlp.INTERMEDIATES,
+        {"FlaxBertIntermediate", "FlaxRobertaIntermediate", "FlaxXLMRobertaIntermediate", "FlaxElectraIntermediate"},
+    ),
     "mlp.OUTPUTS": (mlp.OUTPUTS, {"FlaxBertOutput", "FlaxRobertaOutput", "FlaxXLMRobertaOutput", "FlaxElectraOutput"}),
-    "first_token.LAYERS": (first_token.LAYERS, {"FlaxBertLayer", "FlaxRobertaLayer", "FlaxXLMRobertaLayer",
-                                                "FlaxElectraLayer"}),
-    "first_token.HEADS": (first_token.HEADS, {
-        "FlaxBertForSequenceClassification", "FlaxRobertaForSequenceClassification",
-        "FlaxXLMRobertaForSequenceClassification", "FlaxElectraForSequenceClassification"}),
+    "first_token.LAYERS": (
+        first_token.LAYERS,
+        {"FlaxBertLayer", "FlaxRobertaLayer", "FlaxXLMRobertaLayer", "FlaxElectraLayer"},
+    ),
+    "first_token.HEADS": (
+        first_token.HEADS,
+        {
+            "FlaxBertForSequenceClassification",
+            "FlaxRobertaForSequenceClassification",
+            "FlaxXLMRobertaForSequenceClassification",
+            "FlaxElectraForSequenceClassification",
+        },
+    ),
     "remat.LAYERS": (remat.LAYERS, {"FlaxLlamaDecoderLayer", "FlaxMistralDecoderLayer", "FlaxGemmaDecoderLayer"}),
     "remat.MODEL_TYPES": (remat.MODEL_TYPES, {"llama", "mistral", "gemma"}),
-    "causal-lm model types": (families.model_types("causal-lm"),
-                              {"llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2"}),
+    "causal-lm model types": (
+        families.model_types("causal-lm"),
+        {"llama", "mistral", "gemma", "gptj", "bloom", "opt", "gpt2"},
+    ),
 }
 
 NAMES = [f.name for f in families.FAMILIES]
@@ -189,8 +219,9 @@ def test_records_are_unique_and_post_init_checks_them():
     with pytest.raises(ValueError, match="kind must be one of"):
         dataclasses.replace(families.get_family("bert"), kind="decoder")
     with pytest.raises(ValueError, match="attention_style must be one of"):
-        dataclasses.replace(families.get_family("llama"),
-                            fast=families.FastPaths(self_attention=("FlaxLlamaAttention",)))
+        dataclasses.replace(
+            families.get_family("llama"), fast=families.FastPaths(self_attention=("FlaxLlamaAttention",))
+        )
 
 
 @pytest.mark.parametrize("name", list(FAMILY_MODELS))

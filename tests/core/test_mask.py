@@ -33,12 +33,20 @@ from flax.core import freeze
 import rocoft_jax
 
 # The shapes of the paper's checkpoints (2 labels).
-_ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                pad_token_id=1, bos_token_id=0, eos_token_id=2)
+_ROBERTA = dict(
+    vocab_size=50265,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
 PRESETS = {
     "roberta-base": lambda: tf.RobertaConfig(**_ROBERTA),
-    "roberta-large": lambda: tf.RobertaConfig(**_ROBERTA, hidden_size=1024, num_hidden_layers=24,
-                                              num_attention_heads=16, intermediate_size=4096),
+    "roberta-large": lambda: tf.RobertaConfig(
+        **_ROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
 }
 
 
@@ -80,8 +88,11 @@ def test_default_train_adds_the_classification_head():
     shapes = _preset_shapes("roberta-base")
     slices_only = rocoft_jax.mask_params(shapes, 1, "row", train=())
     default = rocoft_jax.mask_params(shapes, 1, "row")
-    head = {p: v for p, v in flat(jax.tree.map(lambda s: np.zeros(s.shape, np.int8), shapes)).items()
-            if p.startswith("classifier/")}
+    head = {
+        p: v
+        for p, v in flat(jax.tree.map(lambda s: np.zeros(s.shape, np.int8), shapes)).items()
+        if p.startswith("classifier/")
+    }
     hidden, labels = 768, 2
     assert sum(v.size for v in head.values()) == hidden * hidden + hidden + hidden * labels + labels
     assert default.num_trainable == slices_only.num_trainable + sum(v.size for v in head.values())
@@ -147,7 +158,8 @@ def test_labels_drive_multi_transform(container, mode, rank):
     assert jax.tree.structure(mask.labels) == jax.tree.structure(params)
     tx = optax.multi_transform(
         {"rocoft": rocoft_jax.masked(optax.sgd(1.0), mask), "train": optax.sgd(1.0), "frozen": optax.set_to_zero()},
-        mask.labels)
+        mask.labels,
+    )
     grads = jax.tree.map(jnp.ones_like, params)  # plain SGD with unit gradients: each live entry moves by -1
     updates, _ = tx.update(grads, tx.init(params), params)
     assert type(updates) is type(params)
@@ -156,8 +168,12 @@ def test_labels_drive_multi_transform(container, mode, rank):
         np.testing.assert_array_equal(u, -masks[path], err_msg=path)
 
 
-SELECTIONS = [(mode, rank, strategy) for mode, rank in MODES for strategy in ("first", "random")
-              if not (mode == "random" and strategy == "random")]  # mode random has only its seed
+SELECTIONS = [
+    (mode, rank, strategy)
+    for mode, rank in MODES
+    for strategy in ("first", "random")
+    if not (mode == "random" and strategy == "random")
+]  # mode random has only its seed
 
 
 @pytest.mark.parametrize("mode, rank, strategy", SELECTIONS)
@@ -243,12 +259,18 @@ def test_describe_is_json_ready():
     assert {p: np.asarray(v, np.int32).tolist() for p, v in mask.indices.items()} == record["indices"]
 
 
-ROUND_TRIPS = [("roberta", "row", 2, "random"), ("roberta", "column", 3, "first"), ("roberta", "random", 0.05, "first"),
-               ("gpt2", "row", 2, "random"), ("gpt2", "random", 0.05, "first")]
+ROUND_TRIPS = [
+    ("roberta", "row", 2, "random"),
+    ("roberta", "column", 3, "first"),
+    ("roberta", "random", 0.05, "first"),
+    ("gpt2", "row", 2, "random"),
+    ("gpt2", "random", 0.05, "first"),
+]
 
 
-@pytest.mark.parametrize("model_name, mode, rank, strategy", ROUND_TRIPS,
-                         ids=["-".join(map(str, r)) for r in ROUND_TRIPS])
+@pytest.mark.parametrize(
+    "model_name, mode, rank, strategy", ROUND_TRIPS, ids=["-".join(map(str, r)) for r in ROUND_TRIPS]
+)
 def test_mask_from_description_rebuilds_the_same_selection(model_name, mode, rank, strategy):
     _, params = (tiny_roberta if model_name == "roberta" else tiny_gpt2)()
     mask = rocoft_jax.mask_params(params, rank, mode, strategy=strategy, seed=11)
@@ -270,8 +292,11 @@ def test_mask_from_description_rejects_indices_outside_the_kernel():
     description = json.loads(json.dumps(rocoft_jax.mask_params(params, 2, "row").describe()))
     path = next(iter(description["indices"]))
     description["indices"][path] = [0, 4096]
-    with pytest.raises(ValueError, match=r"selected indices 0\.\.4096 do not fit a kernel of shape \(32, \d+\); "
-                                         r"was the selection made for a different base model\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"selected indices 0\.\.4096 do not fit a kernel of shape \(32, \d+\); "
+        r"was the selection made for a different base model\?",
+    ):
         rocoft_jax.mask_from_description(params, description)
 
 
@@ -292,30 +317,69 @@ _CUSTOM = {"foo": {"bar": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
 
 ERRORS = [
     # (name, params, args, kwargs, message regex)
-    ("targets-match-nothing", "roberta", (1,), {"targets": [r"attention/self/querry/kernel$"]},
-     r"target pattern 'attention/self/querry/kernel\$' matches no parameter"),
+    (
+        "targets-match-nothing",
+        "roberta",
+        (1,),
+        {"targets": [r"attention/self/querry/kernel$"]},
+        r"target pattern 'attention/self/querry/kernel\$' matches no parameter",
+    ),
     ("rank-zero", "roberta", (0,), {}, r"rank must be a positive integer number of rows; got 0"),
     ("rank-negative", "roberta", (-2, "column"), {}, r"rank must be a positive integer number of columns; got -2"),
     ("rank-float", "roberta", (1.5,), {}, r"rank must be a positive integer number of rows; got 1\.5"),
     ("rank-bool", "roberta", (True,), {}, r"rank must be a positive integer"),
-    ("rank-too-big-row", "roberta", (33, "row"), {},
-     (r"rank 33 exceeds the 32 rows of roberta/encoder/layer/0/attention/output/dense/kernel \(shape \(32, 32\)\); "
-      r"choose rank <= 32")),
-    ("rank-too-big-column", "roberta", (40, "column"), {"targets": [r"intermediate/dense/kernel$"]},
-     r"rank 40 exceeds the 32 columns of roberta/encoder/layer/0/intermediate/dense/kernel .*choose rank <= 32"),
+    (
+        "rank-too-big-row",
+        "roberta",
+        (33, "row"),
+        {},
+        (
+            r"rank 33 exceeds the 32 rows of roberta/encoder/layer/0/attention/output/dense/kernel "
+            r"\(shape \(32, 32\)\); choose rank <= 32"
+        ),
+    ),
+    (
+        "rank-too-big-column",
+        "roberta",
+        (40, "column"),
+        {"targets": [r"intermediate/dense/kernel$"]},
+        r"rank 40 exceeds the 32 columns of roberta/encoder/layer/0/intermediate/dense/kernel .*choose rank <= 32",
+    ),
     ("random-p-out-of-range", "roberta", (1.5, "random"), {}, r"mode 'random' takes rank=p, a probability in \(0, 1\]"),
     ("unknown-mode", "roberta", (1, "diagonal"), {}, r"unknown mode 'diagonal'; choose one of: row, column, random"),
-    ("unknown-strategy", "roberta", (1,), {"strategy": "largest"},
-     r"unknown strategy 'largest'; choose one of: first, random, max, min, mixed"),
+    (
+        "unknown-strategy",
+        "roberta",
+        (1,),
+        {"strategy": "largest"},
+        r"unknown strategy 'largest'; choose one of: first, random, max, min, mixed",
+    ),
     ("wanda-in-random-mode", "roberta", (0.1, "random"), {"strategy": "max"}, r"strategy 'max' needs mode 'row'"),
-    ("unknown-family", "custom", (1,), {},
-     r"unknown model family: no known layout matches parameter paths like 'foo/bar/kernel'.*Pass targets="),
+    (
+        "unknown-family",
+        "custom",
+        (1,),
+        {},
+        r"unknown model family: no known layout matches parameter paths like 'foo/bar/kernel'.*Pass targets=",
+    ),
     ("unknown-family-name", "roberta", (1,), {"family": "t5"}, r"unknown family 't5'; choose one of: bert"),
-    ("wanda-without-calibration", "roberta", (1,), {"strategy": "max"},
-     (r"strategy 'max' scores rows/columns by input activations, but calibration= lacks "
-      r"'roberta/encoder/layer/0/attention/output/dense/kernel'.*activation_norms")),
-    ("train-pattern-matches-nothing", "roberta", (1,), {"train": [r"^pooler/"]},
-     r"train pattern '\^pooler/' matches no parameter"),
+    (
+        "wanda-without-calibration",
+        "roberta",
+        (1,),
+        {"strategy": "max"},
+        (
+            r"strategy 'max' scores rows/columns by input activations, but calibration= lacks "
+            r"'roberta/encoder/layer/0/attention/output/dense/kernel'.*activation_norms"
+        ),
+    ),
+    (
+        "train-pattern-matches-nothing",
+        "roberta",
+        (1,),
+        {"train": [r"^pooler/"]},
+        r"train pattern '\^pooler/' matches no parameter",
+    ),
 ]
 
 
@@ -330,8 +394,11 @@ def test_masked_rejects_leaves_that_are_not_rocoft_kernels():
     _, params = tiny_roberta()
     mask = rocoft_jax.mask_params(params, 1)
     tx = rocoft_jax.masked(optax.adam(1e-3), mask)
-    with pytest.raises(ValueError, match=r"rocoft_jax.masked received 'classifier/dense/bias', which is not a "
-                                         r"selected kernel of the mask.*mask.labels"):
+    with pytest.raises(
+        ValueError,
+        match=r"rocoft_jax.masked received 'classifier/dense/bias', which is not a "
+        r"selected kernel of the mask.*mask.labels",
+    ):
         tx.init({"classifier": {"dense": {"bias": params["classifier"]["dense"]["bias"]}}})
 
 

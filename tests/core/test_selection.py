@@ -69,8 +69,9 @@ def test_wanda_picks_the_obvious_rows_and_columns(name, mode, strategy, rank, ex
     params, batch = _one_dense()
     norms = rocoft_jax.activation_norms(one_dense_model, params, [batch], ["proj/kernel"])
     np.testing.assert_allclose(norms["proj/kernel"], B, rtol=1e-6)
-    mask = rocoft_jax.mask_params(params, rank, mode, targets=[r"^proj/kernel$"], train=(), strategy=strategy,
-                                  calibration=norms)
+    mask = rocoft_jax.mask_params(
+        params, rank, mode, targets=[r"^proj/kernel$"], train=(), strategy=strategy, calibration=norms
+    )
     np.testing.assert_array_equal(mask.indices["proj/kernel"], expected)
     assert mask.indices["proj/kernel"].dtype == np.int32
 
@@ -79,8 +80,9 @@ def test_wanda_scores_need_the_activations():
     """Without the activations (all norms equal) the columns rank by weight alone: the opposite answer."""
     params, _ = _one_dense()
     flat_norms = {"proj/kernel": np.ones(len(B), np.float32)}
-    mask = rocoft_jax.mask_params(params, 2, "column", targets=[r"^proj/kernel$"], train=(), strategy="max",
-                                  calibration=flat_norms)
+    mask = rocoft_jax.mask_params(
+        params, 2, "column", targets=[r"^proj/kernel$"], train=(), strategy="max", calibration=flat_norms
+    )
     np.testing.assert_array_equal(mask.indices["proj/kernel"], [0, 1])
 
 
@@ -103,13 +105,15 @@ def test_wanda_indices_match_numpy_scores(model_name, out_axis, mode, strategy):
     _, params = (tiny_roberta if model_name == "roberta" else tiny_gpt2)()
     kernels = rocoft_jax.mask_params(params, 1, mode).slices  # the family's targets
     rng = np.random.default_rng(0)
-    calibration = {p: rng.uniform(0.1, 10.0, spec.shape[1 - out_axis]).astype(np.float32)
-                   for p, spec in kernels.items()}
+    calibration = {
+        p: rng.uniform(0.1, 10.0, spec.shape[1 - out_axis]).astype(np.float32) for p, spec in kernels.items()
+    }
     mask = rocoft_jax.mask_params(params, 3, mode, strategy=strategy, calibration=calibration)
     leaves = flat(params)
     for path, idx in mask.indices.items():
         np.testing.assert_array_equal(
-            idx, _numpy_wanda(leaves[path], calibration[path], mode, out_axis, strategy, 3), err_msg=path)
+            idx, _numpy_wanda(leaves[path], calibration[path], mode, out_axis, strategy, 3), err_msg=path
+        )
 
 
 # ---------------------------------------------------------------- activation norms of a real model
@@ -121,9 +125,18 @@ def _independent_norms(model, params, batches, layer):
     for batch in batches:
         ids, am = batch["input_ids"], batch["attention_mask"]
         pos = create_position_ids_from_input_ids(ids, model.config.pad_token_id)
-        out, state = model.module.apply({"params": params}, ids, am, np.zeros_like(ids), pos, None,
-                                        deterministic=True, output_hidden_states=True,
-                                        capture_intermediates=True, mutable=["intermediates"])
+        out, state = model.module.apply(
+            {"params": params},
+            ids,
+            am,
+            np.zeros_like(ids),
+            pos,
+            None,
+            deterministic=True,
+            output_hidden_states=True,
+            capture_intermediates=True,
+            mutable=["intermediates"],
+        )
         hidden = out.hidden_states[layer]  # the layer's input
         captured = state["intermediates"]["roberta"]["encoder"]["layer"][str(layer)]
         inputs = {
@@ -184,8 +197,15 @@ def test_wanda_mask_from_real_calibration_matches_numpy():
 def test_calibration_norms_of_the_wrong_length():
     params, _ = _one_dense()
     with pytest.raises(ValueError, match=r"calibration norms have shape \(5,\), expected \(6,\): one norm per input"):
-        rocoft_jax.mask_params(params, 1, "row", targets=[r"^proj/kernel$"], train=(), strategy="max",
-                               calibration={"proj/kernel": np.ones(5)})
+        rocoft_jax.mask_params(
+            params,
+            1,
+            "row",
+            targets=[r"^proj/kernel$"],
+            train=(),
+            strategy="max",
+            calibration={"proj/kernel": np.ones(5)},
+        )
 
 
 def test_activation_norms_of_a_layer_that_never_runs():

@@ -95,10 +95,15 @@ def test_sliced_matmul_matches_the_merged_kernel(name, out_axis, mode, idx, lead
     y_vjp, _ = jax.vjp(lambda v: rocoft_jax.sliced_matmul(x, kernel, v, spec), values)
     np.testing.assert_allclose(y_vjp, _reference(x, kernel, values, out_axis, mode, idx), atol=1e-5, rtol=1e-5)
     # With the kernel's own entries as the slice it is the plain matmul.
-    own = jnp.asarray(np.asarray(kernel).reshape(-1)[idx] if mode == "random"
-                      else np.take(np.asarray(kernel), idx, axis=spec.axis))
-    np.testing.assert_allclose(rocoft_jax.sliced_matmul(x, kernel, own, spec),
-                               x @ (kernel if out_axis == 1 else kernel.T), atol=1e-5, rtol=1e-5)
+    own = jnp.asarray(
+        np.asarray(kernel).reshape(-1)[idx] if mode == "random" else np.take(np.asarray(kernel), idx, axis=spec.axis)
+    )
+    np.testing.assert_allclose(
+        rocoft_jax.sliced_matmul(x, kernel, own, spec),
+        x @ (kernel if out_axis == 1 else kernel.T),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("lead", LEADS.values(), ids=LEADS.keys())
@@ -161,8 +166,9 @@ def test_layers_sharing_an_input_match_separate_layers_with_one_slice_gradient_p
     shared = lambda x, v: loss(fused_dense._rows_sharing_input((x,) * 3, kernels, v, specs, None))
     separate = lambda x, v: loss([rocoft_jax.sliced_matmul(x, k, vi, s) for k, vi, s in zip(kernels, v, specs)])
     assert sliced.merges(x, kernels[0], specs[0]) == (tokens == 512)
-    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, values)
-                                              for f in (shared, separate))
+    (value, grads), (ref_value, ref_grads) = (
+        jax.value_and_grad(f, argnums=(0, 1))(x, values) for f in (shared, separate)
+    )
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -214,14 +220,18 @@ def test_sliced_kernels_errors():
     mask = rocoft_jax.mask_params(params, 1, "row")
     trainable, frozen = rocoft_jax.split(params, mask)
     partial = {"rocoft": {"transformer": {"h": {"0": trainable["rocoft"]["transformer"]["h"]["0"]}}}}
-    with pytest.raises(ValueError, match=r"no trained slice for 'transformer/h/1/attn/c_attn/kernel'; pass the "
-                                         r"trainable tree from split\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"no trained slice for 'transformer/h/1/attn/c_attn/kernel'; pass the "
+        r"trainable tree from split\(\)",
+    ):
         rocoft_jax.sliced_kernels(partial, mask)
 
     # A selected kernel no layer uses would silently stay untrained.
     extra = dict(params, unused={"kernel": jnp.ones((4, 4))})
-    mask = rocoft_jax.mask_params(extra, 1, "row", targets=[r"attn/c_attn/kernel$", r"^unused/kernel$"], train=(),
-                                  family="gpt2")
+    mask = rocoft_jax.mask_params(
+        extra, 1, "row", targets=[r"attn/c_attn/kernel$", r"^unused/kernel$"], train=(), family="gpt2"
+    )
     trainable, frozen = rocoft_jax.split(extra, mask)
     with pytest.raises(ValueError, match=r"selected kernel unused/kernel was not used by any nn.Dense or FlaxConv1D"):
         jax.eval_shape(lambda tr, fr: efficient_forward(model, tr, fr, mask, batch), trainable, frozen)
@@ -229,6 +239,9 @@ def test_sliced_kernels_errors():
     # A mask built for the wrong layout is refused at the layer, not silently applied to the other axis.
     mask = rocoft_jax.mask_params(params, 1, "row", targets=[r"attn/c_attn/kernel$"], family="llama")
     trainable, frozen = rocoft_jax.split(params, mask)
-    with pytest.raises(ValueError, match=r"FlaxConv1D at transformer/h/0/attn/c_attn has output axis 0, but the "
-                                         r"mask assumed 1; rebuild the mask with the right family"):
+    with pytest.raises(
+        ValueError,
+        match=r"FlaxConv1D at transformer/h/0/attn/c_attn has output axis 0, but the "
+        r"mask assumed 1; rebuild the mask with the right family",
+    ):
         jax.eval_shape(lambda tr, fr: efficient_forward(model, tr, fr, mask, batch), trainable, frozen)

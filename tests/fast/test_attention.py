@@ -22,8 +22,14 @@ import rocoft_jax
 from rocoft_jax.fast.attention import fused_attention
 from rocoft_jax.fast.remat import remat_layers
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=34)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=34,
+)
 ENC = dict(SMALL, attention_probs_dropout_prob=0.1)  # hidden dropout stays on too: same rng streams
 DEC = dict(SMALL, attention_dropout=0.1, num_key_value_heads=2)  # GQA: 4 query heads on 2 K/V heads
 # name -> (config class, model class, config kwargs)
@@ -36,8 +42,11 @@ MODELS = {
     "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM, DEC),
     "mistral": (tf.MistralConfig, tf.FlaxMistralForCausalLM, dict(DEC, sliding_window=3)),
     "mistral-nowindow": (tf.MistralConfig, tf.FlaxMistralForCausalLM, dict(DEC, sliding_window=None)),
-    "gemma": (tf.GemmaConfig, tf.FlaxGemmaForCausalLM,  # MQA, head_dim set apart from hidden/heads
-              dict(DEC, num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh")),
+    "gemma": (
+        tf.GemmaConfig,
+        tf.FlaxGemmaForCausalLM,  # MQA, head_dim set apart from hidden/heads
+        dict(DEC, num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh"),
+    ),
 }
 LENGTHS = (8, 5, -5)  # per row: full, right-padded to 5, left-padded (5 real tokens at the end)
 
@@ -102,7 +111,8 @@ def reference(name):
     """Loss, logits and gradients without fused attention."""
     model, params = tiny(name)
     (_, logits), grads = fast_jit(jax.value_and_grad(lambda p, i, m: loss_and_logits(model, p, i, m), has_aux=True))(
-        params, *make_batch())
+        params, *make_batch()
+    )
     return logits, grads
 
 
@@ -143,8 +153,12 @@ def test_logits_and_grads_match_and_fused_path_runs(name, count_fused_calls):
 
 # (name, implementation, right_padded), logits only: the other classes; cuDNN, which falls back to XLA on
 # CPU; padding as key lengths on right-padded rows
-VARIANTS = [("xlm-roberta", None, False), ("mistral-nowindow", None, False), ("llama", "cudnn", False),
-            ("mistral", "xla", True)]
+VARIANTS = [
+    ("xlm-roberta", None, False),
+    ("mistral-nowindow", None, False),
+    ("llama", "cudnn", False),
+    ("mistral", "xla", True),
+]
 
 
 @pytest.mark.parametrize("name,implementation,right_padded", VARIANTS)

@@ -42,8 +42,12 @@ def test_kernels_match_materialized_attention():
 
 def test_both_passes_lower_to_one_triton_kernel_each_for_cuda():
     q, k, v, do, keys, drop = operands(d=64, dtype=jnp.bfloat16)
-    step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(dropout_lib.dropout_attention(q, k, v, keys, drop, 0.125)
-                                                     .astype(jnp.float32)), argnums=(0, 1, 2)))
+    step = jax.jit(
+        jax.grad(
+            lambda q, k, v: jnp.sum(dropout_lib.dropout_attention(q, k, v, keys, drop, 0.125).astype(jnp.float32)),
+            argnums=(0, 1, 2),
+        )
+    )
     assert step.trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 2
 
 
@@ -52,9 +56,19 @@ def test_bert_training_draws_hf_dropout_in_the_kernels(monkeypatch, mode):
     """Every layer's attention dropout runs in the kernels (as on a GPU) with the mask HF draws: same
     logits and slice gradients as HF's own attention, padded rows included."""
     monkeypatch.setattr(dropout_lib, "available", lambda: True)
-    config = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=34, num_labels=3,
-                           attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1, bos_token_id=0, eos_token_id=2)
+    config = tf.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=34,
+        num_labels=3,
+        attention_probs_dropout_prob=0.3,
+        hidden_dropout_prob=0.1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     model, params = _concrete(tf.FlaxBertForSequenceClassification, config, seed=0)
     mask = rocoft_jax.mask_params(params, 2, mode, family="bert")
     trainable, frozen = rocoft_jax.split(params, mask)
@@ -94,7 +108,7 @@ def test_kernels_match_materialized_attention_on_a_gpu():
         assert_trees_close(got.astype(jnp.float32), want, atol=3e-2 * float(jnp.abs(want).max()))
 
 
-SHARDED = textwrap.dedent('''
+SHARDED = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update("jax_platforms", "cpu")
@@ -128,7 +142,7 @@ SHARDED = textwrap.dedent('''
     fused, plain = (step(params, f) for f in (True, False))
     grad_diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(plain[1])))
     print(json.dumps({"loss": [float(fused[0]), float(plain[0])], "grad_diff": grad_diff}))
-''')
+""")
 
 
 def test_kernels_run_per_shard_under_a_data_and_tensor_mesh():

@@ -27,23 +27,23 @@ CLASSIFIERS = ("bert", "roberta", "xlm-roberta", "electra")
 def tiny(name, **overrides):
     """A 2-layer sequence classifier of the family, fp32, with 3 labels."""
     config_cls, model_cls, kwargs, *_ = FAMILY_MODELS[name]
-    config = config_cls(**{**kwargs, **NO_DROPOUT, "num_labels": 3, "bos_token_id": 0, "eos_token_id": 2,
-                           **overrides})
+    config = config_cls(**{**kwargs, **NO_DROPOUT, "num_labels": 3, "bos_token_id": 0, "eos_token_id": 2, **overrides})
     return _concrete(model_cls, config, seed=0)
 
 
 def logits_fn(model, mask, batch, fast: bool, **kwargs):
     """``trainable -> logits`` through RoCoFT's sliced kernels, with or without `first_token_only`."""
+
     def logits(trainable, frozen):
         params = rocoft_jax.with_trained_leaves(frozen, trainable)
         with rocoft_jax.sliced_kernels(trainable, mask):
             if not fast:
-                return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params,
-                             **kwargs).logits
+                return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, **kwargs).logits
             with rocoft_jax.fast.first_token_only(model) as counts:
                 out = model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params, **kwargs)
             logits.counts = dict(counts)
             return out.logits
+
     return logits
 
 
@@ -96,8 +96,9 @@ def test_dropout_draws_hf_masks(mode, partitionable):
         assert fast.counts == {"first_token": 1}
         assert_trees_close(out, fast_jit(plain)(trainable, frozen), atol=1e-5)
         assert np.abs(out - fast_jit(logits_fn(model, mask, batch, False))(trainable, frozen)).max() > 1e-2
-        grads = [fast_jit(jax.grad(lambda t, fn=fn: jnp.sum(jnp.sin(fn(t, frozen)))))(trainable)
-                 for fn in (fast, plain)]
+        grads = [
+            fast_jit(jax.grad(lambda t, fn=fn: jnp.sum(jnp.sin(fn(t, frozen)))))(trainable) for fn in (fast, plain)
+        ]
     assert_trees_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
@@ -117,8 +118,9 @@ def test_with_hf_gradient_checkpointing():
     trainable, frozen = rocoft_jax.split(params, mask)
     batch = classification_batch(model.config)
     fast = logits_fn(checkpointed, mask, batch, True)
-    assert_trees_close(fast_jit(fast)(trainable, frozen), logits_fn(model, mask, batch, False)(trainable, frozen),
-                       atol=1e-5)
+    assert_trees_close(
+        fast_jit(fast)(trainable, frozen), logits_fn(model, mask, batch, False)(trainable, frozen), atol=1e-5
+    )
     assert fast.counts == {"first_token": 1}
 
 

@@ -86,9 +86,18 @@ def test_models_keep_logits_and_slice_gradients(name):
 
 def test_other_activations_are_left_alone():
     from transformers import BertConfig, FlaxBertForSequenceClassification
-    model = FlaxBertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=4, intermediate_size=64,
-                                                         hidden_act="gelu_new"), seed=0)
+
+    model = FlaxBertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_act="gelu_new",
+        ),
+        seed=0,
+    )
     with rocoft_jax.fast.fast_gelu() as counts:
         model(jnp.ones((1, 8), jnp.int32))
     assert counts["gelu"] == 0

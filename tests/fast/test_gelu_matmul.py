@@ -41,8 +41,9 @@ def test_kernel_lowers_for_cuda_and_rejects_shapes_it_cannot_tile():
 
 
 def test_unavailable_without_a_hopper_gpu_or_on_an_older_jax(monkeypatch):
-    device = lambda platform, capability: lambda *_: [type("D", (), {"platform": platform,
-                                                                    "compute_capability": capability})()]
+    device = lambda platform, capability: (
+        lambda *_: [type("D", (), {"platform": platform, "compute_capability": capability})()]
+    )
     for platform, capability in (("cpu", None), ("gpu", "8.0")):  # a CPU; an A100
         monkeypatch.setattr(jax, "devices", device(platform, capability))
         assert not gelu_matmul.available()
@@ -56,8 +57,11 @@ def test_unavailable_without_a_hopper_gpu_or_on_an_older_jax(monkeypatch):
 def test_kernel_matches_xla_on_hopper():
     dy, w, s = operands(16384, 1024, 4096)
     ours = np.asarray(gelu_matmul.matmul_t_scale(dy, w, s), np.float32)
-    exact = np.asarray(gelu_matmul.scaled_input_grad(dy.astype(jnp.float32), w.astype(jnp.float32),
-                                                     s.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST))
+    exact = np.asarray(
+        gelu_matmul.scaled_input_grad(
+            dy.astype(jnp.float32), w.astype(jnp.float32), s.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+    )
     np.testing.assert_allclose(ours, exact, rtol=2**-7, atol=1e-2)
 
 

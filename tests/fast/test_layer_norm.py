@@ -41,15 +41,19 @@ def test_kernels_match_the_xla_formula():
     expected = ln_lib._forward_xla(x, residual, scale, bias, 1e-5, jnp.float32)
     assert_trees_close(forward, expected, atol=1e-6)
     y, summed, mean, rstd = expected
-    assert_trees_close(ln_lib._input_grad_pallas([dy], summed, mean, rstd, scale, interpret=True),
-                       ln_lib._input_grad_xla(dy, summed, mean, rstd, scale), atol=1e-6)
+    assert_trees_close(
+        ln_lib._input_grad_pallas([dy], summed, mean, rstd, scale, interpret=True),
+        ln_lib._input_grad_xla(dy, summed, mean, rstd, scale),
+        atol=1e-6,
+    )
 
 
 def test_cuda_lowering_runs_one_kernel_each_way_for_power_of_two_features():
     def lowered(shape, single_device=True):
         x, residual, _, scale, bias = operands(shape, jnp.bfloat16)
-        loss = lambda x, r: jnp.sum(ln_lib.add_layer_norm(x, r, scale, bias, 1e-5, jnp.bfloat16,
-                                                          single_device).astype(jnp.float32))
+        loss = lambda x, r: jnp.sum(
+            ln_lib.add_layer_norm(x, r, scale, bias, 1e-5, jnp.bfloat16, single_device).astype(jnp.float32)
+        )
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         return step.trace(x, residual).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton")
 
@@ -79,15 +83,20 @@ def test_copies_take_their_consumers_gradients_apart_and_add_them():
     flax_ln = nn.LayerNorm(epsilon=1e-5)
     reference = lambda x, r, s, b: consumers(*[flax_ln.apply({"params": {"scale": s, "bias": b}}, x + r)] * 3)
     ours = lambda x, r, s, b: consumers(*ln_lib.add_layer_norm_copies(x, r, s, b, 1e-5, jnp.float32, True, 3))
-    (value, grads), (expected, expected_grads) = (jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, residual, scale, bias)
-                                                  for f in (ours, reference))
+    (value, grads), (expected, expected_grads) = (
+        jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, residual, scale, bias) for f in (ours, reference)
+    )
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     assert_trees_close(grads, expected_grads, atol=1e-4, rtol=1e-5)
-    _, summed, mean, rstd = ln_lib._forward_xla(*(a.reshape(-1, 256) for a in (x, residual)), scale, bias,
-                                               1e-5, jnp.float32)
+    _, summed, mean, rstd = ln_lib._forward_xla(
+        *(a.reshape(-1, 256) for a in (x, residual)), scale, bias, 1e-5, jnp.float32
+    )
     dys = [jax.random.normal(jax.random.key(i), summed.shape) for i in range(4)]
-    assert_trees_close(ln_lib._input_grad_pallas(dys, summed, mean, rstd, scale, interpret=True),
-                       ln_lib._input_grad_xla(sum(dys), summed, mean, rstd, scale), atol=1e-5)
+    assert_trees_close(
+        ln_lib._input_grad_pallas(dys, summed, mean, rstd, scale, interpret=True),
+        ln_lib._input_grad_xla(sum(dys), summed, mean, rstd, scale),
+        atol=1e-5,
+    )
 
 
 def test_roberta_layer_norms_get_their_consumers_gradients_apart():

@@ -11,8 +11,15 @@ from transformers import FlaxLlamaForCausalLM, LlamaConfig
 import rocoft_jax
 import rocoft_jax.fast
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CONFIG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +30,11 @@ def setup():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
 
     def loss(trainable, policy):
-        with rocoft_jax.fast.remat_layers(policy) if policy else contextlib.nullcontext(), \
-                rocoft_jax.fast.fused_attention("xla"), rocoft_jax.sliced_kernels(trainable, mask):
+        with (
+            rocoft_jax.fast.remat_layers(policy) if policy else contextlib.nullcontext(),
+            rocoft_jax.fast.fused_attention("xla"),
+            rocoft_jax.sliced_kernels(trainable, mask),
+        ):
             logits = model(ids, params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
@@ -49,7 +59,7 @@ def test_remat_layers_keeps_gradients_and_checkpoints_each_layer(setup, policy):
 
 
 def test_dots_policy_recomputes_no_projection(setup):
-    """"full" reruns every matmul of the forward; "dots" reuses the saved projection and attention outputs."""
+    """ "full" reruns every matmul of the forward; "dots" reuses the saved projection and attention outputs."""
     loss, trainable = setup
     plain, full, dots = (grad_flops(loss, trainable, p) for p in (None, "full", "dots"))
     assert full > 1.2 * plain

@@ -54,8 +54,13 @@ def test_klr_objective_decreases_monotonically_to_the_optimum(classes, lam, with
     # the reparametrised solution is optimal for the problem as stated in alpha
     value = alpha_objective(model.alpha, k, y, lam, c, offset)
     assert value == pytest.approx(history[-1], rel=1e-9)
-    reference = minimize(alpha_objective, np.zeros(len(k)), args=(k, y, lam, c, offset), method="L-BFGS-B",
-                         options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
+    reference = minimize(
+        alpha_objective,
+        np.zeros(len(k)),
+        args=(k, y, lam, c, offset),
+        method="L-BFGS-B",
+        options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12},
+    )
     assert value <= reference.fun + 1e-8
 
 
@@ -78,7 +83,7 @@ def test_relative_distance_uses_entrywise_norms():
     assert ntk_metrics.relative_distance(7.5 * k, k, 1) == pytest.approx(0.0, abs=1e-15)
     assert ntk_metrics.relative_distance(7.5 * k, k, 2) == pytest.approx(0.0, abs=1e-15)
     a, b = np.diag([1.0, 0.0]), np.eye(2)
-    assert ntk_metrics.relative_distance(a, b, 2) == pytest.approx(np.sqrt((1 - 2 ** -0.5) ** 2 + 0.5))
+    assert ntk_metrics.relative_distance(a, b, 2) == pytest.approx(np.sqrt((1 - 2**-0.5) ** 2 + 0.5))
     assert ntk_metrics.relative_distance(a, b, 1) == pytest.approx(1.0)  # |1 - 1/2| + |0 - 1/2|
     assert ntk_metrics.relative_distance(-k, k, 2) == pytest.approx(2.0)
 

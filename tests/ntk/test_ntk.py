@@ -134,8 +134,12 @@ def test_roberta_kernel_in_groups_and_blocks_under_a_tight_bound():
     """Embeddings too large to hold for all examples are done in blocks; the rest in groups."""
     params, forward, x = roberta_setup()
     full = ntk.make_subset("full", params, forward)
-    paths = ["roberta/embeddings/word_embeddings/embedding", "roberta/encoder/layer/1/output/dense/kernel",
-             "roberta/encoder/layer/1/output/dense/bias", "classifier/out_proj/bias"]
+    paths = [
+        "roberta/embeddings/word_embeddings/embedding",
+        "roberta/encoder/layer/1/output/dense/kernel",
+        "roberta/encoder/layer/1/output/dense/bias",
+        "classifier/out_proj/bias",
+    ]
     subset = ntk.restrict(full, paths)
     jac = full_jacobian(roberta_setup)
     rows = [np.asarray(jac[p], np.float64).reshape(15, -1) for p in paths]
@@ -180,15 +184,16 @@ def test_cross_kernels_and_predictions(name):
     subset = ntk.make_subset(name, params, forward, seed=1)
     joint = ntk.kernel(subset, x, chunk_size=3)  # every call here shares its compiled 3-example gradients
     cross = ntk.kernel(subset, new, train, chunk_size=3)
-    np.testing.assert_allclose(cross, joint[4 * 3:, : 4 * 3], rtol=0, atol=1e-5 * np.abs(joint).max())
+    np.testing.assert_allclose(cross, joint[4 * 3 :, : 4 * 3], rtol=0, atol=1e-5 * np.abs(joint).max())
     alpha = np.random.default_rng(0).normal(size=(4, 3))
     expected = (cross @ alpha.reshape(-1)).reshape(2, 3)
     tol = dict(rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     # VJP then JVP, never forming the cross kernel (through merged slices for row1)
     np.testing.assert_allclose(ntk.predict(subset, train, alpha, new, chunk_size=3, explicit_limit=0), expected, **tol)
     # the explicit cross kernel, for small subsets
-    np.testing.assert_allclose(ntk.predict(subset, train, alpha, new, chunk_size=3, explicit_limit=10**9),
-                               expected, **tol)
+    np.testing.assert_allclose(
+        ntk.predict(subset, train, alpha, new, chunk_size=3, explicit_limit=10**9), expected, **tol
+    )
     np.testing.assert_allclose(ntk.outputs(subset, new), np.asarray(forward(params, new)), rtol=1e-5, atol=1e-6)
 
 

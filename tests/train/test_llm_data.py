@@ -153,15 +153,20 @@ def tokenizer():
     response-only mask can be checked token for token.
     """
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), "isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s"), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     corpus = [format_train_prompt(r) for r in RECORDS] * 20
     core.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))  # fmt: skip
-    core.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                        special_tokens=[("<s>", core.token_to_id("<s>"))])
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -351,4 +356,3 @@ def test_reference_outputs_of_commonsense_sets_score_perfectly(task):
     path = folder / "test.json" if (folder / "test.json").exists() else folder / "test_first5.json"
     records = load_records(need(path))
     assert all(is_correct(task, extract_answer(task, r["output"]), r["answer"]) for r in records)
-

@@ -43,8 +43,17 @@ def dataset() -> Path:
 def llm_config(dataset: Path, **overrides) -> TrainConfig:
     """A small fp32 run without dropout: batches of 4, 256-token cutoff (the byte tokenizer reads the
     template's first 140 bytes before any instruction), one padded length so the step compiles once."""
-    values = dict(model="tiny-llama", task="boolq", data_dir=str(dataset), batch_size=4, cutoff=256, bucket=False,
-                  dropout=0.0, strategy="random", train_bias=True)
+    values = dict(
+        model="tiny-llama",
+        task="boolq",
+        data_dir=str(dataset),
+        batch_size=4,
+        cutoff=256,
+        bucket=False,
+        dropout=0.0,
+        strategy="random",
+        train_bias=True,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
@@ -59,8 +68,9 @@ def batch_sharding():
 def compiled(config: TrainConfig, tx, grad_accum: int = 1):
     """``(model, method, tokenizer, state, frozen, shardings, train_fn)`` as train.run builds them, one device."""
     model, params, tokenizer = llm.LlmJob.load_model_and_tokenizer(config)
-    method = methods.build_method("rocoft", params, rank=3, mode="row", strategy=config.strategy,
-                                  train_bias=config.train_bias)
+    method = methods.build_method(
+        "rocoft", params, rank=3, mode="row", strategy=config.strategy, train_bias=config.train_bias
+    )
     trainable, frozen = method.split(params)
     state, shardings = step.init_sharded_state(trainable, tx, 0, one_device(), method.mask.family, frozen)
     train_fn, _ = step.compile_steps(model, method, tx, "causal-lm", shardings, donate=False, grad_accum=grad_accum)
@@ -103,8 +113,9 @@ def test_response_only_loss_covers_exactly_the_response_tokens(dataset):
     batch = jax.tree.map(np.asarray, job.train_batch(0))
     assert batch["input_ids"].shape == (4, 2, 512)  # the bucket holding the longest of the 8 examples
     response_tokens = 0
-    for index, ids, attention, loss_mask in zip(rows.reshape(-1), *(batch[k].reshape(8, -1) for k in
-                                                                   ("input_ids", "attention_mask", "loss_mask"))):
+    for index, ids, attention, loss_mask in zip(
+        rows.reshape(-1), *(batch[k].reshape(8, -1) for k in ("input_ids", "attention_mask", "loss_mask"))
+    ):
         record = job.train_records[index]
         prompt = len(tokenizer(format_train_prompt({**record, "output": ""}))["input_ids"])
         length = int(attention.sum())
@@ -116,8 +127,7 @@ def test_response_only_loss_covers_exactly_the_response_tokens(dataset):
     # The step's loss counts exactly those tokens (each predicted from the tokens before it).
     logits = np.zeros((*batch["input_ids"].shape, 1), np.float32)
     micro = {k: v.swapaxes(0, 1) for k, v in batch.items()}
-    counts = [float(step.loss_sum(logits[:, j], {k: v[j] for k, v in micro.items()}, "causal-lm")[1])
-              for j in range(2)]
+    counts = [float(step.loss_sum(logits[:, j], {k: v[j] for k, v in micro.items()}, "causal-lm")[1]) for j in range(2)]
     assert sum(counts) == response_tokens
     whole_job = job_for(dataclasses.replace(config, train_on_inputs=True), tokenizer)
     whole = jax.tree.map(np.asarray, whole_job.train_batch(0))
@@ -138,8 +148,9 @@ def test_grad_accumulation_equals_one_big_batch(dataset):
     big_state, big = big_fn(state, frozen, flat)
     np.testing.assert_allclose(float(accum["loss"]), float(big["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(accum["grad_norm"]), float(big["grad_norm"]), rtol=1e-5)
-    chex.assert_trees_all_close(jax.tree.map(np.asarray, accum_state.trainable),
-                                jax.tree.map(np.asarray, big_state.trainable), atol=1e-6)
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, accum_state.trainable), jax.tree.map(np.asarray, big_state.trainable), atol=1e-6
+    )
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), big_state.trainable, state.trainable)
     assert max(jax.tree.leaves(moved)) > 1e-3
 
@@ -149,8 +160,14 @@ def test_grad_accumulation_equals_one_big_batch(dataset):
 
 def test_eval_prompts_never_see_the_reference_output():
     tokenizer = make_byte_tokenizer()
-    records = [{"instruction": "Is it so?\n\nAnswer format: true/false", "input": "", "output": "SECRET-ANSWER",
-                "answer": "true"}]
+    records = [
+        {
+            "instruction": "Is it so?\n\nAnswer format: true/false",
+            "input": "",
+            "output": "SECRET-ANSWER",
+            "answer": "true",
+        }
+    ]
     (ids,) = generate.encode_prompts(tokenizer, records)
     assert ids[0] == BOS_ID
     assert tokenizer.decode(ids, skip_special_tokens=True) == format_eval_prompt(records[0]["instruction"])
@@ -169,8 +186,15 @@ def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset
     trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trainable)
     new_tokens = 5
     generator = generate.Generator(
-        model, method, tokenizer, get_task("boolq"), max_new_tokens=new_tokens, num_beams=1, batch_size=2,
-        batch_sharding=batch_sharding())
+        model,
+        method,
+        tokenizer,
+        get_task("boolq"),
+        max_new_tokens=new_tokens,
+        num_beams=1,
+        batch_size=2,
+        batch_sharding=batch_sharding(),
+    )
     records = load_records(dataset / "boolq" / "test.json")[:3]
     prompts = generate.encode_prompts(tokenizer, records)
     assert len({len(p) for p in prompts}) == 3  # a batch mixes prompt lengths: real left padding
@@ -188,7 +212,7 @@ def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset
             ids, mask = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
             ids[0, : len(sequence)], mask[0, : len(sequence)] = sequence, 1
             sequence.append(int(np.argmax(forward(ids, mask)[0, len(sequence) - 1])))
-        reference = [t for t in sequence[len(prompt):] if t != EOS_ID]
+        reference = [t for t in sequence[len(prompt) :] if t != EOS_ID]
         assert line["generation"] == tokenizer.decode(reference, skip_special_tokens=True)
         generated += len(reference)
     assert stats["generated_tokens"] == generated
@@ -226,10 +250,30 @@ def test_train_run_end_to_end_with_beam_search_on_math(dataset, tmp_path):
     """configs/llm/gsm8k.yaml (bf16 frozen weights, accumulation) with remat, trained on gsm8k's test.json, then
     answered by 3-beam search and read as numbers."""
     out = tmp_path / "gsm8k"
-    results, lines = run_llm(dataset, out, "--model", "tiny-llama", "--task", "gsm8k", "--train-file",
-                             str(dataset / "gsm8k" / "test.json"), "--max-steps", "2", "--batch-size", "2",
-                             "--remat", "full", "--num-beams", "3", "--eval-limit", "2", "--eval-batch-size", "2",
-                             "--max-new-tokens", "4")
+    results, lines = run_llm(
+        dataset,
+        out,
+        "--model",
+        "tiny-llama",
+        "--task",
+        "gsm8k",
+        "--train-file",
+        str(dataset / "gsm8k" / "test.json"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--remat",
+        "full",
+        "--num-beams",
+        "3",
+        "--eval-limit",
+        "2",
+        "--eval-batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+    )
     check_predictions(results, lines, load_records(dataset / "gsm8k" / "test.json")[:2])
     assert all(line["prediction"] is None or isinstance(line["prediction"], float) for line in lines)
     assert (results["task"], results["steps"], results["num_beams"], results["max_new_tokens"]) == ("gsm8k", 2, 3, 4)
@@ -246,15 +290,48 @@ def test_train_run_end_to_end_with_beam_search_on_math(dataset, tmp_path):
 
 def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     """The same train.run on 1 device and on an 8-device data=2,fsdp=2,tensor=2 mesh: losses, slices, answers."""
-    args = ["--model", "tiny-llama", "--task", "boolq", "--dtype", "fp32",
-            "--dropout", "0", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "2",
-            "--num-beams", "1", "--eval-limit", "8", "--eval-batch-size", "8", "--max-new-tokens", "4"]
+    args = [
+        "--model",
+        "tiny-llama",
+        "--task",
+        "boolq",
+        "--dtype",
+        "fp32",
+        "--dropout",
+        "0",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "2",
+        "--num-beams",
+        "1",
+        "--eval-limit",
+        "8",
+        "--eval-batch-size",
+        "8",
+        "--max-new-tokens",
+        "4",
+    ]
 
     def launch(name: str, devices: int, *extra: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "train.run", "--data-dir", str(dataset), "--output-dir", str(tmp_path / name),
-                   "--log-every", "1", *args, *extra]
-        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=cpu_env(devices))
+        command = [
+            sys.executable,
+            "-m",
+            "train.run",
+            "--data-dir",
+            str(dataset),
+            "--output-dir",
+            str(tmp_path / name),
+            "--log-every",
+            "1",
+            *args,
+            *extra,
+        ]
+        return subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(devices)
+        )
 
     # Both at once, each in a process of its own CPU devices: a process's device count is fixed at start, and a
     # GPU would sum in orders of its own.
@@ -262,18 +339,24 @@ def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     for name, proc in runs.items():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{name}: {err[-3000:]}"
-    check_predictions(*read_outputs(tmp_path / "single"),
-                      load_records(dataset / "boolq" / "test.json")[:8])  # greedy, commonsense
+    check_predictions(
+        *read_outputs(tmp_path / "single"), load_records(dataset / "boolq" / "test.json")[:8]
+    )  # greedy, commonsense
 
     def losses(name):
-        return [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r]
+        return [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
 
     np.testing.assert_allclose(losses("sharded"), losses("single"), atol=1e-5)
-    chex.assert_trees_all_close(ckpt.load(tmp_path / "sharded" / "checkpoints")[1],
-                                ckpt.load(tmp_path / "single" / "checkpoints")[1], atol=1e-5)
-    answers = {name: [line["generation"] for line in read_outputs(tmp_path / name)[1]]
-               for name in ("single", "sharded")}
+    chex.assert_trees_all_close(
+        ckpt.load(tmp_path / "sharded" / "checkpoints")[1], ckpt.load(tmp_path / "single" / "checkpoints")[1], atol=1e-5
+    )
+    answers = {
+        name: [line["generation"] for line in read_outputs(tmp_path / name)[1]] for name in ("single", "sharded")
+    }
     assert answers["sharded"] == answers["single"] and len(answers["single"]) == 8
 
 
@@ -317,9 +400,17 @@ def test_task_configs_are_table_10(tasks, row):
         config_lib.add_arguments(parser)
         config = config_lib.resolve(parser.parse_args(["--task", task]))
         assert (config.lr, config.epochs, config.batch_size, config.grad_accum, config.warmup_steps) == row, task
-        assert (config.rank, config.mode, config.strategy, config.lr_schedule, config.dropout, config.weight_decay,
-                config.train_bias, config.cutoff, config.train_on_inputs) == (3, "row", "random", "cosine", 0.1, 0.0,
-                                                                              True, 256, True)
+        assert (
+            config.rank,
+            config.mode,
+            config.strategy,
+            config.lr_schedule,
+            config.dropout,
+            config.weight_decay,
+            config.train_bias,
+            config.cutoff,
+            config.train_on_inputs,
+        ) == (3, "row", "random", "cosine", 0.1, 0.0, True, 256, True)
         assert config.max_new_tokens == get_task(task).max_new_tokens and config.num_beams == 4
 
 

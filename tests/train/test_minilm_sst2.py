@@ -18,8 +18,24 @@ import pytest
 from train import run
 
 SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
-COMMON = ["--task", "sst2", "--data-dir", str(SHARED_GLUE), "--batch-size", "32", "--max-length", "128",
-          "--weight-decay", "0", "--train-bias", "false", "--lr-schedule", "cosine", "--seed", "0"]
+COMMON = [
+    "--task",
+    "sst2",
+    "--data-dir",
+    str(SHARED_GLUE),
+    "--batch-size",
+    "32",
+    "--max-length",
+    "128",
+    "--weight-decay",
+    "0",
+    "--train-bias",
+    "false",
+    "--lr-schedule",
+    "cosine",
+    "--seed",
+    "0",
+]
 ROCOFT = ["--method", "rocoft", "--rank", "3", "--mode", "row", "--strategy", "first", "--lr", "2e-3"]
 
 
@@ -39,8 +55,9 @@ def minilm_dir() -> Path:
 
 
 def test_minilm_sst2_rocoft_learns_in_100_steps(tmp_path, minilm_dir):
-    accuracy = dev_accuracy(minilm_dir, tmp_path / "run", [*ROCOFT, "--max-steps", "100", "--warmup-steps", "20",
-                                                           "--max-length", "64"])
+    accuracy = dev_accuracy(
+        minilm_dir, tmp_path / "run", [*ROCOFT, "--max-steps", "100", "--warmup-steps", "20", "--max-length", "64"]
+    )
     assert accuracy >= 0.75  # chance is 0.509 on this dev set
 
 
@@ -51,7 +68,6 @@ def test_minilm_sst2_rocoft_learns_in_100_steps(tmp_path, minilm_dir):
     ids=["rocoft-rank3-rows", "full"],
 )
 def test_minilm_sst2_matches_the_pytorch_reference(tmp_path, minilm_dir, method_args, reference):
-    accuracy = dev_accuracy(minilm_dir, tmp_path / "run",
-                            [*method_args, "--max-steps", "600", "--warmup-steps", "100"])
+    accuracy = dev_accuracy(minilm_dir, tmp_path / "run", [*method_args, "--max-steps", "600", "--warmup-steps", "100"])
     print(f"{method_args[1]}: dev accuracy {accuracy:.4f} (reference {reference})")
     assert abs(accuracy - reference) <= 0.015

@@ -91,8 +91,13 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 def test_batch_not_divisible_by_devices(tmp_path):
     env = cpu_env(3)
-    proc = subprocess.run(cli("--batch-size", "32", "--max-steps", "2", "--output-dir", str(tmp_path / "o")),
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        cli("--batch-size", "32", "--max-steps", "2", "--output-dir", str(tmp_path / "o")),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "not divisible by the 3 devices" in proc.stderr
 
@@ -135,12 +140,12 @@ def reference_run(tmp_path_factory):
 def test_interrupted_run_resumes_bit_identically(tmp_path, reference_run, how):
     out = tmp_path / "run"
     args = [*SHORT, "--save-every", "20", "--output-dir", str(out)]
-    proc = subprocess.Popen(cli(*args), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cli(*args), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     done = out / "checkpoints" / "20" / "commit_success.txt"
     if how == "sigterm":
-        wait_for(lambda: (out / "metrics.jsonl").exists() and "\"step\": 20" in (out / "metrics.jsonl").read_text(),
-                 proc)
+        wait_for(lambda: (out / "metrics.jsonl").exists() and '"step": 20' in (out / "metrics.jsonl").read_text(), proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0 and "rerun with --resume" in err
@@ -162,8 +167,9 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, reference_run, how):
 def test_checkpoint_holds_only_trained_values(reference_run):
     mgr = ckpt.manager(reference_run / "checkpoints")
     meta, trainable = final_trainable(reference_run)
-    saved_paths = {"/".join(str(getattr(k, "key", k)) for k in path)
-                   for path, _ in jax.tree_util.tree_leaves_with_path(trainable)}
+    saved_paths = {
+        "/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(trainable)
+    }
     assert all(p.startswith(("rocoft/", "train/")) for p in saved_paths)
     assert not any("embeddings" in p or "LayerNorm" in p for p in saved_paths)
     # The rocoft slices are (64, 3) / (128, 3) row blocks, never whole kernels.
@@ -213,8 +219,9 @@ def test_export_loads_in_flax_and_pytorch_with_the_trained_logits(tmp_path, refe
     out = tmp_path / "exported"
     assert export.main(["--checkpoint", str(reference_run), "--out", str(out)]) == 0
     model, method, trainable, frozen, tokenizer, _ = export.load_trained(reference_run)
-    enc = tokenizer(["good happy river", "bad cold dark sad tree"], padding="max_length", max_length=16,
-                    return_tensors="np")
+    enc = tokenizer(
+        ["good happy river", "bad cold dark sad tree"], padding="max_length", max_length=16, return_tensors="np"
+    )
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     expected = np.asarray(method.apply(model, trainable, frozen, batch))
 

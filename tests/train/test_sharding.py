@@ -22,7 +22,7 @@ from train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 
-SHARDED_VS_SINGLE = textwrap.dedent('''
+SHARDED_VS_SINGLE = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update("jax_platforms", "cpu")
@@ -68,21 +68,25 @@ SHARDED_VS_SINGLE = textwrap.dedent('''
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t8)))
     print(json.dumps({"single": single, "sharded": sharded, "max_param_diff": diff, "compiles": compiles,
                       "heads_layout": heads_layout, "per_shard": per_shard, "layers": config.num_hidden_layers}))
-''')
+""")
 
 
 def python(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**cpu_env(), **(env_extra or {})}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # The fused cases take the GPU default path (cuDNN falls back to XLA on CPU, after the same layout
 # constraints): cuDNN's partitioner refuses q, k and v laid out differently, as fsdp gave them, and the
 # GELU kernel, which has no partitioning rule, runs per shard.
-@pytest.mark.parametrize("preset, loss, attention", [("tiny", "classification", "plain"),
-                                                     ("tiny", "classification", "cudnn-lengths"),
-                                                     ("tiny-llama", "causal-lm", "cudnn-lengths")])
+@pytest.mark.parametrize(
+    "preset, loss, attention",
+    [
+        ("tiny", "classification", "plain"),
+        ("tiny", "classification", "cudnn-lengths"),
+        ("tiny-llama", "causal-lm", "cudnn-lengths"),
+    ],
+)
 def test_sharded_mesh_matches_single_device(preset, loss, attention):
     proc = python("-c", SHARDED_VS_SINGLE, preset, loss, attention)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,18 +106,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-RUN = ["-m", "train.run", "--max-steps", "6", "--save-every", "3", "--log-every", "1", "--limit-eval", "96",
-       "--bucket", "false", "--batch-size", "16"]
+RUN = [
+    "-m",
+    "train.run",
+    "--max-steps",
+    "6",
+    "--save-every",
+    "3",
+    "--log-every",
+    "1",
+    "--limit-eval",
+    "96",
+    "--bucket",
+    "false",
+    "--batch-size",
+    "16",
+]
 
 
 def launch_pair(out: Path, extra: list[str] = (), timeout_s: int = 20) -> list[subprocess.Popen]:
     port = free_port()
     env = cpu_env(2)
-    return [subprocess.Popen([sys.executable, *RUN, "--output-dir", str(out), "--coordinator-address",
-                              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                              "--heartbeat-timeout", str(timeout_s), *extra],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *RUN,
+                "--output-dir",
+                str(out),
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--heartbeat-timeout",
+                str(timeout_s),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +167,14 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_equal_one_process(tmp_path, two_process_run):
     out2, outputs = two_process_run
     out1 = tmp_path / "one"
-    proc = python(*RUN, "--output-dir", str(out1),
-                  env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    proc = python(*RUN, "--output-dir", str(out1), env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r1 = json.loads((out1 / "results.json").read_text())
     r2 = json.loads((out2 / "results.json").read_text())
     assert r1["metrics"] == pytest.approx(r2["metrics"], abs=1e-6)
-    losses = lambda out: [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                          if "loss" in r]
+    losses = lambda out: [
+        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     np.testing.assert_allclose(losses(out2), losses(out1), atol=1e-5)
     chex.assert_trees_all_close(ckpt.load(out2 / "checkpoints")[1], ckpt.load(out1 / "checkpoints")[1], atol=1e-5)
     assert "eval @ step 6" in outputs[0][0] and "eval @ step" not in outputs[1][0]  # only process 0 prints
@@ -181,9 +219,23 @@ def test_unmatched_path_is_an_error():
 
 
 def test_print_sharding_lists_every_param_with_its_spec(tmp_path):
-    proc = python("-m", "train.run", "--mesh", "data=2,fsdp=2,tensor=2", "--print-sharding", "true",
-                  "--max-steps", "1", "--batch-size", "8", "--limit-eval", "8", "--output-dir", str(tmp_path / "run"),
-                  env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    proc = python(
+        "-m",
+        "train.run",
+        "--mesh",
+        "data=2,fsdp=2,tensor=2",
+        "--print-sharding",
+        "true",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--limit-eval",
+        "8",
+        "--output-dir",
+        str(tmp_path / "run"),
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " P(" in line}
     query = "roberta/encoder/layer/0/attention/self/query/kernel"

@@ -51,6 +51,7 @@ def test_trainer_state_is_two_adam_moments_of_the_trainable_tree(mode):
     # The frozen tree keeps every leaf except the fully trained head, kernels included.
     assert set(flat(frozen)) == {p for p in flat(params) if not p.startswith("classifier/")}
 
+
 # ---------------------------------------------------------------- the trainer's path on every family
 
 
@@ -76,16 +77,18 @@ def test_trainer_step_traces_on_every_family(name):
     assert metrics["loss"].shape == () and num_elements(state.trainable) == method.mask.num_trainable
 
 
-
-
-@pytest.mark.parametrize("concat_max, concatenate", [(step_lib.CONCAT_NORM_MAX, True), (0, True),
-                                                     (step_lib.CONCAT_NORM_MAX, False)],
-                         ids=["concatenated", "too-large", "sharded"])
+@pytest.mark.parametrize(
+    "concat_max, concatenate",
+    [(step_lib.CONCAT_NORM_MAX, True), (0, True), (step_lib.CONCAT_NORM_MAX, False)],
+    ids=["concatenated", "too-large", "sharded"],
+)
 def test_global_norm_matches_numpy_on_mixed_leaves(monkeypatch, concat_max, concatenate):
     monkeypatch.setattr(step_lib, "CONCAT_NORM_MAX", concat_max)
     rng = np.random.default_rng(0)
-    tree = {"a": rng.normal(size=(7, 3)).astype(np.float32),
-            "b": {"c": rng.normal(size=(5,)).astype(np.float32), "d": rng.normal(size=(2, 2, 2)).astype(jnp.bfloat16)}}
+    tree = {
+        "a": rng.normal(size=(7, 3)).astype(np.float32),
+        "b": {"c": rng.normal(size=(5,)).astype(np.float32), "d": rng.normal(size=(2, 2, 2)).astype(jnp.bfloat16)},
+    }
     expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
     norm = jax.jit(step_lib.global_norm, static_argnums=1)(tree, concatenate)
     np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
@@ -115,8 +118,11 @@ def test_gpu_compiler_options_of_encoders_compile_and_change_no_numbers():
     trainable, frozen = method.split(params)
     tx, _ = step_lib.make_optimizer(1e-2, 10, 0, 0.0, "constant")
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(3, config.vocab_size, (4, 16)).astype(np.int32),
-             "attention_mask": np.ones((4, 16), np.int32), "labels": np.array([0, 1, 1, 0], np.int32)}
+    batch = {
+        "input_ids": rng.integers(3, config.vocab_size, (4, 16)).astype(np.int32),
+        "attention_mask": np.ones((4, 16), np.int32),
+        "labels": np.array([0, 1, 1, 0], np.int32),
+    }
     step = functools.partial(step_lib.train_step, model=model, method=method, tx=tx, loss_kind="classification")
     results = []
     for options in (None, step_lib.compiler_options(method.mask.family, "gpu")):

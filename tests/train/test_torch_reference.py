@@ -25,8 +25,14 @@ transformers = pytest.importorskip("transformers")
 # lr and weight decay are large enough that decaying the head's biases too (or not decaying at all)
 # moves logits or biases by more than the 1e-4 tolerance; the correct setup agrees to about 1e-5.
 STEPS, RANK, LR, WEIGHT_DECAY = 5, 2, 1e-2, 0.1
-TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-           "intermediate.dense", "output.dense")
+TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 
 
 def flax_to_torch_state_dict(params) -> dict:
@@ -79,15 +85,20 @@ def torch_rocoft_model(params, rank: int, mode: str):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias")]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
     assert len(no_decay) == 2 and len(decay) == len(TARGETS) * config.num_hidden_layers + 2
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     return model, optimizer
 
 
 def _torch_logits(model, batch):
-    return model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
-                 attention_mask=torch.from_numpy(batch["attention_mask"]).long()).logits
+    return model(
+        input_ids=torch.from_numpy(batch["input_ids"]).long(),
+        attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+    ).logits
 
 
 @pytest.fixture
@@ -126,12 +137,14 @@ def test_trainer_step_matches_torch_algorithm_1(mode):
     # JAX: the trainer's efficient path.
     method = build_method("rocoft", params, rank=RANK, mode=mode, strategy="first")
     trainable, frozen = method.split(params)
-    tx, schedule = step_lib.make_optimizer(LR, STEPS, warmup_steps=0, weight_decay=WEIGHT_DECAY,
-                                           schedule="constant", max_grad_norm=0)
+    tx, schedule = step_lib.make_optimizer(
+        LR, STEPS, warmup_steps=0, weight_decay=WEIGHT_DECAY, schedule="constant", max_grad_norm=0
+    )
     assert [float(schedule(i)) for i in range(STEPS)] == pytest.approx([LR] * STEPS)  # no warm-up step at lr 0
     state = step_lib.init_state(trainable, tx, seed=0)
-    train_fn = fast_jit(functools.partial(step_lib.train_step, model=flax_model, method=method, tx=tx,
-                                          loss_kind="classification"))
+    train_fn = fast_jit(
+        functools.partial(step_lib.train_step, model=flax_model, method=method, tx=tx, loss_kind="classification")
+    )
     eval_fn = fast_jit(functools.partial(step_lib.eval_step, model=flax_model, method=method))
     jax_logits = [np.asarray(eval_fn(state.trainable, frozen, batch))]
     for _ in range(STEPS):
@@ -150,7 +163,9 @@ def test_trainer_step_matches_torch_algorithm_1(mode):
             expected = layer.get_submodule(target).trainable.detach().numpy().T
             np.testing.assert_allclose(slices[path], expected, atol=1e-4, rtol=0, err_msg=path)
     head = flat(state.trainable["train"])
-    np.testing.assert_allclose(head["classifier/out_proj/kernel"],
-                               torch_model.classifier.out_proj.weight.detach().numpy().T, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(head["classifier/dense/bias"],
-                               torch_model.classifier.dense.bias.detach().numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        head["classifier/out_proj/kernel"], torch_model.classifier.out_proj.weight.detach().numpy().T, atol=1e-4, rtol=0
+    )
+    np.testing.assert_allclose(
+        head["classifier/dense/bias"], torch_model.classifier.dense.bias.detach().numpy(), atol=1e-4, rtol=0
+    )

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEYS = {"method", "step_ms", "tokens_per_s", "peak_gib", "num_trainable", "loss", "compile"}
 H, I, L, R, LORA_R = 64, 128, 2, 3, 8  # tiny preset: hidden, intermediate, layers; Algorithm 1 rank; LoRA rank
 CLASSIFIER = (H * H + H) + (H * 2 + 2)  # RobertaClassificationHead: dense + out_proj (2 labels)
-ENV = {**os.environ, "USE_FLAX": "0", "USE_TF": "0", "OMP_NUM_THREADS": "1"}  # skip jax import (3 s); no oversubscription
+ENV = {**os.environ, "USE_FLAX": "0", "USE_TF": "0", "OMP_NUM_THREADS": "1"}  # no jax import; no oversubscription
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 RUNS = {  # name: extra CLI args
@@ -36,9 +36,17 @@ if HAS_PEFT:
 @pytest.fixture(scope="module")
 def results():
     common = ["--device", "cpu", "--batch-size", "2", "--seq-len", "16", "--steps", "3", "--warmup", "1"]
-    procs = {name: subprocess.Popen([sys.executable, "-m", "benchmarks.torch_step", *args, *common], cwd=ROOT, env=ENV,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in RUNS.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.torch_step", *args, *common],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in RUNS.items()
+    }
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=120)

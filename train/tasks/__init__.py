@@ -40,8 +40,11 @@ def names() -> list[str]:
     return [*glue_data.TASKS, *llm_data.TASKS]
 
 
-_JOBS = {"glue": ("train.tasks.glue", "GlueJob"), "llm": ("train.tasks.llm", "LlmJob"),
-         "demo": ("train.tasks.demo", "DemoJob")}
+_JOBS = {
+    "glue": ("train.tasks.glue", "GlueJob"),
+    "llm": ("train.tasks.llm", "LlmJob"),
+    "demo": ("train.tasks.demo", "DemoJob"),
+}
 
 
 def job_class(task: str):

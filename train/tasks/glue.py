@@ -36,13 +36,15 @@ class Batches:
 
     def __init__(self, config: TrainConfig, spec: TaskSpec, tokenizer, batch_sharding):
         self.config, self.spec, self.tokenizer, self.sharding = config, spec, tokenizer, batch_sharding
-        self.buckets = (pipeline.bucket_lengths(config.max_length)
-                        if config.bucket and jax.process_count() == 1 else None)
+        self.buckets = (
+            pipeline.bucket_lengths(config.max_length) if config.bucket and jax.process_count() == 1 else None
+        )
 
     def local(self, columns, rows) -> dict[str, np.ndarray]:
         """Tokenized rows on the host (also used for calibration)."""
-        batch = pipeline.encode(self.tokenizer, pipeline.select(columns, rows), self.spec.text_keys,
-                                self.config.max_length)
+        batch = pipeline.encode(
+            self.tokenizer, pipeline.select(columns, rows), self.spec.text_keys, self.config.max_length
+        )
         return pipeline.trim_to_bucket(batch, self.buckets) if self.buckets else batch
 
     def make(self, columns, global_rows, train: bool = False) -> dict[str, jax.Array]:
@@ -69,8 +71,9 @@ def evaluate(eval_fn, trainable, frozen, data, batches: Batches, spec: TaskSpec,
             logits.append(np.asarray(eval_fn(trainable, frozen, batches.make(columns, rows))))
             targets.append(labels[rows])
             weights.append(w)
-        metrics.update(compute_metrics(spec, np.concatenate(logits), np.concatenate(targets),
-                                       np.concatenate(weights), split=split))
+        metrics.update(
+            compute_metrics(spec, np.concatenate(logits), np.concatenate(targets), np.concatenate(weights), split=split)
+        )
     return metrics
 
 
@@ -95,16 +98,20 @@ class GlueJob:
         if config.model == "tiny":
             from train.tasks.demo import make_demo_tokenizer  # the demo module builds on this one
 
-            overrides = {"num_labels": spec.num_labels, "hidden_dropout_prob": config.dropout,
-                         "attention_probs_dropout_prob": config.dropout}
+            overrides = {
+                "num_labels": spec.num_labels,
+                "hidden_dropout_prob": config.dropout,
+                "attention_probs_dropout_prob": config.dropout,
+            }
             model_cfg = models.preset_config("tiny", **overrides)
             model, params = models.random_model(model_cfg, "sequence-classification", config.dtype, config.seed)
             return model, params, make_demo_tokenizer(model_max_length=model_cfg.max_position_embeddings - 2)
         from transformers import AutoTokenizer
 
         dropout = models.dropout_overrides(models.load_config(config.model), config.dropout)
-        model, params = models.load_pretrained(config.model, "sequence-classification", config.dtype,
-                                               num_labels=spec.num_labels, **dropout)
+        model, params = models.load_pretrained(
+            config.model, "sequence-classification", config.dtype, num_labels=spec.num_labels, **dropout
+        )
         return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
 
     def read_splits(self) -> dict[str, dict[str, list]]:
@@ -129,7 +136,8 @@ class GlueJob:
         config = self.config
         for s in range(config.calibration_batches):
             yield self.batches.local(
-                self.columns, pipeline.train_batch_indices(self.num_train, config.batch_size, config.seed, s))
+                self.columns, pipeline.train_batch_indices(self.num_train, config.batch_size, config.seed, s)
+            )
 
     def evaluate(self, context: EvalContext, trainable, frozen) -> dict[str, float]:
         return evaluate(context.eval_fn, trainable, frozen, self.data, self.batches, self.spec, self.config)

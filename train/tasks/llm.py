@@ -39,8 +39,10 @@ def train_file(config: TrainConfig) -> Path:
     if config.train_file:
         path = Path(config.train_file).expanduser()
         if not path.is_file():
-            raise DataError(f"--train-file {path} does not exist; pass an LLM-Adapters JSON file (a list of "
-                            "instruction/input/output/answer records)")
+            raise DataError(
+                f"--train-file {path} does not exist; pass an LLM-Adapters JSON file (a list of "
+                "instruction/input/output/answer records)"
+            )
         return path
     task = get_task(config.task)
     folder = Path(_data_dir(config)) / task.folder
@@ -48,16 +50,20 @@ def train_file(config: TrainConfig) -> Path:
     if not path.is_file():
         found = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
         held = f"{folder} holds {', '.join(found)}" if found else f"{folder} holds no JSON file"
-        raise DataError(f"no training file for {task.name}: {held}; pass --train-file FILE (any LLM-Adapters "
-                        "JSON, e.g. commonsense_170k.json or math_10k.json)")
+        raise DataError(
+            f"no training file for {task.name}: {held}; pass --train-file FILE (any LLM-Adapters "
+            "JSON, e.g. commonsense_170k.json or math_10k.json)"
+        )
     return path
 
 
 def _data_dir(config: TrainConfig) -> str:
     if not config.data_dir:
         folder = get_task(config.task).folder
-        raise ConfigError(f"--task {config.task} needs --data-dir: LLM-Adapters' dataset/ folder, whose "
-                          f"{folder}/test.json is the test set (and {folder}/train.json the default training file)")
+        raise ConfigError(
+            f"--task {config.task} needs --data-dir: LLM-Adapters' dataset/ folder, whose "
+            f"{folder}/test.json is the test set (and {folder}/train.json the default training file)"
+        )
     return config.data_dir
 
 
@@ -87,10 +93,13 @@ class LlmJob:
         if config.model in models.PRESETS:
             base = models.preset_config(config.model)
             if base.model_type not in models.CAUSAL_LM_TYPES:
-                causal = ", ".join(n for n in models.PRESETS
-                                   if models.preset_config(n).model_type in models.CAUSAL_LM_TYPES)
-                raise ModelError(f"--task {config.task} trains a causal LM, and preset {config.model!r} is a "
-                                 f"{base.model_type} encoder; pass a hub id, a local model dir, or one of {causal}")
+                causal = ", ".join(
+                    n for n in models.PRESETS if models.preset_config(n).model_type in models.CAUSAL_LM_TYPES
+                )
+                raise ModelError(
+                    f"--task {config.task} trains a causal LM, and preset {config.model!r} is a "
+                    f"{base.model_type} encoder; pass a hub id, a local model dir, or one of {causal}"
+                )
             model_config = models.preset_config(config.model, **models.dropout_overrides(base, config.dropout))
             model, params = models.random_model_fast(model_config, "causal-lm", config.dtype, config.seed)
             return model, params, make_byte_tokenizer()
@@ -108,18 +117,23 @@ class LlmJob:
         self.test_records = load_records(self.test_path)[: config.limit_eval or None]
         self.num_train = len(self.train_records)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.buckets = (pipeline.bucket_lengths(config.cutoff)
-                        if config.bucket and jax.process_count() == 1 else None)
+        self.buckets = pipeline.bucket_lengths(config.cutoff) if config.bucket and jax.process_count() == 1 else None
 
     def local(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Tokenized, right-padded examples of ``rows`` (any shape), as arrays of shape ``rows.shape + (T,)``."""
-        examples = [tokenize_example(self.tokenizer, self.train_records[i], self.config.cutoff,
-                                     train_on_inputs=self.config.train_on_inputs) for i in rows.reshape(-1)]
+        examples = [
+            tokenize_example(
+                self.tokenizer, self.train_records[i], self.config.cutoff, train_on_inputs=self.config.train_on_inputs
+            )
+            for i in rows.reshape(-1)
+        ]
         longest = max(len(e["input_ids"]) for e in examples)
         length = pipeline.fit_bucket(self.buckets, longest) if self.buckets else self.config.cutoff
-        batch = {"input_ids": np.full((len(examples), length), self.pad_id, np.int32),
-                 "attention_mask": np.zeros((len(examples), length), np.int32),
-                 "loss_mask": np.zeros((len(examples), length), np.int32)}
+        batch = {
+            "input_ids": np.full((len(examples), length), self.pad_id, np.int32),
+            "attention_mask": np.zeros((len(examples), length), np.int32),
+            "loss_mask": np.zeros((len(examples), length), np.int32),
+        }
         for row, example in enumerate(examples):
             n = len(example["input_ids"])
             batch["input_ids"][row, :n] = example["input_ids"]
@@ -150,15 +164,27 @@ class LlmJob:
         """Accuracy on the test records by generation; process 0 writes predictions.jsonl."""
         if self.generator is None:
             self.generator = generate.Generator(
-                context.model, context.method, self.tokenizer, self.task, max_new_tokens=self.max_new_tokens,
-                num_beams=self.config.num_beams, batch_size=self.config.eval_batch_size or self.config.batch_size,
-                batch_sharding=self.sharding)
+                context.model,
+                context.method,
+                self.tokenizer,
+                self.task,
+                max_new_tokens=self.max_new_tokens,
+                num_beams=self.config.num_beams,
+                batch_size=self.config.eval_batch_size or self.config.batch_size,
+                batch_sharding=self.sharding,
+            )
         metrics, self.generation_stats = self.generator.evaluate(
-            trainable, frozen, self.test_records, context.output_dir if distributed.is_main() else None)
+            trainable, frozen, self.test_records, context.output_dir if distributed.is_main() else None
+        )
         return metrics
 
     def results(self) -> dict[str, Any]:
         """What results.json adds for an LLM task."""
-        return {"train_file": str(self.train_path), "test_file": str(self.test_path),
-                "eval_examples": len(self.test_records), "num_beams": self.config.num_beams,
-                "max_new_tokens": self.max_new_tokens, "generation": self.generation_stats}
+        return {
+            "train_file": str(self.train_path),
+            "test_file": str(self.test_path),
+            "eval_examples": len(self.test_records),
+            "num_beams": self.config.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "generation": self.generation_stats,
+        }
