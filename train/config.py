@@ -149,7 +149,7 @@ class TrainConfig:
         choices=ATTENTION,
     )
     calibration_batches: int = option(
-        8, "training batches used to score rows/columns for Wanda strategies", group=MODEL, range=at_least(1)
+        8, "training batches that score rows/columns for the Wanda strategies", group=MODEL, range=at_least(1)
     )
     grad_accum: int = option(
         1,

@@ -1,7 +1,7 @@
 """The sliced matmul and the layer interception that runs HF models on frozen kernels plus slices.
 
 References are plain ``x @ W`` with the slice written into W by the test's own
-indexing; the weight-gradient trap (NOTES.md) is checked by looking at the
+indexing; the weight-gradient trap (docs/design.md) is checked by looking at the
 dot products XLA is asked to form and at its FLOP count.
 """
 

@@ -78,7 +78,7 @@ def reference_kernel(subset: ntk.Subset, full: dict) -> np.ndarray:
         rows = [g for p, g in full.items() if p.endswith("/bias")]
     elif kind in ("row", "column"):
         mask = subset.apply.mask
-        # (n, C, d_in, d_out): paper row i is kernel[:, i], paper column j is kernel[j, :] (NOTES.md)
+        # (n, C, d_in, d_out): paper row i is kernel[:, i], paper column j is kernel[j, :] (docs/design.md)
         axis = 3 if kind == "row" else 2
         rows = [jnp.take(full[p], s.indices, axis=axis) for p, s in mask.slices.items()]
     else:
