@@ -10,7 +10,6 @@ device memory, as one JSON object per subset.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 
 from rocoft_jax import ntk
 from rocoft_jax.ntk.forwards import ReadoutForward, init_readout
-from train import models
+from train import models, strict_json
 
 
 def main(argv=None) -> None:
@@ -50,7 +49,7 @@ def main(argv=None) -> None:
             times.append(time.perf_counter() - t0)
         stats = jax.devices()[0].memory_stats() or {}
         print(
-            json.dumps(
+            strict_json.dumps(
                 {
                     "model": args.model,
                     "subset": name,

@@ -37,7 +37,7 @@ from rocoft_jax import sharding
 from rocoft_jax.fast import remat as remat_lib
 from train import input_pipeline as pipeline
 from train import methods as methods_lib
-from train import models
+from train import models, strict_json
 from train import step as step_lib
 
 JAX_METHODS = ("rocoft", "full", "lora")
@@ -253,7 +253,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(time_method(args, args.worker)))
+        print(strict_json.dumps(time_method(args, args.worker)))
         return
     if args.flops:
         # XLA's cost analysis counts its own ops only: on a GPU, cuDNN's attention and our Pallas and
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
             "full_step_flops": full,
             "ratio": rocoft / full,
         }
-        print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+        print(strict_json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
         return
     rows = []
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -321,7 +321,7 @@ def main(argv=None) -> None:
         "ratios": _ratios(rows),
     }
     ratios = "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items())
-    print(json.dumps(result) if args.json else f"{_table(rows)}\n{ratios}")
+    print(strict_json.dumps(result) if args.json else f"{_table(rows)}\n{ratios}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Dropout probabilities are 0, but the model is in train() mode.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -23,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification
+
+from train import strict_json
 
 ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
 PRESETS = {  # name: (family, config kwargs)
@@ -248,4 +249,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main()), flush=True)
+    print(strict_json.dumps(main()), flush=True)

@@ -38,6 +38,9 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
 REMAT = ("auto", "none", "full", "dots")
 MESH_AXES = ("data", "fsdp", "tensor")
+MAX_TOKENS = 2**20  # more positions than any model holds; a larger length overflows the padding arrays
+TOKENS_NOTE = "room for the special tokens and some text, within any model's positions"
+ON_NONFINITE = ("stop", "skip")  # train.nonfinite.POLICIES
 
 
 def check_mesh(text: str) -> None:
@@ -53,6 +56,12 @@ def check_mesh(text: str) -> None:
         if name in seen:
             raise ValueError(f"axis {name} is given twice")
         seen.add(name)
+
+
+def check_directory(text: str) -> None:
+    """A directory to write to is named: an empty one would write into the current directory unasked."""
+    if not text.strip():
+        raise ValueError("must name a directory")
 
 
 @dataclasses.dataclass
@@ -112,8 +121,8 @@ class TrainConfig:
         128,
         "tokens per example; shorter ones are padded so the step never recompiles",
         group=DATA,
-        range=at_least(8),
-        note="room for the special tokens and some text",
+        range=between(8, MAX_TOKENS),
+        note=TOKENS_NOTE,
     )
     bucket: bool = option(
         True,
@@ -133,7 +142,9 @@ class TrainConfig:
         0.1, "hidden and attention dropout of the model", group=OPTIM, range=between(0, 1, high_open=True)
     )
     train_bias: bool = option(False, "also train the biases of the targeted layers", group=MODEL)
-    seed: int = option(0, "seeds selection, head init, data order and dropout", group=OPTIM, range=at_least(0))
+    seed: int = option(
+        0, "seeds selection, head init, data order and dropout", group=OPTIM, range=between(0, 2**32 - 1)
+    )
     dtype: str = option(
         "fp32",
         "fp32, or bf16 (frozen weights and compute in bf16; trained values stay fp32)",
@@ -177,8 +188,8 @@ class TrainConfig:
         256,
         "LLM tasks: tokens per training example (LLM-Adapters' cutoff_len); longer ones are cut, without EOS",
         group=DATA,
-        range=at_least(8),
-        note="room for the special tokens and some text",
+        range=between(8, MAX_TOKENS),
+        note=TOKENS_NOTE,
     )
     train_on_inputs: bool = option(
         True,
@@ -205,7 +216,10 @@ class TrainConfig:
         range=at_least(0),
     )
     output_dir: str = option(
-        "runs/default", "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go", group=RUN
+        "runs/default",
+        "where results.json, metrics.jsonl, config.yaml, curves.png and checkpoints/ go",
+        group=RUN,
+        check=check_directory,
     )
     data_dir: str | None = option(
         None,
@@ -233,6 +247,19 @@ class TrainConfig:
         range=at_least(0),
     )
     resume: bool = option(False, "continue from the latest checkpoint in --output-dir", group=RUN)
+    on_nonfinite: str = option(
+        "stop",
+        "a step whose loss or gradient norm is NaN or infinite: stop (exit code 3; checkpoints never hold "
+        "such values) or skip its update (counted in metrics.jsonl and results.json)",
+        group=RUN,
+        choices=ON_NONFINITE,
+    )
+    max_nonfinite: int = option(
+        10,
+        "--on-nonfinite skip: consecutive skipped steps that stop the run (exit code 3)",
+        group=RUN,
+        range=at_least(1),
+    )
     mesh: str = option(
         "",
         "device mesh, e.g. data=2,fsdp=2,tensor=2; unnamed axes are 1 and data takes the "

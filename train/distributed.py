@@ -90,6 +90,19 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
         jax_distributed.global_state.client.wait_at_barrier(f"rocoft_{name}", timeout_s * 1000)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process: every process gets the same answer.
+
+    A collective in a multi-process run, so every process must call it at the same point of its program;
+    with one process it returns ``flag`` and costs nothing.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
 def finish() -> None:
     """Meets the other processes, then leaves the runtime together.
 

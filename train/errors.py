@@ -1,7 +1,9 @@
-"""The errors a user can fix: each CLI prints ``error: <message>`` on one line and exits with code 2.
+"""The errors a CLI reports on one line, ``error: <message>``, instead of a traceback.
 
-Every message names what is wrong and how to fix it. Anything else that escapes
-a CLI is a bug in rocoft_jax and keeps its traceback.
+A `UserError` is bad input the user can fix: exit code 2, before any work starts where it can be
+found then. A `NonFiniteError` is a run that diverged on valid input: exit code 3. Every message
+names what is wrong and how to go on. Anything else that escapes a CLI is a bug in rocoft_jax and
+keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -25,3 +27,11 @@ class ModelError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or belongs to another run."""
+
+
+class NonFiniteError(RuntimeError):
+    """A training step whose loss, gradient norm or trained values were NaN or infinite.
+
+    Not a `UserError`: the options were valid and the run diverged. The message names the step, the
+    values and the last good checkpoint (`train.nonfinite`).
+    """

@@ -15,7 +15,6 @@ into PyTorch: its meta-device init drops the weights.)
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from rocoft_jax.tree import flatten
 from train import checkpoint as ckpt
 from train import methods as methods_lib
 from train import options as opt
+from train import strict_json
 from train.config import TrainConfig
 from train.errors import UserError
 
@@ -77,7 +77,8 @@ def export(path: Path, out: Path) -> Path:
     model.save_pretrained(out, params=merged)
     safetensors.numpy.save_file(torch_state_dict(merged), str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
-    (out / "rocoft.json").write_text(json.dumps({k: meta[k] for k in ("model", "fingerprint", "selection")}) + "\n")
+    provenance = {k: meta[k] for k in ("model", "fingerprint", "selection")}
+    (out / "rocoft.json").write_text(strict_json.dumps(provenance) + "\n")
     return out
 
 

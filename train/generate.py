@@ -15,7 +15,6 @@ meet. Only process 0 writes predictions.jsonl.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 import rocoft_jax
-from train import distributed
+from train import distributed, strict_json
 from train import input_pipeline as pipeline
 from train.errors import DataError
 from train.llm_data import LlmTask, extract_answer, format_eval_prompt, is_correct
@@ -138,7 +137,7 @@ class Generator:
         bar.close()
         if output_dir is not None:
             with open(Path(output_dir) / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+                f.writelines(strict_json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
         stats = {
             "examples": len(records),
             "generated_tokens": generated,

@@ -4,7 +4,8 @@ A `Run` holds what `train.trainer.setup` built and what the loop advances (the t
 step the actions run in this order: `Progress` (metrics.jsonl train lines and the progress bar),
 `Evaluate`, `StopOnSigterm` (save a checkpoint and exit at the step boundary) and `SaveCheckpoint`. Each
 acts when its interval divides the step, except after the last step, which `train.trainer.finish` handles.
-Adding a periodic action is one small class and one entry in `loop`.
+Adding a periodic action is one small class and one entry in `loop`. The run's `train.nonfinite.Guard` reads
+the steps' finite flags before every train line, evaluation and save, and ends the run on a non-finite step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 from tqdm.auto import tqdm
 
 from train import checkpoint as ckpt
-from train import distributed, reporting
+from train import distributed, nonfinite, reporting
 from train import methods as methods_lib
 from train import step as step_lib
 from train.config import TrainConfig
@@ -45,13 +46,17 @@ class Run:
     checkpoints: Any  # orbax CheckpointManager
     meta: dict[str, Any]
     log: reporting.MetricsLog
+    guard: nonfinite.Guard
 
     def evaluate(self) -> dict[str, float]:
+        self.guard.check()
         return self.job.evaluate(self.context, self.state.trainable, self.frozen)
 
     def save(self, step: int) -> None:
+        self.guard.check_state(self.state, step)  # raises before a non-finite state reaches the disk
         data_position = {"step": step, "epoch": step / self.per_epoch}
-        ckpt.save(self.checkpoints, step, self.state, {**self.meta, "data_position": data_position})
+        meta = {**self.meta, "data_position": data_position, "nonfinite": self.guard.counts()}
+        ckpt.save(self.checkpoints, step, self.state, meta)
 
 
 def due(interval: int, done: int, total: int) -> bool:
@@ -72,7 +77,9 @@ class Action:
 class Progress(Action):
     """Train lines in metrics.jsonl every --log-every steps and after the last; loss, lr and examples/s on the bar.
 
-    Losses stay on the device until a line is due, so the host never waits on a step it could queue behind.
+    Losses and finite flags stay on the device until a line is due, so the host never waits on a step it
+    could queue behind. The flags are read first: the line counts skipped steps, and after it is written a
+    non-finite step ends the run (`train.nonfinite`).
     """
 
     def __init__(self, run: Run, bar, start: int):
@@ -83,13 +90,17 @@ class Progress(Action):
     def __call__(self, done, metrics):
         run, every = self.run, self.run.config.log_every
         self.pending.append((done, metrics["loss"]))
+        run.guard.record(done, metrics)
         if done % every == 0 or done == run.total_steps:
             now = time.perf_counter()
+            failure = run.guard.poll()
             losses = [(s, float(loss)) for s, loss in self.pending]
             self.pending.clear()
             for s, loss in losses:
                 if s % every == 0 or s == run.total_steps:
-                    run.log.write({"step": s, "loss": loss, "lr": float(run.schedule(s - 1))})
+                    run.log.write({"step": s, "loss": loss, "lr": float(run.schedule(s - 1)), **run.guard.line()})
+            if failure is not None:
+                raise failure
             rate = (done - self.n_last) * run.job.examples_per_step / max(now - self.t_last, 1e-9)
             self.bar.set_postfix(
                 loss=f"{losses[-1][1]:.4f}", lr=f"{float(run.schedule(done - 1)):.2e}", ex_s=f"{rate:.0f}"
@@ -114,19 +125,28 @@ class Evaluate(Action):
 
 
 class StopOnSigterm(Action):
-    """On SIGTERM, saves a checkpoint at the next step boundary and exits; the handler is restored on close."""
+    """On SIGTERM, saves a checkpoint at a step boundary and exits; the handler is restored on close.
+
+    With one process it stops at the next step boundary. Several processes must save the same step together
+    (the save is collective), and a signal may reach only one of them, or reach them at different steps: so
+    every --log-every steps they exchange their flags (one tiny collective, where `Progress` already waits for
+    the step), and if any is set all save that step and exit together. After the last step `finish` saves
+    and the run ends as usual.
+    """
 
     def __init__(self, run: Run, bar):
         self.run, self.bar, self.stop = run, bar, False
+        self.every = run.config.log_every if jax.process_count() > 1 else 1
         self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.stop = True
 
     def __call__(self, done, metrics):
-        if self.stop:
+        if due(self.every, done, self.run.total_steps) and distributed.any_process(self.stop):
             self.run.save(done)
             self.bar.close()
+            distributed.barrier(f"stopped_{done}")  # leave together: none exits while another still saves
             raise SystemExit(
                 f"SIGTERM: saved a checkpoint at step {done} in {self.run.out / 'checkpoints'}; "
                 "rerun with --resume to continue"

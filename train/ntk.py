@@ -18,14 +18,13 @@ bad input exits with code 2 and one line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from train import ntk_report
+from train import ntk_report, strict_json
 from train import options as opt
 from train.errors import ConfigError, UserError
 from train.ntk_config import GROUPS, NTKConfig, check
@@ -144,7 +143,7 @@ def run(config: NTKConfig) -> dict:
             ntk_report.write_pictures(out, kernels, y, c_out, spec.name, config.k)
 
     results = ntk_report.summarize(records, num_params)
-    (out / "ntk_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "ntk_results.json").write_text(strict_json.dumps(results, indent=2) + "\n")
     (out / "ntk_results.md").write_text(ntk_report.markdown(results, config, spec.name, len(dev_labels)))
     run_info = {
         **dataclasses.asdict(config),
@@ -156,7 +155,7 @@ def run(config: NTKConfig) -> dict:
         "head": type(forward).__name__,
         "pooling": getattr(forward, "pooling", None),
     }
-    (out / "ntk_run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    (out / "ntk_run.json").write_text(strict_json.dumps(run_info, indent=2) + "\n")
     print(ntk_report.markdown(results, config, spec.name, len(dev_labels)))
     return results
 

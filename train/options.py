@@ -46,11 +46,19 @@ class Range:
         return self.high is None or (x < self.high if self.high_open else x <= self.high)
 
     def __str__(self) -> str:
+        low, high = _bound(self.low), _bound(self.high)
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"greater than {self.low:g}" if self.low_open else f"at least {self.low:g}"
-        return f"less than {self.high:g}" if self.high_open else f"at most {self.high:g}"
+            return f"greater than {low}" if self.low_open else f"at least {low}"
+        return f"less than {high}" if self.high_open else f"at most {high}"
+
+
+def _bound(x: float | None) -> str:
+    """A bound as written: integers in full (a seed's 4294967295, not 4.29497e+09)."""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def at_least(low: float) -> Range:
@@ -77,6 +85,7 @@ class Spec:
     aliases: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
     note: str = ""  # why the range is what it is, appended to a range error
+    optional: bool = False  # None ("not set") is valid: the default is None
 
 
 def option(
@@ -95,7 +104,8 @@ def option(
     always a valid value of an option whose default is ``None`` (it means "not set")."""
     if kind is None:
         kind = type(default) if default is not None else str
-    spec = Spec(help, group, kind, range, tuple(choices) if choices else None, tuple(aliases), check, note)
+    choices = tuple(choices) if choices else None
+    spec = Spec(help, group, kind, range, choices, tuple(aliases), check, note, optional=default is None)
     return dataclasses.field(default=default, metadata={"option": spec})
 
 
@@ -182,8 +192,11 @@ def _convert(spec: Spec, value):
 
 def check_value(name: str, spec: Spec, value, where: str | None = None):
     """``value`` converted to the option's type; raises `ConfigError` when it is invalid."""
-    if value is None:
-        return None
+    if value is None:  # a YAML key without a value (``lr:``) or ``null``
+        if spec.optional:
+            return None
+        need = (f" {spec.range}" if spec.range else "") + (f"; choose {_one_of(spec.choices)}" if spec.choices else "")
+        raise fail(name, "null", f"needs a value{need}", where)
     try:
         converted = _convert(spec, value)
     except ValueError as err:

@@ -1,14 +1,19 @@
 """What a run shows and leaves behind: metrics.jsonl, the eval table, curves.png, TensorBoard.
 
 The file names and keys are a public contract: train lines carry ``step`` and
-``loss``; eval lines carry ``step`` and the task's metric names.
+``loss``; eval lines carry ``step`` and the task's metric names. Every line is
+strict JSON: a non-finite value is ``null`` with ``<key>_nonfinite`` beside it
+(`train.strict_json`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+from train import strict_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -35,7 +40,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -75,10 +80,10 @@ def plot_curves(records: list[dict[str, Any]], metric_names: tuple[str, ...], pa
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(m in r for m in metric_names)]
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
+    ax_loss.plot([r["step"] for r in train], [_number(r["loss"]) for r in train], color="tab:blue")
     ax_loss.set(xlabel="step", ylabel="train loss", title="training loss")
     for name in metric_names:
-        points = [(r["step"], r[name]) for r in evals if name in r]
+        points = [(r["step"], _number(r[name])) for r in evals if name in r]
         if points:
             ax_eval.plot(*zip(*points), marker="o", label=name)
     ax_eval.set(xlabel="step", ylabel="metric", title="dev metrics")
@@ -87,3 +92,8 @@ def plot_curves(records: list[dict[str, Any]], metric_names: tuple[str, ...], pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _number(value) -> float:
+    """A logged value for a plot: a non-finite one is ``null`` in metrics.jsonl and a gap in the curve."""
+    return math.nan if value is None else value

@@ -7,7 +7,9 @@
 Options come from configs/glue/<task>.yaml or configs/llm/<task>.yaml (the paper's
 Table 10), overridden by flags. Outputs go to --output-dir: results.json,
 metrics.jsonl, config.yaml, curves.png and checkpoints/ (LLM tasks, scored by
-generation: also predictions.jsonl). Bad input exits with code 2 and one line.
+generation: also predictions.jsonl). Exit codes: 0 when the run finished, 2 on bad
+input, 3 when training diverged (a non-finite loss or gradient; see --on-nonfinite),
+1 on anything else; 2 and 3 come with one line ``error: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from train import config as config_lib
-from train.errors import ConfigError, UserError
+from train.errors import ConfigError, NonFiniteError, UserError
 
 
 def main(argv=None) -> int:
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

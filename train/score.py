@@ -9,9 +9,12 @@ our scoring. Each mismatch is printed, and the last line is one JSON object: ``a
 ``prediction_mismatches``, ``correct``, ``logged_accuracy`` and ``logged_correct``.
 
 The two log layouts, line by line (``\r`` is a carriage return the scripts print):
-- commonsense_evaluate.py, per batch: for each example its instruction (ending in an "Answer format: ..." line),
-  the response, ``prediction: P``, ``label: L``; then ``---------------``, ``\rtest:i/N | accuracy C  F`` with
-  N batches and F = C / examples so far, ``---------------``.
+- commonsense_evaluate.py, per batch: for each example its instruction, the response, ``prediction: P``,
+  ``label: L``; then ``---------------``, ``\rtest:i/N | accuracy C  F`` with N batches and F = C / examples so
+  far, ``---------------``. An early revision also prints the batch's responses as one Python list first.
+  Every instruction ends in "Answer format: " and the task's choices joined by "/", alone on the last line
+  (BoolQ, PIQA, SIQA, HellaSwag, ARC, OBQA) or after the options on it (WinoGrande: ``Option1: Sarah
+  Option2: Maria Answer format: option1/option2``); the response starts on the next line.
 - evaluate.py (math and AQuA), per example: `` `` (one space), ``---------------``, the response,
   ``prediction: P``, ``label: L``, ``---------------``, ``\rtest:i/N | accuracy C  F``.
 Responses may span many lines; an example ends at a ``prediction:`` line directly followed by a ``label:`` line.
@@ -20,14 +23,14 @@ Responses may span many lines; an example ends at a ``prediction:`` line directl
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
 
 from train import options as opt
+from train import strict_json
 from train.errors import DataError, UserError
-from train.llm_data import extract_answer, get_task, is_correct
+from train.llm_data import LlmTask, extract_answer, get_task, is_correct
 
 _SEPARATOR = "---------------"
 _RUNNING = re.compile(r"\r?test:(\d+)/(\d+) \| accuracy (\d+)  (\S+)")
@@ -42,13 +45,14 @@ class LoggedExample:
     label: str
 
 
-def parse_log(text: str, kind: str) -> tuple[list[LoggedExample], tuple[int, int, int, float]]:
-    """Examples of a log and its last running line ``(i, N, correct, accuracy)``; ``kind`` picks the layout."""
+def parse_log(text: str, task: str) -> tuple[list[LoggedExample], tuple[int, int, int, float]]:
+    """Examples of a log of ``task`` and its last running line ``(i, N, correct, accuracy)``."""
+    spec = get_task(task)
     lines = text.split("\n")  # not splitlines(): the scripts' "\r" must not end a line
     examples, start = [], 0
     for i in range(len(lines) - 1):
         if lines[i].startswith("prediction: ") and lines[i + 1].startswith("label: "):
-            response = _response(lines[start:i], kind, len(examples))
+            response = _response(lines[start:i], spec, len(examples))
             examples.append(LoggedExample(response, lines[i][len("prediction: ") :], lines[i + 1][len("label: ") :]))
             start = i + 2
     running = [m for line in lines if (m := _RUNNING.fullmatch(line))]
@@ -64,11 +68,21 @@ def parse_log(text: str, kind: str) -> tuple[list[LoggedExample], tuple[int, int
     return examples, (step, total, int(last[3]), float(last[4]))
 
 
-def _response(body: list[str], kind: str, index: int) -> str:
+def instruction_end(spec: LlmTask) -> re.Pattern:
+    """What ends the last line of a commonsense instruction of ``spec``: "Answer format: " and the task's choices
+    joined by "/". Anchored on the choices, so neither the options before it on the same line nor a printed
+    list of responses (whose line ends in a quote and a bracket) is taken for it."""
+    choice = f"(?:{spec.answer_pattern})"
+    return re.compile(rf"(?:^|\s)Answer format: {choice}(?:/{choice})*\s*$")
+
+
+def _response(body: list[str], spec: LlmTask, index: int) -> str:
     """The response among the lines printed before an example's ``prediction:`` line."""
-    if kind == "commonsense":
-        before = [j for j, line in enumerate(body) if line.startswith("Answer format:")]
-        where = "after its instruction's 'Answer format:' line"
+    if spec.kind == "commonsense":
+        end = instruction_end(spec)
+        before = [j for j, line in enumerate(body) if end.search(line)]
+        choices = spec.answer_pattern.replace("|", ", ")
+        where = f"after an instruction ending in 'Answer format:' and {spec.name}'s choices ({choices})"
     else:
         before = [j + 1 for j in range(len(body) - 1) if body[j] == " " and body[j + 1] == _SEPARATOR]
         where = "after a ' ' line and a separator"
@@ -88,7 +102,7 @@ def score_log(path: str | Path, task: str) -> tuple[dict, list[tuple[int, str, s
             text = f.read()
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err}); pass an LLM-Adapters evaluation log") from None
-    examples, (_, _, logged_correct, logged_accuracy) = parse_log(text, spec.kind)
+    examples, (_, _, logged_correct, logged_accuracy) = parse_log(text, spec.name)
     mismatches, correct = [], 0
     for n, example in enumerate(examples, start=1):
         prediction = extract_answer(spec.name, example.response)
@@ -118,7 +132,7 @@ def main(argv=None) -> int:
         return 2
     for n, logged, ours in mismatches:
         print(f"example {n}: logged prediction {logged!r}, ours {ours!r}")
-    print(json.dumps(summary))
+    print(strict_json.dumps(summary))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Only the trainable tree is differentiated; the frozen tree is an argument (never
 closed over, so XLA does not constant-fold the weights). Dropout keys are
-``fold_in(rng, step)``, so a resumed run draws the same masks.
+``fold_in(rng, step)``, so a resumed run draws the same masks. Each step reports
+whether its loss and gradient norm are finite (on the device: reading the flag is
+the host's choice, `train.nonfinite`), and can skip the update of a step that is not.
 """
 
 from __future__ import annotations
@@ -67,9 +69,10 @@ def make_optimizer(
         raise ValueError(f"unknown lr schedule {schedule!r}; choose cosine, linear or constant")
     decay_mask = lambda tree: jax.tree_util.tree_map_with_path(_decays, tree)
     tx = optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
-    if max_grad_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
-    return tx, sched
+    # Clipping or not, the state has one structure (both keep an empty state), so a run may resume with
+    # another --max-grad-norm, e.g. after it diverged.
+    clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm > 0 else optax.identity()
+    return optax.chain(clip, tx), sched
 
 
 def loss_sum(logits, batch, kind: str):
@@ -114,8 +117,15 @@ def train_step(
     remat: str | None = None,
     grad_accum: int = 1,
     mesh=None,
+    skip_nonfinite: bool = False,
 ):
-    """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm"})``.
+    """One optimizer step on the trainable tree. Returns ``(state, {"loss", "grad_norm", "finite"})``.
+
+    ``finite`` (a bool scalar) says the loss and the gradient norm are finite. With ``skip_nonfinite`` it
+    also requires the updated trainable values to be, and a step that is not keeps the trainable and
+    optimizer state as they were (its schedule count too); the step counter advances either way, so the
+    batch of each step, and a resume, stay as in any other run. That select costs one pass over the
+    trainable state, which is why it is optional.
 
     With ``grad_accum`` N > 1 every batch array is (B, N, ...): N micro-batches of B rows, run one after
     another by a ``lax.scan`` so activations are held for one micro-batch only. Summed losses, gradients
@@ -152,9 +162,22 @@ def train_step(
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     one_device = mesh is None or mesh.size == 1
-    return new_state, {"loss": loss, "grad_norm": global_norm(grads, concatenate=one_device)}
+    grad_norm = global_norm(grads, concatenate=one_device)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        finite = finite & all_finite(trainable)
+        trainable, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (trainable, opt_state), (state.trainable, state.opt_state)
+        )
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point entry of ``tree`` is finite (a bool scalar; True for no such leaf)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 CONCAT_NORM_MAX = 2**26  # elements: slices, adapters and heads, not full fine-tuning's leaves
@@ -222,12 +245,14 @@ def compile_steps(
     attention: str = "plain",
     remat: str | None = None,
     grad_accum: int = 1,
+    skip_nonfinite: bool = False,
 ):
     """The jitted, sharded ``(train_step, eval_step)``: the only place steps are jitted.
 
     The train state's buffers are donated; metrics and eval logits come back
     replicated, so every process can read them. With ``grad_accum`` > 1 train
-    batches are (B, grad_accum, ...), sharded over B like any batch.
+    batches are (B, grad_accum, ...), sharded over B like any batch. With
+    ``skip_nonfinite`` a non-finite step leaves the state unchanged (`train_step`).
     """
     sh = shardings
     mesh = sh.batch.mesh
@@ -243,6 +268,7 @@ def compile_steps(
             remat=remat,
             grad_accum=grad_accum,
             mesh=mesh,
+            skip_nonfinite=skip_nonfinite,
         ),
         in_shardings=(sh.state, sh.frozen, sh.batch),
         out_shardings=(sh.state, sh.replicated),

@@ -4,7 +4,9 @@ Data flows one way: config -> job (`train.tasks`) -> model and method (selection
 steps -> loop -> checkpoints and reports. `setup` raises every error a user can fix before the first step.
 `train.loop` runs the steps; after each one its periodic actions run in order: progress (metrics.jsonl train
 lines and the bar), evaluation, the SIGTERM stop (save a checkpoint, exit) and periodic checkpoints. `finish`
-evaluates, saves the last checkpoint and writes results.json and curves.png. The trainer asks the job for
+evaluates, saves the last checkpoint and writes results.json and curves.png; a run that ends on a non-finite
+step (`train.nonfinite`) writes no results.json and removes one an earlier finish left, so results.json in an
+output dir always means the run there finished. The trainer asks the job for
 everything task-specific (batches, evaluation, extra results), never the task's name or the job's class.
 A library ValueError about an option reaches the user as a `ConfigError`, through `config_errors`.
 
@@ -15,7 +17,6 @@ uninterrupted one exactly. Only process 0 prints and writes reports; every proce
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from pathlib import Path
@@ -27,14 +28,14 @@ from jax.sharding import NamedSharding
 import rocoft_jax
 from rocoft_jax import sharding
 from train import checkpoint as ckpt
-from train import distributed, reporting, tasks
+from train import distributed, nonfinite, reporting, strict_json, tasks
 from train import input_pipeline as pipeline
 from train import loop as loop_lib
 from train import methods as methods_lib
 from train import step as step_lib
 from train.config import TrainConfig
 from train.config import save as save_config
-from train.errors import ConfigError, UserError
+from train.errors import ConfigError, NonFiniteError, UserError
 from train.tasks.base import EvalContext, Job
 
 
@@ -135,6 +136,8 @@ def setup(config: TrainConfig) -> loop_lib.Run:
     }
     checkpoints = ckpt.manager(out / "checkpoints")
     state, resume_step = restore(config, checkpoints, meta, state)
+    counts = ckpt.read_meta(checkpoints, resume_step).get("nonfinite") if resume_step is not None else None
+    guard = nonfinite.Guard(config.on_nonfinite, config.max_nonfinite, checkpoints, counts)
     if main:
         save_config(config, out / "config.yaml")
     log = reporting.MetricsLog(out, resume_step, enabled=main)
@@ -153,6 +156,7 @@ def setup(config: TrainConfig) -> loop_lib.Run:
         checkpoints,
         meta,
         log,
+        guard,
     )
 
 
@@ -179,7 +183,15 @@ def compile_steps(config: TrainConfig, job: Job, model, method, tx, mesh, remat,
     with config_errors():
         attention = methods_lib.resolve_attention(config.attention)
     train_fn, eval_fn = step_lib.compile_steps(
-        model, method, tx, job.loss_kind, shardings, attention=attention, remat=remat, grad_accum=config.grad_accum
+        model,
+        method,
+        tx,
+        job.loss_kind,
+        shardings,
+        attention=attention,
+        remat=remat,
+        grad_accum=config.grad_accum,
+        skip_nonfinite=config.on_nonfinite == "skip",
     )
     if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
         example = job.train_batch(0)
@@ -193,12 +205,13 @@ def compile_steps(config: TrainConfig, job: Job, model, method, tx, mesh, remat,
 
 
 def restore(config: TrainConfig, checkpoints, meta: dict[str, Any], state):
-    """``(state, resume_step)``: with --resume the latest checkpoint, once its metadata matches this run."""
+    """``(state, resume_step)``: with --resume the newest complete checkpoint, once its metadata matches this run.
+
+    A damaged newest step falls back to an older one with a warning; `train.checkpoint` says which faults do.
+    """
     if not config.resume:
         return state, None
-    resume_step = checkpoints.latest_step()
-    ckpt.check_compatible(ckpt.read_meta(checkpoints, resume_step), meta)
-    state = ckpt.restore(checkpoints, resume_step, state)
+    state, resume_step = ckpt.restore_latest(checkpoints, state, meta)
     if distributed.is_main():
         print(f"resumed from step {resume_step}")
     return state, resume_step
@@ -231,11 +244,12 @@ def finish(run: loop_lib.Run) -> dict[str, Any]:
         "num_total": run.method.mask.num_total,
         "steps": total,
         "metrics": metrics,
+        **({"skipped_steps": run.guard.skipped} if config.on_nonfinite == "skip" else {}),
         **run.job.results(),
     }
     if distributed.is_main():
         print(reporting.eval_table(total, metrics))
-        (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (run.out / "results.json").write_text(strict_json.dumps(results, indent=2) + "\n")
         reporting.plot_curves(run.log.records(), run.job.metric_names, run.out / "curves.png")
     return results
 
@@ -243,5 +257,10 @@ def finish(run: loop_lib.Run) -> dict[str, Any]:
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     """Runs the whole job and returns what results.json holds (on every process)."""
     run = setup(config)
-    loop_lib.loop(run)
-    return finish(run)
+    try:
+        loop_lib.loop(run)
+        return finish(run)
+    except NonFiniteError:
+        if distributed.is_main():
+            (run.out / "results.json").unlink(missing_ok=True)
+        raise

@@ -201,6 +201,7 @@ def test_resume_refuses_corrupt_checkpoint(tmp_path, reference_run, capsys):
 
     out = tmp_path / "copy"
     shutil.copytree(reference_run, out)
+    shutil.rmtree(out / "checkpoints" / "40")  # nothing to fall back to (test_checkpoint_faults.py falls back)
     state_dir = out / "checkpoints" / "60" / "state"
     for f in state_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 1000:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from train import score
-from train.llm_data import get_task, load_records
+from train.llm_data import TASKS, get_task, load_records
 
 REPO = Path(__file__).resolve().parents[2]
 LLM_ADAPTERS = REPO.parent / "shared" / "data" / "llm-adapters"
@@ -79,7 +79,7 @@ def test_parsed_responses_are_exactly_what_was_printed(log):
     are right, multi-line responses are whole, and the labels are the test set's answers."""
     spec = get_task(task_of(log))
     text = read(log)
-    examples, _ = score.parse_log(text, spec.kind)
+    examples, _ = score.parse_log(text, spec.name)
     records = load_records(need(LLM_ADAPTERS / "dataset" / spec.folder / "test.json"))
     assert len(examples) == len(records)
     position = 0
@@ -90,6 +90,77 @@ def test_parsed_responses_are_exactly_what_was_printed(log):
         position = text.index(printed, position) + len(printed)
     if spec.kind != "commonsense":  # math responses span lines: the check above covered multi-line ones
         assert any("\n" in e.response for e in examples)
+
+
+def first_records(task: str, n: int = 2) -> list[dict]:
+    """The first ``n`` records of the task's test set (HellaSwag's folder holds only its first five)."""
+    folder = LLM_ADAPTERS / "dataset" / get_task(task).folder
+    path = next((p for p in (folder / "test.json", folder / "test_first5.json") if p.is_file()), None)
+    if path is None:
+        pytest.skip(f"{folder} has no test set (real data lives beside the repo)")
+    return load_records(path)[:n]
+
+
+def built_example(task: str, record: dict, right: bool) -> tuple[str, str, str]:
+    """``(response, printed prediction, printed label)`` of a record: the right answer, or a wrong one whose
+    response ends by repeating the instruction's last line (the first such line ends the instruction)."""
+    spec = get_task(task)
+    answer = record["answer"]
+    if spec.kind == "math":
+        value = float(answer) + (0 if right else 1)
+        response = f"1. Start with the numbers of the question.\n\nTherefore, the answer is {value:g}.</s>"
+        return response, str(value), str(float(answer))
+    if spec.kind == "aqua":
+        letter = answer if right else "ABCDE"[("ABCDE".index(answer) + 1) % 5]
+        return f"The answer is ({letter}).\n\nSo the answer is {letter}.", letter, answer
+    choices = record["instruction"].rsplit("Answer format: ", 1)[1].split("/")
+    choice = answer if right else next(c for c in choices if c != answer)
+    last_line = record["instruction"].rsplit("\n", 1)[-1]
+    response = f"the correct answer is {choice}" if right else f"{choice}\n{last_line}"
+    return response, choice, answer
+
+
+def authors_log(task: str, examples: list[tuple[dict, tuple[str, str, str]]], listed: bool) -> str:
+    """The log LLM-Adapters' evaluate scripts print for ``examples`` (one batch for commonsense_evaluate.py;
+    ``listed``: the revision that first prints the batch's responses as a Python list)."""
+    lines = ["Loading checkpoint shards: 100%|##########| 2/2"]
+    n = len(examples)
+    if get_task(task).kind == "commonsense":
+        correct = sum(prediction == label for _, (_, prediction, label) in examples)
+        if listed:
+            lines.append(repr([response for _, (response, _, _) in examples]))
+        for record, (response, prediction, label) in examples:
+            lines += [record["instruction"], response, f"prediction: {prediction}", f"label: {label}"]
+        lines += ["---------------", f"\rtest:1/1 | accuracy {correct}  {correct / n}", "---------------"]
+    else:
+        correct = 0
+        for i, (_, (response, prediction, label)) in enumerate(examples, start=1):
+            correct += float(prediction) == float(label) if get_task(task).kind == "math" else prediction == label
+            lines += [" ", "---------------", response, f"prediction: {prediction}", f"label: {label}"]
+            lines += ["---------------", f"\rtest:{i}/{n} | accuracy {correct}  {correct / i}"]
+    return "\n".join([*lines, "", "test finished", ""])
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["plain", "listed"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_layout_is_read(capsys, tmp_path, task, listed):
+    """Logs built from each task's own test instructions, laid out as the authors' scripts print them (WinoGrande
+    puts its options and answer format on one line): every response, prediction and label comes back whole, and
+    the CLI rescores them to the logged accuracy."""
+    if listed and get_task(task).kind != "commonsense":
+        pytest.skip("only commonsense_evaluate.py prints a list of responses")
+    records = first_records(task)
+    examples = [(rec, built_example(task, rec, right=i == 0)) for i, rec in enumerate(records)]
+    text = authors_log(task, examples, listed)
+    parsed, running = score.parse_log(text, task)
+    assert [(e.response, e.prediction, e.label) for e in parsed] == [built for _, built in examples]
+    log = tmp_path / "log.txt"
+    log.write_text(text, encoding="utf-8", newline="")
+    code, out, err = run_main(capsys, "--log", str(log), "--task", task)
+    assert code == 0 and err == "", err
+    result = json.loads(out)
+    assert result == {"accuracy": 0.5, "n": 2, "prediction_mismatches": 0, "correct": 1,
+                      "logged_accuracy": 0.5, "logged_correct": 1}  # fmt: skip
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
@@ -114,7 +185,16 @@ def test_unknown_task_is_a_one_line_error(capsys, tmp_path):
 def test_log_of_another_task_kind_is_an_error(capsys):
     log = need(LOGS / "llama_7b_lora_math_all_r32_AddSub.txt")
     code, _, err = run_main(capsys, "--log", str(log), "--task", "boolq")
-    assert code == 2 and "no response after its instruction's 'Answer format:' line; does --task match" in err
+    assert code == 2 and err.count("\n") == 1
+    assert "example 1: no response after an instruction ending in 'Answer format:' and boolq's choices" in err
+    assert "does --task match the log?" in err
+
+
+def test_log_of_another_commonsense_task_is_an_error(capsys):
+    """The instruction's answer format names the task: a PIQA log read as BoolQ finds no BoolQ instruction."""
+    log = need(LOGS / "llama_7b_lora_commonsense_piqa.txt")
+    code, _, err = run_main(capsys, "--log", str(log), "--task", "boolq")
+    assert code == 2 and "example 1: no response after an instruction ending in 'Answer format:'" in err
 
 
 def test_unfinished_log_is_an_error(capsys, tmp_path):
