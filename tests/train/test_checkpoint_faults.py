@@ -70,7 +70,7 @@ def damaged_copy(tmp_path: Path, reference: Path, damage, steps=(40,)) -> Path:
     "damage, warning",
     [
         (unfinished_save, "a save that never finished"),
-        (missing_metadata, "is corrupt or incomplete"),
+        pytest.param(missing_metadata, "is corrupt or incomplete", marks=pytest.mark.slow),  # as truncated-arrays
         (truncated_arrays, "is corrupt or incomplete"),
         (lambda step: edit_meta(step, lambda m: m.pop("fingerprint")), "metadata without a valid fingerprint"),
     ],

@@ -241,7 +241,7 @@ def check_valid_run(tmp_path_factory, values: dict[str, str], use_equals: bool) 
     assert results["steps"] == 2 and (out / "config.yaml").is_file()
 
 
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values=valid_options(), use_equals=st.booleans())
 def test_valid_values_train(tmp_path_factory, values, use_equals):
     check_valid_run(tmp_path_factory, values, use_equals)
