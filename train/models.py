@@ -15,9 +15,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import transformers
 from transformers import (
     AutoConfig,
+    BartConfig,
     BertConfig,
     BloomConfig,
     GemmaConfig,
@@ -29,7 +31,7 @@ from transformers import (
     RobertaConfig,
 )
 
-from rocoft_jax import families
+from rocoft_jax import faithful, families
 from train import byte_tokenizer
 from train.errors import ModelError
 
@@ -103,11 +105,28 @@ PRESETS = {
         max_position_embeddings=2048,
     ),
     "tiny-gpt2": lambda: GPT2Config(**_BYTES, n_embd=64, n_layer=2, n_head=4, n_positions=2048),
+    # A 2+2-layer BART for the summarization tasks, read with the byte tokenizer. As in BART, the decoder starts
+    # from EOS and generation forces BOS first and EOS at the length limit.
+    "tiny-bart": lambda: BartConfig(
+        **_BYTES,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=1024,
+        decoder_start_token_id=byte_tokenizer.EOS_ID,
+        forced_bos_token_id=byte_tokenizer.BOS_ID,
+        forced_eos_token_id=byte_tokenizer.EOS_ID,
+    ),
     "roberta-base": lambda: RobertaConfig(**_ROBERTA),
     "roberta-large": lambda: RobertaConfig(
         **_ROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
     ),
     "bert-base-uncased": lambda: BertConfig(),
+    "bart-large": lambda: BartConfig(),  # transformers' defaults are facebook/bart-large's shape
     "llama-2-7b": lambda: LlamaConfig(
         vocab_size=32000,
         hidden_size=4096,
@@ -151,6 +170,10 @@ def _auto_class(head: str):
         return transformers.FlaxAutoModelForSequenceClassification
     if head == "causal-lm":
         return transformers.FlaxAutoModelForCausalLM
+    if head == "seq2seq-lm":  # encoder-decoder LMs (summarization)
+        return transformers.FlaxAutoModelForSeq2SeqLM
+    if head == "question-answering":  # extractive QA: start and end logits per token
+        return transformers.FlaxAutoModelForQuestionAnswering
     if head == "masked-lm":  # train.ntk's prompt-based f(x)
         return transformers.FlaxAutoModelForMaskedLM
     if head == "base":  # train.ntk's readout on the pooled output
@@ -176,15 +199,22 @@ def _unbound_model(config, head: str, dtype: str, remat: bool):
 
     ``remat`` is HF's gradient checkpointing, which not every family has.
     """
-    mapping = _auto_class(head)._model_mapping
-    if type(config) not in mapping:
-        raise ModelError(
-            f"{config.model_type} has no HF Flax {head} class; for the LLM tasks use a Llama, Mistral, "
-            "Gemma, GPT-J, Bloom, OPT or GPT-2 model"
-        )
-    cls = mapping[type(config)]
+    cls = _model_class(config, head)
     kwargs = {"gradient_checkpointing": True} if remat else {}
     return cls(config, dtype=DTYPES[dtype], _do_init=False, **kwargs)
+
+
+def _model_class(config, head: str):
+    """The HF Flax class of ``config`` and ``head``, with `rocoft_jax.faithful`'s fixes where it needs them."""
+    try:
+        return faithful.model_class_for(_auto_class(head), config)
+    except faithful.UnsupportedConfig as err:
+        raise ModelError(str(err)) from err
+    except KeyError:
+        raise ModelError(
+            f"{config.model_type} has no HF Flax {head} class; for the LLM tasks use a Llama, Mistral, "
+            "Gemma, GPT-J, Bloom, OPT, GPT-2 or Qwen2 model"
+        ) from None
 
 
 def random_model(config, head: str, dtype: str = "fp32", seed: int = 0):
@@ -267,24 +297,31 @@ def check_source(name_or_dir: str) -> Path | None:
 
 
 def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_overrides):
-    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels)."""
+    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels).
+
+    Loads through `rocoft_jax.faithful.from_pretrained`: a config HF Flax would run wrong is fixed or
+    refused, and a checkpoint missing weights outside a new task head is refused.
+    """
     local = check_source(name_or_dir)
     kwargs = dict(config_overrides)
     if local is not None:
         kwargs.update(_weights_kind(local))
+    _model_class(load_config(name_or_dir), head)  # a config error before any weights are read
     try:
-        model = _auto_class(head).from_pretrained(str(local) if local else name_or_dir, dtype=DTYPES[dtype], **kwargs)
+        model, params = faithful.from_pretrained(
+            _auto_class(head),
+            str(local) if local else name_or_dir,
+            new_head=head != "causal-lm",
+            dtype=DTYPES[dtype],
+            **kwargs,
+        )
     except OSError as err:
         raise ModelError(
             f"cannot load model {name_or_dir!r} ({str(err).splitlines()[0]}); give a local model dir, "
             "or check the hub id and your network (HF_HUB_OFFLINE=1 needs a cached copy)"
         ) from err
-    except ValueError as err:  # a config class the Auto mapping lacks
-        raise ModelError(
-            f"--model {name_or_dir} has no HF Flax {head} class ({str(err).splitlines()[0][:160]}); "
-            "for the LLM tasks use a Llama, Mistral, Gemma, GPT-J, Bloom, OPT or GPT-2 model"
-        ) from err
-    params = model.params
-    if dtype == "bf16":
-        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    except ValueError as err:  # a missing weight, a shape mismatch
+        raise ModelError(f"--model {name_or_dir}: {str(err).splitlines()[0][:400]}") from err
+    # Cast on the host: a bf16 run never holds fp32 weights on the device.
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(DTYPES[dtype])), params)
     return model, params

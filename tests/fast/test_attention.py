@@ -19,6 +19,7 @@ import transformers as tf
 from conftest import assert_trees_close, dot_output_shapes, fast_jit
 
 import rocoft_jax
+from rocoft_jax import faithful
 from rocoft_jax.fast.attention import fused_attention
 from rocoft_jax.fast.remat import remat_layers
 
@@ -42,6 +43,13 @@ MODELS = {
     "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM, DEC),
     "mistral": (tf.MistralConfig, tf.FlaxMistralForCausalLM, dict(DEC, sliding_window=3)),
     "mistral-nowindow": (tf.MistralConfig, tf.FlaxMistralForCausalLM, dict(DEC, sliding_window=None)),
+    # rocoft_jax.faithful's fixes (rotary base and scaling, tied head, Mistral's true window) on the fused path
+    "llama-faithful": (
+        tf.LlamaConfig,
+        faithful.fixed(tf.FlaxLlamaForCausalLM),
+        dict(DEC, rope_theta=5e5, tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "mistral-faithful": (tf.MistralConfig, faithful.fixed(tf.FlaxMistralForCausalLM), dict(DEC, sliding_window=3)),
     "gemma": (
         tf.GemmaConfig,
         tf.FlaxGemmaForCausalLM,  # MQA, head_dim set apart from hidden/heads
@@ -103,7 +111,7 @@ def assert_grads_close(actual, expected, rtol):
         assert err <= rtol * ref + 1e-5, (jax.tree_util.keystr(path), err, ref)
 
 
-GRADIENT_MODELS = ("bert", "roberta", "electra", "llama", "mistral", "gemma")
+GRADIENT_MODELS = ("bert", "roberta", "electra", "llama", "mistral", "gemma", "llama-faithful", "mistral-faithful")
 
 
 @functools.cache

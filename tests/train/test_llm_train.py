@@ -174,7 +174,7 @@ def test_eval_prompts_never_see_the_reference_output():
     assert "SECRET" not in tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])  # rotary + GQA, learned positions, ALiBi
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "mistral"])  # rotary + GQA, learned, ALiBi; faithful class
 def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset, tmp_path, family):
     """Left padding, the KV cache and the sliced layers against argmax over the plain model on merged weights."""
     config = llm_config(dataset, model=f"tiny-{family}")
