@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +45,7 @@ ROTARY_CLASSES = ("FlaxLlamaRotaryEmbedding", "FlaxMistralRotaryEmbedding", "Fla
 # Causal-LM modules whose lm_head ignores tie_word_embeddings (Gemma, GPT-J, GPT-2, Bloom and OPT tie it).
 UNTIED_HEAD_MODULES = ("FlaxLlamaForCausalLMModule", "FlaxMistralForCausalLMModule")
 ROTARY_TYPES = ("llama", "mistral", "gemma", "qwen2")
+SHARDED_SAFETENSORS = "model.safetensors.index.json"
 
 
 class UnsupportedConfig(ValueError):
@@ -275,7 +278,12 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
     load_kwargs = {k: v for k, v in kwargs.items() if k not in config_kwargs}
     config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     cls = _loadable(model_class_for(auto_class, config))
-    model, params = cls.from_pretrained(name_or_path, config=flax_config(config), _do_init=False, **load_kwargs)
+    index = Path(name_or_path, SHARDED_SAFETENSORS)
+    if index.is_file():  # HF Flax raises NotImplementedError for these (Llama-2's hub layout)
+        model = cls(flax_config(config), _do_init=False, **load_kwargs)
+        params = _read_sharded_safetensors(model, index)
+    else:
+        model, params = cls.from_pretrained(name_or_path, config=flax_config(config), _do_init=False, **load_kwargs)
     if config.model_type == "qwen2":  # the Llama view's o_proj bias, which Qwen2 does not have
         params = _zero_missing(model, params, lambda path: path[-2:] == ("o_proj", "bias"))
     missing = missing_weights(model, params)
@@ -292,6 +300,20 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
         params = model.init_weights(jax.random.PRNGKey(0), (1, 1), params=params)
     model._config = config if config.model_type != "qwen2" else model.config
     return model, params
+
+
+def _read_sharded_safetensors(model, index: Path) -> dict:
+    """The Flax params of a PyTorch checkpoint in several safetensors files, converted as HF converts one."""
+    from safetensors import safe_open
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    state = {}
+    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        with safe_open(str(index.parent / name), framework="flax") as shard:
+            if (shard.metadata() or {}).get("format", "pt") != "pt":
+                raise ValueError(f"{index.parent / name} is not a PyTorch-format safetensors file")
+            state.update({key: shard.get_tensor(key) for key in shard.keys()})
+    return convert_pytorch_state_dict_to_flax(state, model)
 
 
 @functools.cache

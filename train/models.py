@@ -277,11 +277,16 @@ def load_config(name_or_dir: str):
 
 
 def _weights_kind(path: Path) -> dict:
-    if (path / "flax_model.msgpack").is_file() or (path / "model.safetensors").is_file():
+    if any(
+        (path / name).is_file() for name in ("flax_model.msgpack", "model.safetensors", faithful.SHARDED_SAFETENSORS)
+    ):
         return {}
     if (path / "pytorch_model.bin").is_file():
         return {"from_pt": True}
-    raise ModelError(f"{path} holds no weights: expected flax_model.msgpack, model.safetensors or pytorch_model.bin")
+    raise ModelError(
+        f"{path} holds no weights: expected flax_model.msgpack, model.safetensors (or its sharded index) "
+        "or pytorch_model.bin"
+    )
 
 
 def check_source(name_or_dir: str) -> Path | None:

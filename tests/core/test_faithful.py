@@ -128,6 +128,16 @@ def test_ignored_features_are_refused_in_one_line(build, field):
     assert "\n" not in str(err.value)
 
 
+def test_sharded_safetensors_load_as_one_file_does(batch, tmp_path):
+    """Llama-2's hub layout (model-0000N-of-0000M.safetensors + index), which HF Flax cannot read."""
+    model = tf.AutoModelForCausalLM.from_config(CASES["llama-tied"]()).eval()
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    flax_model, params = faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, str(tmp_path))
+    logits = np.asarray(flax_model(**batch, params=params).logits)
+    assert max_rel_error(logits, torch_logits(model, batch), batch["attention_mask"]) < 1e-5
+
+
 def test_a_checkpoint_missing_a_weight_is_refused(tmp_path):
     from safetensors.numpy import load_file, save_file
 
