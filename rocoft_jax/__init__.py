@@ -13,6 +13,7 @@ GPU kernels. The GPU fast paths live in `rocoft_jax.fast` and the empirical-NTK
 analysis in `rocoft_jax.ntk`; import them where you need them.
 """
 
+from rocoft_jax.adapters import Adapter, apply_adapter, check_base, load_adapter, merge_adapter, save_adapter
 from rocoft_jax.families import FAMILIES, Family, detect_family, get_family
 from rocoft_jax.mask import (
     FROZEN,
@@ -30,6 +31,7 @@ from rocoft_jax.sliced import intercept_kernels, sliced_kernels, sliced_matmul
 from rocoft_jax.slices import merge, split, with_trained_leaves
 
 __all__ = [
+    "Adapter",
     "FAMILIES",
     "FROZEN",
     "Family",
@@ -39,14 +41,19 @@ __all__ = [
     "RoCoFTMask",
     "TRAIN",
     "activation_norms",
+    "apply_adapter",
+    "check_base",
     "detect_family",
     "get_family",
     "intercept_kernels",
+    "load_adapter",
     "mask_from_description",
     "mask_leaves",
     "mask_params",
     "masked",
     "merge",
+    "merge_adapter",
+    "save_adapter",
     "sliced_kernels",
     "sliced_matmul",
     "split",

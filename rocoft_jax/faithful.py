@@ -46,6 +46,8 @@ ROTARY_CLASSES = ("FlaxLlamaRotaryEmbedding", "FlaxMistralRotaryEmbedding", "Fla
 UNTIED_HEAD_MODULES = ("FlaxLlamaForCausalLMModule", "FlaxMistralForCausalLMModule")
 ROTARY_TYPES = ("llama", "mistral", "gemma", "qwen2")
 SHARDED_SAFETENSORS = "model.safetensors.index.json"
+# Params PyTorch keeps as zero buffers that a checkpoint may omit; Flax initialises them to zero too.
+ZERO_BUFFERS = ("final_logits_bias",)
 
 
 class UnsupportedConfig(ValueError):
@@ -289,15 +291,18 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
     missing = missing_weights(model, params)
     body = model.base_model_prefix
     in_body = lambda path: "pooler" not in path.split("/") and (path.split("/")[0] == body or body not in params)
-    fatal = [p for p in missing if not new_head or in_body(p)]
+    fatal = [p for p in missing if p not in ZERO_BUFFERS and (not new_head or in_body(p))]
     if fatal:
         more = f" and {len(fatal) - 3} more" if len(fatal) > 3 else ""
         raise ValueError(
             f"the checkpoint {name_or_path} lacks weights the model needs ({', '.join(fatal[:3])}{more}); "
             "HF would initialise them randomly: check the checkpoint, its config and the model class"
         )
-    if missing:
-        params = model.init_weights(jax.random.PRNGKey(0), (1, 1), params=params)
+    if missing:  # a new head, drawn as HF draws it; jitted, since HF's own init runs op by op
+        fresh = flatten_dict(jax.jit(lambda rng: model.init_weights(rng, (1, 1)))(jax.random.PRNGKey(0)))
+        params = unflatten_dict(
+            {**{k: fresh[k] for k in model.required_params - set(flatten_dict(params))}, **flatten_dict(params)}
+        )
     model._config = config if config.model_type != "qwen2" else model.config
     return model, params
 

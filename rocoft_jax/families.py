@@ -77,9 +77,10 @@ class Family:
     ``signature`` is a path regex found only in this family's params (`detect_family`).
     ``targets`` are the kernels RoCoFT slices by default. ``head`` are the leaves
     trained in full by default (peft's ``modules_to_save``): the classification
-    head of sequence classifiers. ``out_axis`` is the kernel axis of the output
-    units: 1 for ``nn.Dense`` kernels (d_in, d_out), 0 for GPT-2's ``FlaxConv1D``
-    kernels (d_out, d_in). ``kind`` is "encoder", "causal-lm" or "seq2seq";
+    head of sequence classifiers, the span head (``qa_outputs``) of question
+    answering. ``out_axis`` is the kernel axis of the output units: 1 for
+    ``nn.Dense`` kernels (d_in, d_out), 0 for GPT-2's ``FlaxConv1D`` kernels
+    (d_out, d_in). ``kind`` is "encoder", "causal-lm" or "seq2seq";
     ``model_types`` the HF ``config.model_type``s the record covers.
     """
 
@@ -112,7 +113,7 @@ FAMILIES: tuple[Family, ...] = (
         targets=(_ENCODER_LAYER,),
         kind="encoder",
         model_types=("bert", "roberta", "xlm-roberta", "electra", "roberta-prelayernorm", "big_bird"),
-        head=(r"(^|/)pooler/", r"^classifier/"),
+        head=(r"(^|/)pooler/", r"^classifier/", r"^qa_outputs/"),
         sharding=Sharding(
             col=r"attention/self/(query|key|value)|intermediate/dense",
             row=r"output/dense",
@@ -161,7 +162,7 @@ FAMILIES: tuple[Family, ...] = (
         targets=(r"layer/\d+/(attention/(q_lin|k_lin|v_lin|out_lin)|ffn/(lin1|lin2))/kernel$",),
         kind="encoder",
         model_types=("distilbert",),
-        head=(r"^pre_classifier/", r"^classifier/"),
+        head=(r"^pre_classifier/", r"^classifier/", r"^qa_outputs/"),
         sharding=Sharding(
             col=r"attention/(q_lin|k_lin|v_lin)|ffn/lin1",
             row=r"attention/out_lin|ffn/lin2",
@@ -173,12 +174,14 @@ FAMILIES: tuple[Family, ...] = (
         signature=r"encoder/layers/\d+/self_attn/q_proj/kernel$",
         targets=(r"layers/\d+/((self_attn|encoder_attn)/(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)/kernel$",),
         kind="seq2seq",
-        model_types=("bart",),
-        head=(r"^classification_head/",),
+        # HF's BART-derived encoder-decoders share its module names (summarization: *ForConditionalGeneration)
+        model_types=("bart", "mbart", "pegasus", "marian", "blenderbot", "blenderbot-small"),
+        head=(r"^classification_head/", r"^qa_outputs/"),
         sharding=Sharding(
             col=r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1",
             row=r"(self_attn|encoder_attn)/out_proj|fc2",
             embeddings="shared|embed_tokens",
+            extra=((r"final_logits_bias$", P()), *_LM_HEAD),  # the seq2seq LM head (lm_head when untied)
         ),
     ),
     Family(

@@ -42,7 +42,7 @@ _ROW = P("tensor", "fsdp")
 _REPLICATED_TRAINED = ((r"(^|/)(rocoft|lora)/", P()),)
 _COMMON_TAIL = (
     (r"(LayerNorm|layer_norm|layernorm|norm|ln_\w+|_ln)/(scale|bias)$", P()),
-    (r"(^|/)(classifier|pooler|pre_classifier|classification_head|score)/", P()),
+    (r"(^|/)(classifier|pooler|pre_classifier|classification_head|score|qa_outputs)/", P()),
 )
 
 _COL_BIAS = P("tensor")

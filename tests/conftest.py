@@ -13,9 +13,11 @@ the trainer's code.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import chex
 import jax
@@ -36,6 +38,10 @@ tf.logging.set_verbosity_error()
 # (the CLI tests) share the GPU. Both do nothing on a CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# train.run's persistent compilation cache (--compile-cache auto) is off in tests, in this process and the CLI
+# subprocesses (cpu_env copies the environment), so a test run writes nothing under $HOME and every run
+# compiles as a first one. Set ROCOFT_COMPILE_CACHE to a directory to share one across the suite.
+os.environ.setdefault("ROCOFT_COMPILE_CACHE", "off")
 
 
 def cpu_env(devices: int | None = None) -> dict[str, str]:
@@ -422,6 +428,13 @@ def element_masks(params, mask, mode: str, out_axis: int, train_prefixes=()) -> 
                 leaf.shape, float(path.startswith(tuple(train_prefixes)) and bool(train_prefixes)), np.float32
             )
     return out
+
+
+def run_results(output_dir) -> dict:
+    """A finished run's results.json without its ``timing``, which differs between any two runs."""
+    results = json.loads((Path(output_dir) / "results.json").read_text())
+    results.pop("timing")
+    return results
 
 
 def assert_one_line_error(capsys, message: str) -> None:

@@ -29,7 +29,6 @@ or fails with one line, so an export is never silently an older model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import sys
@@ -37,11 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
-import numpy as np
 import orbax.checkpoint as ocp
 
-from rocoft_jax import tree as tree_lib
+from rocoft_jax.adapters import fingerprint as fingerprint  # the base check that adapters repeat
 from train import distributed
 from train.errors import CheckpointError
 
@@ -53,24 +50,6 @@ META_FIELDS = {"format_version": int, "model": str, "fingerprint": str, "selecti
 
 class DamagedCheckpoint(CheckpointError):
     """A step directory that cannot be read back; an older step may still be complete."""
-
-
-def fingerprint(frozen) -> str:
-    """A hash of the frozen weights' paths, shapes and sampled values.
-
-    Samples (the first and 64 strided entries of each leaf, rounded to bf16)
-    keep it cheap for 7B models and independent of dtype and sharding.
-    """
-    digest = hashlib.sha256()
-    for path, leaf in sorted(tree_lib.flatten(frozen).items()):
-        flat = leaf.reshape(-1)
-        stride = max(flat.shape[0] // 64, 1)
-        sample = np.concatenate(
-            [np.asarray(jax.device_get(flat[:64])), np.asarray(jax.device_get(flat[::stride][:64]))]
-        )
-        digest.update(f"{path}:{tuple(leaf.shape)}".encode())
-        digest.update(sample.astype(np.float32).astype(ml_dtypes.bfloat16).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def manager(directory: Path, max_to_keep: int = 2) -> ocp.CheckpointManager:

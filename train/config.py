@@ -79,7 +79,10 @@ class TrainConfig:
         "demo",
         "cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, or demo (generated offline); or an LLM task, "
         "trained as a causal LM and scored by generation: boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, "
-        "obqa, multiarith, gsm8k, addsub, singleeq, svamp, aqua",
+        "obqa, multiarith, gsm8k, addsub, singleeq, svamp, aqua; or extractive question answering: squad (v1.1), "
+        "squad_v2 (HF Flax *ForQuestionAnswering: BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, BART; DeBERTa-v3, "
+        "the paper's QA model, has no Flax class); or abstractive summarization, trained as a seq2seq LM and "
+        "scored by ROUGE: xsum, cnn_dailymail (BART, mBART, Pegasus, Marian, Blenderbot)",
         group=MODEL,
     )
     method: str = option(
@@ -113,6 +116,12 @@ class TrainConfig:
     )
     lora_rank: int = option(8, "LoRA rank (method lora)", group=MODEL, range=at_least(1))
     lora_alpha: float = option(16.0, "LoRA alpha (method lora)", group=MODEL, range=above(0))
+    adapter: str | None = option(
+        None,
+        "start from an adapter dir (python -m train.export --format adapter): its method, selection, slices "
+        "and trained leaves replace --method/--mode/--rank/--strategy; --model must be its base",
+        group=MODEL,
+    )
     lr: float = option(2e-3, "peak learning rate", group=OPTIM, range=above(0))
     epochs: float = option(3, "training epochs (ignored when --max-steps > 0)", group=OPTIM, kind=float, range=above(0))
     max_steps: int = option(0, "total optimizer steps; 0 = from --epochs", group=OPTIM, range=at_least(0))
@@ -164,7 +173,7 @@ class TrainConfig:
     )
     grad_accum: int = option(
         1,
-        "LLM tasks: micro-batches of --batch-size rows per optimizer step, accumulated "
+        "LLM and summarization tasks: micro-batches of --batch-size rows per optimizer step, accumulated "
         "inside the step (equal to one batch of grad_accum * batch_size rows)",
         group=OPTIM,
         range=at_least(1),
@@ -199,21 +208,84 @@ class TrainConfig:
     )
     num_beams: int = option(
         1,
-        "LLM tasks: beams of the beam search that generates answers (1 = greedy; LLM-Adapters uses 4)",
+        "LLM and summarization tasks: beams of the beam search that generates answers (1 = greedy; "
+        "LLM-Adapters uses 4, BART 6 on XSum and 4 on CNN/DailyMail)",
         group=EVAL,
         range=at_least(1),
     )
     max_new_tokens: int = option(
         0,
-        "LLM tasks: tokens generated per answer; 0 = the task's (32 commonsense, 256 math)",
+        "LLM and summarization tasks: tokens generated per answer; 0 = the task's (32 commonsense, 256 math, "
+        "62 xsum, 142 cnn_dailymail)",
         group=EVAL,
         range=at_least(0),
     )
     eval_batch_size: int = option(
         0,
-        "LLM tasks: prompts generated per batch, divisible by the device count; 0 = --batch-size",
+        "LLM and summarization tasks: prompts generated per batch, divisible by the device count; 0 = --batch-size",
         group=EVAL,
         range=at_least(0),
+    )
+    label_smoothing: float = option(
+        0.1,
+        "summarization: label smoothing of the summary tokens' loss (BART's recipe: 0.1)",
+        group=OPTIM,
+        kind=float,
+        range=between(0, 1, high_open=True),
+    )
+    max_source_length: int = option(
+        1024,
+        "summarization: document tokens per example, EOS included; longer documents are cut",
+        group=DATA,
+        range=between(8, MAX_TOKENS),
+        note=TOKENS_NOTE,
+    )
+    max_target_length: int = option(
+        128,
+        "summarization: summary tokens per training example, EOS included; longer summaries are cut",
+        group=DATA,
+        range=between(8, MAX_TOKENS),
+        note=TOKENS_NOTE,
+    )
+    text_column: str | None = option(
+        None, "summarization: the documents' column (default: document for xsum, article for cnn_dailymail)", group=DATA
+    )
+    summary_column: str | None = option(
+        None,
+        "summarization: the summaries' column (default: summary for xsum, highlights for cnn_dailymail)",
+        group=DATA,
+    )
+    eval_split: str = option(
+        "test", "summarization: the split scored by ROUGE", group=EVAL, choices=("validation", "test")
+    )
+    min_new_tokens: int = option(
+        0, "summarization: tokens generated before a summary may end (EOS)", group=EVAL, range=at_least(0)
+    )
+    length_penalty: float = option(
+        1.0,
+        "summarization: beam search ranks a finished beam by its log-probability / length ** length_penalty",
+        group=EVAL,
+        kind=float,
+    )
+    no_repeat_ngram_size: int = option(
+        0, "summarization: no n-gram of this many tokens is generated twice (0 = off)", group=EVAL, range=at_least(0)
+    )
+    doc_stride: int = option(
+        128,
+        "SQuAD: tokens shared by consecutive windows of a context longer than --max-length; less than the "
+        "context tokens a window holds",
+        group=DATA,
+        range=at_least(0),
+    )
+    n_best: int = option(
+        20, "SQuAD: highest start and end logits per window that form candidate spans", group=EVAL, range=at_least(1)
+    )
+    max_answer_length: int = option(30, "SQuAD: longest answer span, in tokens", group=EVAL, range=at_least(1))
+    null_threshold: float = option(
+        0.0,
+        "SQuAD v2.0: predict no answer when the null score exceeds the best span's score by more than this",
+        group=EVAL,
+        kind=float,
     )
     output_dir: str = option(
         "runs/default",
@@ -225,7 +297,9 @@ class TrainConfig:
         None,
         "local GLUE folder (download_glue_data.py layout) or HF parquet files; "
         "default: the hub. LLM tasks: LLM-Adapters' dataset/ folder (required: the test "
-        "set comes from DIR/<task>/test.json)",
+        "set comes from DIR/<task>/test.json). Summarization: train, validation and test .jsonl, .csv or "
+        ".parquet files. SQuAD: the official train-v1.1.json/dev-v1.1.json or "
+        "train-v2.0.json/dev-v2.0.json, or HF parquet files",
         group=DATA,
     )
     limit_train: int = option(0, "use only the first N training examples (0 = all)", group=DATA, range=at_least(0))
@@ -247,6 +321,9 @@ class TrainConfig:
         range=at_least(0),
     )
     resume: bool = option(False, "continue from the latest checkpoint in --output-dir", group=RUN)
+    eval_only: bool = option(
+        False, "evaluate without training (with --adapter, as does an explicit --max-steps 0)", group=RUN
+    )
     on_nonfinite: str = option(
         "stop",
         "a step whose loss or gradient norm is NaN or infinite: stop (exit code 3; checkpoints never hold "
@@ -259,6 +336,13 @@ class TrainConfig:
         "--on-nonfinite skip: consecutive skipped steps that stop the run (exit code 3)",
         group=RUN,
         range=at_least(1),
+    )
+    compile_cache: str = option(
+        "auto",
+        "JAX's persistent compilation cache, so a rerun skips compiling: a directory, off, or auto "
+        "($ROCOFT_COMPILE_CACHE if set, else $XDG_CACHE_HOME/rocoft_jax/jax-compile-cache, ~/.cache by default)",
+        group=RUN,
+        check=check_directory,
     )
     mesh: str = option(
         "",
@@ -343,6 +427,8 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
                     where.get("rank"),
                 )
             values["probability"] = float(values["rank"])
+    if values.get("adapter") and "max_steps" in flags and values.get("max_steps") == 0:
+        values["eval_only"] = True  # an explicit --max-steps 0 with --adapter evaluates the adapter as saved
     config = TrainConfig(**values)
     check(config, where)
     return config
@@ -354,6 +440,15 @@ def check(config: TrainConfig, where: dict[str, str] | None = None) -> None:
     where = where or {}
     opt.validate(TrainConfig, config.to_dict(), where)
     lookup(config.task)
+    if config.adapter is not None and not Path(config.adapter).is_dir():
+        raise opt.fail(
+            "adapter",
+            config.adapter,
+            "no such directory; pass one written by train.export --format adapter",
+            where.get("adapter"),
+        )
+    if config.eval_only and config.resume:
+        raise ConfigError("--eval-only trains nothing, so there is nothing to --resume; drop one of them")
     if config.mode == "random":
         if config.method == "rocoft" and config.probability is None:
             raise ConfigError(

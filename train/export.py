@@ -1,15 +1,22 @@
-"""Export a trained run as a merged, full HF model.
+"""Export a trained run as a merged, full HF model, or as an adapter of its base model.
 
-    python -m train.export --checkpoint OUTPUT_DIR --out EXPORT_DIR
+    python -m train.export --checkpoint OUTPUT_DIR --out EXPORT_DIR [--format merged|adapter|peft]
 
 The base model is reloaded as the run loaded it and checked against the
 checkpoint's fingerprint; the slices (or adapters, or leaves) are merged in.
 The result is written twice, from the same merged params: ``flax_model.msgpack``
-(Flax's ``save_pretrained``) for ``FlaxAutoModelForSequenceClassification``, and
-a PyTorch-layout ``model.safetensors`` for PyTorch's
-``AutoModelForSequenceClassification``, written with numpy alone, so exporting
+(Flax's ``save_pretrained``) for the task's Flax auto class (sequence classification,
+question answering, causal or seq2seq LM), and a PyTorch-layout ``model.safetensors``
+for the matching PyTorch class, written with numpy alone, so exporting
 needs no torch. (transformers 4.57 cannot load a Flax-format safetensors file
 into PyTorch: its meta-device init drops the weights.)
+
+``--format adapter`` writes only what the run trained (`rocoft_jax.adapters`: the slices, their indices and
+the fully trained leaves, with the base's fingerprint) as ``adapter_model.safetensors`` and
+``adapter_config.json``, for `rocoft_jax.adapters.load_adapter`, ``train.run --adapter`` and
+``train.serve``. ``--format peft`` writes the same update as a peft LoRA adapter (`rocoft_jax.adapters.to_peft`),
+for PyTorch's ``PeftModel.from_pretrained`` and other LoRA consumers; what LoRA cannot express exactly
+(random entries, BitFit, LoRA or full runs) is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,13 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+import rocoft_jax
+from rocoft_jax import adapters as adapters_lib
 from rocoft_jax.tree import flatten
+from train import adapters, strict_json
 from train import checkpoint as ckpt
 from train import methods as methods_lib
 from train import options as opt
-from train import strict_json
 from train.config import TrainConfig
-from train.errors import UserError
+from train.errors import CheckpointError, UserError
+
+FORMATS = ("merged", "adapter", "peft")
 
 
 def checkpoint_dir(path: Path) -> Path:
@@ -69,8 +80,19 @@ def torch_state_dict(params) -> dict[str, np.ndarray]:
     return out
 
 
-def export(path: Path, out: Path) -> Path:
+def export(path: Path, out: Path, fmt: str = "merged") -> Path:
+    """Writes the run at ``path`` into ``out`` in format ``fmt`` (`FORMATS`); returns ``out``."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model, method, trainable, frozen, tokenizer, meta = load_trained(path)
+    if fmt != "merged":
+        adapter = adapters.of_run(method, trainable, meta, model)
+        if fmt == "adapter":
+            return adapters_lib.save_adapter(adapter, out)
+        try:
+            return adapters_lib.save_peft(adapter, rocoft_jax.with_trained_leaves(frozen, trainable), out)
+        except ValueError as err:
+            raise CheckpointError(f"--format peft: {err}") from err
     merged = method.merge(trainable, frozen)
     merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,14 +107,25 @@ def export(path: Path, out: Path) -> Path:
 def main(argv=None) -> int:
     parser = opt.new_parser("python -m train.export", __doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a train.run output dir or its checkpoints/")
-    parser.add_argument("--out", required=True, type=Path, help="directory for the merged HF model")
+    parser.add_argument("--out", required=True, type=Path, help="directory for the export")
+    parser.add_argument(
+        "--format",
+        default="merged",
+        choices=FORMATS,
+        help="merged: the full HF model (Flax and PyTorch); adapter: the trained slices and leaves only; "
+        "peft: the same update as a peft LoRA adapter",
+    )
     try:
         args = parser.parse_args(argv)
-        out = export(args.checkpoint, args.out)
+        out = export(args.checkpoint, args.out, args.format)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported the merged model to {out}")
+    if args.format == "merged":
+        print(f"exported the merged model to {out}")
+    else:
+        what = "adapter" if args.format == "adapter" else "peft LoRA adapter"
+        print(f"exported the {what} ({adapters_lib.num_bytes(out):,} bytes) to {out}")
     return 0
 
 

@@ -24,6 +24,7 @@ from train import checkpoint as ckpt
 from train import distributed, nonfinite, reporting
 from train import methods as methods_lib
 from train import step as step_lib
+from train import timing as timing_lib
 from train.config import TrainConfig
 from train.tasks.base import EvalContext, Job
 
@@ -47,16 +48,19 @@ class Run:
     meta: dict[str, Any]
     log: reporting.MetricsLog
     guard: nonfinite.Guard
+    timing: timing_lib.Timing = dataclasses.field(default_factory=timing_lib.Timing)
 
     def evaluate(self) -> dict[str, float]:
-        self.guard.check()
-        return self.job.evaluate(self.context, self.state.trainable, self.frozen)
+        self.guard.check()  # waits for the queued steps: their time is not the evaluation's
+        with self.timing.phase("evaluation"):
+            return self.job.evaluate(self.context, self.state.trainable, self.frozen)
 
     def save(self, step: int) -> None:
         self.guard.check_state(self.state, step)  # raises before a non-finite state reaches the disk
         data_position = {"step": step, "epoch": step / self.per_epoch}
         meta = {**self.meta, "data_position": data_position, "nonfinite": self.guard.counts()}
-        ckpt.save(self.checkpoints, step, self.state, meta)
+        with self.timing.phase("checkpointing"):
+            ckpt.save(self.checkpoints, step, self.state, meta)
 
 
 def due(interval: int, done: int, total: int) -> bool:
@@ -75,7 +79,8 @@ class Action:
 
 
 class Progress(Action):
-    """Train lines in metrics.jsonl every --log-every steps and after the last; loss, lr and examples/s on the bar.
+    """Train lines in metrics.jsonl every --log-every steps and after the last; loss, lr and examples/s (compiles
+    left out) on the bar.
 
     Losses and finite flags stay on the device until a line is due, so the host never waits on a step it
     could queue behind. The flags are read first: the line counts skipped steps, and after it is written a
@@ -86,6 +91,7 @@ class Progress(Action):
         self.run, self.bar = run, bar
         self.pending: list[tuple[int, Any]] = []
         self.t_last, self.n_last = time.perf_counter(), start
+        self.compiled_last = run.timing.seconds["compile"]  # compile time is not the steps': the rate skips it
 
     def __call__(self, done, metrics):
         run, every = self.run, self.run.config.log_every
@@ -96,16 +102,20 @@ class Progress(Action):
             failure = run.guard.poll()
             losses = [(s, float(loss)) for s, loss in self.pending]
             self.pending.clear()
-            for s, loss in losses:
-                if s % every == 0 or s == run.total_steps:
-                    run.log.write({"step": s, "loss": loss, "lr": float(run.schedule(s - 1)), **run.guard.line()})
+            with run.timing.phase("reporting"):
+                for s, loss in losses:
+                    if s % every == 0 or s == run.total_steps:
+                        line = {"step": s, "loss": loss, "lr": float(run.schedule(s - 1)), **run.guard.line()}
+                        run.log.write(line)
             if failure is not None:
                 raise failure
-            rate = (done - self.n_last) * run.job.examples_per_step / max(now - self.t_last, 1e-9)
+            compiled = run.timing.seconds["compile"]
+            seconds = now - self.t_last - (compiled - self.compiled_last)
+            rate = (done - self.n_last) * run.job.examples_per_step / max(seconds, 1e-9)
             self.bar.set_postfix(
                 loss=f"{losses[-1][1]:.4f}", lr=f"{float(run.schedule(done - 1)):.2e}", ex_s=f"{rate:.0f}"
             )
-            self.t_last, self.n_last = now, done
+            self.t_last, self.n_last, self.compiled_last = now, done, compiled
         self.bar.update(1)
 
 
@@ -119,9 +129,10 @@ class Evaluate(Action):
     def __call__(self, done, metrics):
         if due(self.every, done, self.run.total_steps):
             results = self.run.evaluate()
-            self.run.log.write({"step": done, **results})
-            if distributed.is_main():
-                self.bar.write(reporting.eval_table(done, results))
+            with self.run.timing.phase("reporting"):
+                self.run.log.write({"step": done, **results})
+                if distributed.is_main():
+                    self.bar.write(reporting.eval_table(done, results))
 
 
 class StopOnSigterm(Action):
@@ -167,8 +178,26 @@ class SaveCheckpoint(Action):
             self.run.save(done)
 
 
+def compile_status(bar) -> Callable[[str | None], None]:
+    """Shows ``compiling <label>`` on the bar while a program compiles (a label), then its postfix again (None)."""
+    saved: list[str] = []
+
+    def show(label: str | None) -> None:
+        if label is not None:
+            saved.append(getattr(bar, "postfix", None) or "")  # a disabled bar has none
+            bar.set_postfix_str(f"compiling {label}")
+        else:
+            bar.set_postfix_str(saved.pop() if saved else "")
+
+    return show
+
+
 def loop(run: Run) -> None:
-    """The steps from the restored one to the last, each followed by the periodic actions in order."""
+    """The steps from the restored one to the last, each followed by the periodic actions in order.
+
+    The loop's time is ``train_steps`` in `Run.timing`, less the phases nested in it (compiles, evaluations,
+    checkpoints, reports). While a step program compiles, the bar says ``compiling <program>``.
+    """
     start = int(run.state.step)
     bar = tqdm(
         total=run.total_steps,
@@ -178,12 +207,16 @@ def loop(run: Run) -> None:
         disable=not distributed.is_main(),
     )
     actions = (Progress(run, bar, start), Evaluate(run, bar), StopOnSigterm(run, bar), SaveCheckpoint(run))
+    run.timing.on_compile = compile_status(bar)
     try:
-        for step in range(start, run.total_steps):
-            run.state, metrics = run.train_fn(run.state, run.frozen, run.job.train_batch(step))
-            for action in actions:
-                action(step + 1, metrics)
+        with run.timing.phase("train_steps"):
+            for step in range(start, run.total_steps):
+                run.state, metrics = run.train_fn(run.state, run.frozen, run.job.train_batch(step))
+                for action in actions:
+                    action(step + 1, metrics)
+            jax.block_until_ready(run.state)  # the last steps' time is theirs, not the final evaluation's
     finally:
+        run.timing.on_compile = None
         for action in actions:
             action.close()
         bar.close()

@@ -32,7 +32,14 @@ from rocoft_jax.fast import remat as remat_lib
 ATTENTION = ("auto", "plain", "xla", "cudnn", "cudnn-lengths")
 REMAT = ("auto", "none", "full", "dots")
 REMAT_MIN_PARAMS = 6e9  # 7B's activations outgrow one GPU at the LLM tasks' batch sizes; smaller models fit
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "decoder_input_ids",  # encoder-decoder models (summarization)
+    "decoder_attention_mask",
+)
 
 
 def resolve_attention(name: str) -> str:
@@ -64,6 +71,14 @@ def resolve_remat(name: str, model_type: str, num_params: int) -> str | None:
             "layers cannot be rematerialized); use --remat none"
         )
     return None if name == "none" else name
+
+
+def output_logits(output) -> jax.Array:
+    """The logits of an HF model output; a question-answering head's start and end logits (each (B, T))
+    come stacked on a last axis, (B, T, 2), so every head yields one array."""
+    if hasattr(output, "start_logits"):
+        return jnp.stack([output.start_logits, output.end_logits], axis=-1)
+    return output.logits
 
 
 class Targets(NamedTuple):
@@ -124,7 +139,7 @@ class Method:
         remat: str | None = None,
         mesh=None,
     ):
-        """The model's logits.
+        """The model's logits (`output_logits`: a span head's start and end logits stacked as (B, T, 2)).
 
         ``attention`` other than "plain" runs HF attention fused (`fused_attention`),
         BERT-family GELU through `rocoft_jax.fast.gelu`, and the last layer of a head that
@@ -147,7 +162,7 @@ class Method:
             else {"deterministic": not train}
         )
         with self.layers(trainable):
-            return model(**inputs, params=params, dropout_rng=dropout_rng, **mode).logits
+            return output_logits(model(**inputs, params=params, dropout_rng=dropout_rng, **mode))
 
     def merge(self, trainable, frozen):
         """Full params with everything trained folded in, for export."""

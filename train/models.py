@@ -316,7 +316,7 @@ def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_o
         model, params = faithful.from_pretrained(
             _auto_class(head),
             str(local) if local else name_or_dir,
-            new_head=head != "causal-lm",
+            new_head=head not in ("causal-lm", "seq2seq-lm"),  # a language model's head is pretrained
             dtype=DTYPES[dtype],
             **kwargs,
         )

@@ -1,13 +1,15 @@
-"""Fine-tune an HF Flax model with RoCoFT (or a baseline) on a GLUE task or an LLM-Adapters task.
+"""Fine-tune an HF Flax model with RoCoFT (or a baseline) on GLUE, SQuAD, summarization or LLM-Adapters tasks.
 
     python -m train.run                                   # offline demo: tiny model, generated task
     python -m train.run --model roberta-large --task rte --rank 3
+    python -m train.run --model roberta-base --task squad_v2 --rank 3
+    python -m train.run --model facebook/bart-large --task xsum --rank 3
     python -m train.run --model meta-llama/Llama-2-7b-hf --task boolq --data-dir LLM-Adapters/dataset
 
-Options come from configs/glue/<task>.yaml or configs/llm/<task>.yaml (the paper's
-Table 10), overridden by flags. Outputs go to --output-dir: results.json,
-metrics.jsonl, config.yaml, curves.png and checkpoints/ (LLM tasks, scored by
-generation: also predictions.jsonl). Exit codes: 0 when the run finished, 2 on bad
+Options come from configs/<kind>/<task>.yaml (the paper's Table 10), overridden by
+flags. Outputs go to --output-dir: results.json, metrics.jsonl, config.yaml,
+curves.png and checkpoints/ (tasks scored by generation or spans: also their
+predictions). Exit codes: 0 when the run finished, 2 on bad
 input, 3 when training diverged (a non-finite loss or gradient; see --on-nonfinite),
 1 on anything else; 2 and 3 come with one line ``error: ...`` on stderr.
 """

@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 from rocoft_jax import sharding
 from train.methods import Method
 
-LOSSES = ("classification", "regression", "causal-lm")
+LOSSES = ("classification", "regression", "causal-lm", "span", "seq2seq-lm")
+IGNORE_INDEX = -100  # a seq2seq-lm label left out of the loss (target padding)
 
 
 class TrainState(struct.PyTreeNode):
@@ -79,7 +80,14 @@ def loss_sum(logits, batch, kind: str):
     """``(summed loss, count)`` over real examples (or, for causal LM, over real target tokens).
 
     A causal-LM token t is a target when ``loss_mask[t]`` (else ``attention_mask[t]``) is set, or always when
-    the batch has neither (no padding); it is predicted from the tokens before it.
+    the batch has neither (no padding); it is predicted from the tokens before it. A span (extractive QA)
+    loss is the mean of the start and end positions' cross-entropies, as HF's QA heads compute it, with the
+    softmax over the real tokens (``attention_mask``), so padding, and the length bucket, never changes it;
+    ``logits`` are (B, T, 2) start and end logits (`train.methods.output_logits`).
+    A seq2seq-lm (encoder-decoder) logit t predicts ``labels[t]`` (the decoder read the labels shifted right);
+    labels of ``IGNORE_INDEX`` are padding. Each example's ``label_smoothing`` entry eps, when the batch has
+    one, smooths its tokens' losses as torch's ``cross_entropy(label_smoothing=eps)``:
+    ``(1 - eps) * NLL + eps * mean over the vocabulary of -log p``.
     """
     if kind == "classification":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
@@ -94,6 +102,22 @@ def loss_sum(logits, batch, kind: str):
         if weights is None:
             return jnp.sum(per_token), jnp.float32(per_token.size)
         weights = weights[:, 1:].astype(jnp.float32)
+        return jnp.sum(per_token * weights), jnp.sum(weights)
+    if kind == "span":
+        logits = logits.astype(jnp.float32)
+        if "attention_mask" in batch:
+            logits = jnp.where(batch["attention_mask"][..., None] > 0, logits, jnp.finfo(jnp.float32).min)
+        start = optax.softmax_cross_entropy_with_integer_labels(logits[..., 0], batch["start_positions"])
+        end = optax.softmax_cross_entropy_with_integer_labels(logits[..., 1], batch["end_positions"])
+        return jnp.sum(start + end) / 2, jnp.float32(start.size)
+    if kind == "seq2seq-lm":
+        labels = batch["labels"]
+        weights = (labels != IGNORE_INDEX).astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        per_token = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        if "label_smoothing" in batch:
+            eps = batch["label_smoothing"].astype(jnp.float32)[:, None]
+            per_token = (1 - eps) * per_token - eps * jnp.mean(log_probs, axis=-1)
         return jnp.sum(per_token * weights), jnp.sum(weights)
     raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 

@@ -27,12 +27,13 @@ from jax.sharding import NamedSharding
 
 import rocoft_jax
 from rocoft_jax import sharding
+from train import adapters, compile_cache, distributed, nonfinite, reporting, strict_json, tasks
 from train import checkpoint as ckpt
-from train import distributed, nonfinite, reporting, strict_json, tasks
 from train import input_pipeline as pipeline
 from train import loop as loop_lib
 from train import methods as methods_lib
 from train import step as step_lib
+from train import timing as timing_lib
 from train.config import TrainConfig
 from train.config import save as save_config
 from train.errors import ConfigError, NonFiniteError, UserError
@@ -113,20 +114,31 @@ def build_method(config: TrainConfig, model, params, job: Job) -> methods_lib.Me
         )
 
 
-def setup(config: TrainConfig) -> loop_lib.Run:
-    """Everything before the first step: job, output dir, mesh, model, method, compiled steps, restored state."""
+def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_lib.Run:
+    """Everything before the first step: compilation cache, job, output dir, mesh, model, method, compiled steps,
+    restored state.
+
+    ``timing`` (a new `train.timing.Timing` if None) counts model and data loading and goes on in the `Run`.
+    """
+    timing = timing if timing is not None else timing_lib.Timing()
+    compile_cache.configure(config.compile_cache)
     main = distributed.is_main()
+    adapter = adapters.read(config.adapter) if config.adapter else None
+    if adapter is not None:  # the adapter's method and selection, so config.yaml and results.json tell them
+        config = adapters.with_selection(config, adapter)
     job = tasks.make_job(config)
     out = prepare_output_dir(config)
     mesh = make_mesh(config)
-    model, method, remat, trainable, frozen = load_model_and_method(config, job, mesh)
+    model, method, remat, trainable, frozen = load_model_and_method(config, job, mesh, adapter, timing)
     fingerprint = ckpt.fingerprint(frozen)
     per_epoch = pipeline.steps_per_epoch(job.num_train, job.examples_per_step)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    total_steps = 0 if config.eval_only else config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     tx, schedule = step_lib.make_optimizer(
         config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
     )
-    state, frozen, train_fn, eval_fn = compile_steps(config, job, model, method, tx, mesh, remat, trainable, frozen)
+    state, frozen, train_fn, eval_fn = compile_steps(
+        config, job, model, method, tx, mesh, remat, trainable, frozen, timing
+    )
     meta = {
         "model": config.model,
         "fingerprint": fingerprint,
@@ -157,14 +169,23 @@ def setup(config: TrainConfig) -> loop_lib.Run:
         meta,
         log,
         guard,
+        timing,
     )
 
 
-def load_model_and_method(config: TrainConfig, job: Job, mesh):
-    """``(model, method, remat, trainable, frozen)``: the job's model and data, split by the method."""
-    model, params, tokenizer = job.load_model_and_tokenizer(config)
-    job.prepare(tokenizer, NamedSharding(mesh, sharding.BATCH))
-    method = build_method(config, model, params, job)
+def load_model_and_method(config: TrainConfig, job: Job, mesh, adapter=None, timing: timing_lib.Timing | None = None):
+    """``(model, method, remat, trainable, frozen)``: the job's model and data, split by the method;
+    with an ``adapter`` (`rocoft_jax.adapters.Adapter`), its method and values on the checked base.
+    ``timing`` counts the model's load as ``model_load``, the data's load and tokenization as ``data``."""
+    timing = timing if timing is not None else timing_lib.Timing()
+    with timing.phase("model_load"):
+        model, params, tokenizer = job.load_model_and_tokenizer(config)
+    with timing.phase("data"):
+        job.prepare(tokenizer, NamedSharding(mesh, sharding.BATCH))
+    if adapter is not None:
+        method, start_values = adapters.start(adapter, params, config.model)
+    else:
+        method, start_values = build_method(config, model, params, job), None
     if distributed.is_main():
         print(f"{config.method}: {method.mask.summary()}")
     with config_errors():
@@ -172,11 +193,14 @@ def load_model_and_method(config: TrainConfig, job: Job, mesh):
             config.remat, model.config.model_type, sum(x.size for x in jax.tree.leaves(params))
         )
     trainable, frozen = method.split(params)
-    return model, method, remat, trainable, frozen
+    return model, method, remat, start_values or trainable, frozen
 
 
-def compile_steps(config: TrainConfig, job: Job, model, method, tx, mesh, remat, trainable, frozen):
-    """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``; several processes compile, then meet."""
+def compile_steps(
+    config: TrainConfig, job: Job, model, method, tx, mesh, remat, trainable, frozen, timing: timing_lib.Timing
+):
+    """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``, the steps as `train.timing.StepPrograms`
+    (compiled per batch shape, timed); several processes compile the train batches' one shape, then meet."""
     with config_errors(f"--mesh {config.mesh}"):
         state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
     frozen = distributed.to_global(frozen, shardings.frozen)
@@ -193,11 +217,14 @@ def compile_steps(config: TrainConfig, job: Job, model, method, tx, mesh, remat,
         grad_accum=config.grad_accum,
         skip_nonfinite=config.on_nonfinite == "skip",
     )
+    train_fn = timing_lib.StepPrograms(train_fn, "train_step", timing)
+    if job.compiles_eval_step:
+        eval_fn = timing_lib.StepPrograms(eval_fn, "eval_step", timing)
     if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
         example = job.train_batch(0)
-        train_fn = train_fn.lower(state, frozen, example).compile()
+        train_fn.compile(state, frozen, example)
         if job.compiles_eval_step:
-            eval_fn = eval_fn.lower(state.trainable, frozen, example).compile()
+            eval_fn.compile(state.trainable, frozen, example)
         distributed.barrier("compiled")
     if config.print_sharding and distributed.is_main():
         print_sharding(state, frozen, shardings)
@@ -228,10 +255,14 @@ def print_sharding(state, frozen, shardings) -> None:
 
 
 def finish(run: loop_lib.Run) -> dict[str, Any]:
-    """The final evaluation and checkpoint; process 0 writes results.json and curves.png. Returns the results."""
-    config, total = run.config, run.total_steps
+    """The final evaluation and checkpoint; process 0 writes curves.png, then results.json. Returns the results.
+
+    results.json's ``timing`` (`train.timing.Timing.to_dict`) is taken just before it is written.
+    """
+    config, total, timing = run.config, run.total_steps, run.timing
     metrics = run.evaluate()
-    run.log.write({"step": total, **metrics})
+    with timing.phase("reporting"):
+        run.log.write({"step": total, **metrics})
     run.save(total)
     results = {
         "task": run.job.name,
@@ -248,19 +279,27 @@ def finish(run: loop_lib.Run) -> dict[str, Any]:
         **run.job.results(),
     }
     if distributed.is_main():
-        print(reporting.eval_table(total, metrics))
+        with timing.phase("reporting"):
+            print(reporting.eval_table(total, metrics))
+            reporting.plot_curves(run.log.records(), run.job.metric_names, run.out / "curves.png")
+    results["timing"] = timing.to_dict()
+    timing.close()
+    if distributed.is_main():
         (run.out / "results.json").write_text(strict_json.dumps(results, indent=2) + "\n")
-        reporting.plot_curves(run.log.records(), run.job.metric_names, run.out / "curves.png")
     return results
 
 
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     """Runs the whole job and returns what results.json holds (on every process)."""
-    run = setup(config)
+    timing = timing_lib.Timing()
     try:
-        loop_lib.loop(run)
-        return finish(run)
-    except NonFiniteError:
-        if distributed.is_main():
-            (run.out / "results.json").unlink(missing_ok=True)
-        raise
+        run = setup(config, timing)
+        try:
+            loop_lib.loop(run)
+            return finish(run)
+        except NonFiniteError:
+            if distributed.is_main():
+                (run.out / "results.json").unlink(missing_ok=True)
+            raise
+    finally:
+        timing.close()

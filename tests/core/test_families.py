@@ -50,10 +50,14 @@ REFERENCE_RULES: dict[str, tuple[tuple[str, P], ...]] = {
         (r"(embeddings_project|lm_head|cls|generator_\w+|discriminator_\w+)/", P()),  # ELECTRA, MLM heads
     ),
     "distilbert": _layers(r"attention/(q_lin|k_lin|v_lin)|ffn/lin1", r"attention/out_lin|ffn/lin2", "word_embeddings"),
-    "bart": _layers(
-        r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1",
-        r"(self_attn|encoder_attn)/out_proj|fc2",
-        "shared|embed_tokens",
+    "bart": (
+        *_layers(
+            r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)|fc1",
+            r"(self_attn|encoder_attn)/out_proj|fc2",
+            "shared|embed_tokens",
+        ),
+        (r"final_logits_bias$", P()),  # the seq2seq LM head
+        (r"lm_head/kernel$", P("fsdp", "tensor")),
     ),
     "llama": (
         *_layers(

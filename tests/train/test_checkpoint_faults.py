@@ -13,7 +13,7 @@ from pathlib import Path
 
 import chex
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_results
 
 from train import checkpoint as ckpt
 from train import export, run
@@ -90,7 +90,7 @@ def test_damaged_newest_step_falls_back_with_one_warning(tmp_path, reference, ca
     meta, trainable = ckpt.load(out / "checkpoints")
     assert meta["data_position"]["step"] == 40
     chex.assert_trees_all_equal(trainable, ckpt.load(reference / "checkpoints")[1])
-    assert json.loads((out / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
+    assert run_results(out) == run_results(reference)
 
 
 def test_metadata_of_another_run_is_an_error(tmp_path, reference, capsys):

@@ -8,7 +8,6 @@ bit-identical to an uninterrupted one-process run.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import chex
-from conftest import cpu_env
+from conftest import cpu_env, run_results
 
 from train import checkpoint as ckpt
 
@@ -108,4 +107,4 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     meta, trainable = ckpt.load(out / "checkpoints")
     assert meta["data_position"]["step"] == 150 and meta["process_count"] == 1
     chex.assert_trees_all_equal(trainable, ckpt.load(reference / "checkpoints")[1])
-    assert json.loads((out / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
+    assert run_results(out) == run_results(reference)

@@ -174,7 +174,8 @@ def test_eval_prompts_never_see_the_reference_output():
     assert "SECRET" not in tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "mistral"])  # rotary + GQA, learned, ALiBi; faithful class
+# rotary + GQA, learned positions, ALiBi, and a rocoft_jax.faithful class (Mistral)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "mistral"])
 def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset, tmp_path, family):
     """Left padding, the KV cache and the sliced layers against argmax over the plain model on merged weights."""
     config = llm_config(dataset, model=f"tiny-{family}")
@@ -288,6 +289,7 @@ def test_train_run_end_to_end_with_beam_search_on_math(dataset, tmp_path):
     assert (out / "curves.png").is_file()
 
 
+@pytest.mark.slow  # tests/train/test_sharding.py checks a sharded tiny-llama step in the default suite
 def test_sharded_llm_run_equals_single_device(dataset, tmp_path):
     """The same train.run on 1 device and on an 8-device data=2,fsdp=2,tensor=2 mesh: losses, slices, answers."""
     args = [

@@ -113,6 +113,7 @@ def minilm_dir() -> Path:
     return Path(package.__file__).parent / "model"
 
 
+@pytest.mark.slow  # a minute on 2 cores; the demo run above covers the CLI in the default suite
 def test_minilm_sst2_16_shot_row_and_column_kernels_against_full(tmp_path, minilm_dir):
     """Real weights and data, offline on CPU: the readout variant (MiniLM has no MLM head).
 

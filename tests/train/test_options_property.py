@@ -33,7 +33,7 @@ FIXED = {
     "model", "task", "data_dir", "train_file", "output_dir", "resume", "max_steps", "epochs",
     "batch_size", "eval_batch_size", "limit_train", "limit_eval", "max_length", "eval_every", "save_every", "mesh",
     "coordinator_address", "num_processes", "process_id", "heartbeat_timeout", "attention", "remat",
-    "calibration_batches", "print_sharding", "grad_accum",
+    "calibration_batches", "print_sharding", "grad_accum", "eval_only",
 }  # fmt: skip
 # Every valid run: two steps of the demo on a few short examples.
 CHEAP = ["--max-steps", "2", "--batch-size", "2", "--max-length", "8", "--limit-train", "4", "--limit-eval", "2"]
@@ -108,7 +108,7 @@ def bad_flag_values(name: str) -> st.SearchStrategy | None:
         )
     if name == "task":
         return st.sampled_from(["mnli2", "glue", "sst-3", "", "boolq2", "arc"])
-    if name == "output_dir":
+    if name in ("output_dir", "compile_cache"):  # directories: one must be named
         return st.sampled_from(["", " ", "\t"])
     return None  # paths and addresses (--model, --data-dir, ...) are checked where they are used
 

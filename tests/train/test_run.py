@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_one_line_error, cpu_env
+from conftest import assert_one_line_error, cpu_env, run_results
 
 from train import checkpoint as ckpt
 from train import run
@@ -136,7 +136,7 @@ def reference_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+@pytest.mark.parametrize("how", ["sigterm", pytest.param("kill9", marks=pytest.mark.slow)])  # kill9: -m slow
 def test_interrupted_run_resumes_bit_identically(tmp_path, reference_run, how):
     out = tmp_path / "run"
     args = [*SHORT, "--save-every", "20", "--output-dir", str(out)]
@@ -160,8 +160,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, reference_run, how):
     _, expected = final_trainable(reference_run)
     assert meta["data_position"]["step"] == 60
     chex.assert_trees_all_equal(resumed, expected)
-    results = json.loads((out / "results.json").read_text())
-    assert results == json.loads((reference_run / "results.json").read_text())
+    assert run_results(out) == run_results(reference_run)
 
 
 def test_checkpoint_holds_only_trained_values(reference_run):

@@ -195,6 +195,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_run
     chex.assert_trees_all_close(trainable, ckpt.load(out2 / "checkpoints")[1], atol=1e-5)
 
 
+@pytest.mark.slow  # 20 s of heartbeat timeout; the two-process tests above run by default
 def test_dead_process_ends_the_run_with_an_error(tmp_path):
     out = tmp_path / "dies"
     procs = launch_pair(out, ["--max-steps", "100000", "--save-every", "0"], timeout_s=5)
@@ -218,6 +219,7 @@ def test_unmatched_path_is_an_error():
         sharding.partition_specs(params, "bert", AbstractMesh((1, 2, 2), sharding.AXES))
 
 
+@pytest.mark.slow
 def test_print_sharding_lists_every_param_with_its_spec(tmp_path):
     proc = python(
         "-m",

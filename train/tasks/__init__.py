@@ -1,10 +1,13 @@
 """The tasks `train.run` can train, and the one place that maps a task name to its kind.
 
-Three kinds exist, one module each, all behind the `Job` protocol (`train.tasks.base`):
+The kinds, one module each, all behind the `Job` protocol (`train.tasks.base`):
 
 - ``glue`` (`train.tasks.glue`): the GLUE benchmark, classification or STS-B regression, scored from logits;
 - ``llm`` (`train.tasks.llm`): the LLM-Adapters commonsense and math sets, trained as a causal LM and scored
   by generation;
+- ``qa`` (`train.tasks.qa`): extractive question answering on SQuAD v1.1 and v2.0, scored by Exact Match and F1;
+- ``summarization`` (`train.tasks.summarization`): XSum and CNN/DailyMail, trained as a seq2seq LM and scored
+  by ROUGE on generated summaries;
 - ``demo`` (`train.tasks.demo`): a sentiment task generated offline, so the project trains with no download.
 
 `lookup` accepts every spelling the data registries accept (``SST-2``, ``ARC-Challenge``) and returns the
@@ -18,15 +21,20 @@ from __future__ import annotations
 import importlib
 
 from train import glue as glue_data  # not `glue`: the submodule train.tasks.glue takes that name here
-from train import llm_data
+from train import llm_data, squad, summarization_data
 from train.errors import DataError
 
-KINDS = ("glue", "llm", "demo")
+KINDS = ("glue", "llm", "demo", "qa", "summarization")
 
 
 def lookup(task: str) -> tuple[str, str]:
     """``(kind, canonical_name)`` of ``task``, kind in `KINDS`; an unknown name is an error listing every task."""
-    for kind, registry in (("glue", glue_data), ("llm", llm_data)):
+    for kind, registry in (
+        ("glue", glue_data),
+        ("llm", llm_data),
+        ("qa", squad),
+        ("summarization", summarization_data),
+    ):
         try:
             name = registry.get_task(task).name
         except DataError:
@@ -36,14 +44,16 @@ def lookup(task: str) -> tuple[str, str]:
 
 
 def names() -> list[str]:
-    """Every canonical task name: the GLUE tasks, the demo, then the LLM tasks."""
-    return [*glue_data.TASKS, *llm_data.TASKS]
+    """Every canonical task name: the GLUE tasks, the demo, the LLM tasks, SQuAD, then summarization."""
+    return [*glue_data.TASKS, *llm_data.TASKS, *squad.TASKS, *summarization_data.TASKS]
 
 
 _JOBS = {
     "glue": ("train.tasks.glue", "GlueJob"),
     "llm": ("train.tasks.llm", "LlmJob"),
     "demo": ("train.tasks.demo", "DemoJob"),
+    "qa": ("train.tasks.qa", "QaJob"),
+    "summarization": ("train.tasks.summarization", "SummarizationJob"),
 }
 
 

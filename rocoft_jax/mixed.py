@@ -1,0 +1,331 @@
+"""Many adapters, one base: batches whose rows each run their own adapter.
+
+`stack` checks N adapters (`rocoft_jax.adapters.Adapter`) against one copy of the base params and stacks
+what they trained, layer by layer; `mixed_layers` then runs a model on a batch with ``adapter_ids`` (B,)
+saying which adapter each row uses. Each row is computed as its adapter's merged model would compute it,
+without building any merged kernel:
+
+- rows (output units ``idx``): the row's selected outputs are ``x @ S`` from its adapter's slice, the others
+  ``x @ W0``;
+- columns (input features ``idx``): a per-row rank-r correction ``x[..., idx] @ (S - W0[idx])``;
+- leaves trained in full (task heads, targeted biases): a layer whose kernel some adapter trains runs all N
+  kernels on its (small) input and keeps each row's own; a trained bias is gathered per row. Heads of
+  different sizes (e.g. 2 and 3 labels) are zero-padded to the largest; `MixedAdapters.num_outputs` tells
+  each adapter's size.
+
+`logits` (encoders' classification or regression heads, or any model's logits) and `generate` (greedy
+decoding through HF's KV cache) wrap this in compiled programs that take the stacked arrays as arguments.
+Adapters of different families or bases, random-entry adapters, and trained leaves other than Dense or
+Conv1D kernels and biases are refused with a one-line ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from rocoft_jax import families as families_lib
+from rocoft_jax import tree as tree_lib
+from rocoft_jax.adapters import Adapter, check_base
+from rocoft_jax.sliced import intercept_kernels
+
+
+class LayerPlan(NamedTuple):
+    """What the adapters change in one layer (static: it shapes the compiled program)."""
+
+    path: tuple[str, ...]  # the module path
+    out_axis: int  # 1 for Dense (d_in, d_out) kernels, 0 for GPT-2's Conv1D (d_out, d_in)
+    rows: bool  # some adapter trains rows of its kernel
+    columns: bool  # some adapter trains columns
+    kernel: bool  # some adapter trains the whole kernel (a head): every adapter's kernel is stacked
+    bias: bool  # the bias differs between adapters: stacked
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MixedAdapters:
+    """N adapters of one base, stacked per layer. ``arrays`` is a pytree (pass it to jitted code as an argument).
+
+    Per layer (module path), canonical (d_in, d_out) layout, fp32:
+    ``row_index`` (N, R) int32, ``row_values`` (N, d_in, R), ``row_valid`` (N, R) bool;
+    ``col_index`` (N, C) int32, ``col_delta`` (N, C, d_out) = S - W0[idx];
+    ``kernel`` (N, d_in, d_out_max) and ``bias`` (N, d_out_max) for leaves trained in full.
+    """
+
+    names: tuple[str, ...]
+    family: str | None
+    plan: tuple[LayerPlan, ...]
+    arrays: dict[str, dict[str, jax.Array]]
+    num_outputs: tuple[int, ...] | None  # each adapter's output size of the zero-padded head, if heads differ
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            raise ValueError(f"no adapter named {name!r}; these are: {', '.join(self.names)}")
+        return self.names.index(name)
+
+
+def _canonical(values: np.ndarray, out_axis: int) -> np.ndarray:
+    """A kernel or slice in (d_in, d_out) layout: Dense kernels already are, Conv1D ones are transposed."""
+    return values if out_axis == 1 else values.T
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x)).astype(np.float32)
+
+
+def stack(params, adapters: Mapping[str, Adapter] | Sequence[Adapter]) -> MixedAdapters:
+    """Checks every adapter against ``params`` (family, shapes, fingerprint) and stacks them in order.
+
+    ``adapters`` maps names to adapters (a sequence is named by position). Raises ValueError for adapters
+    of different families or bases, random entries, or trained leaves that are not Dense/Conv1D kernels or
+    biases.
+    """
+    if not isinstance(adapters, Mapping):
+        adapters = {str(i): a for i, a in enumerate(adapters)}
+    if not adapters:
+        raise ValueError("stack needs at least one adapter")
+    names = tuple(adapters)
+    families = {name: a.family for name, a in adapters.items()}
+    if len(set(families.values())) > 1:
+        listed = ", ".join(f"{n}: {f}" for n, f in families.items())
+        raise ValueError(f"adapters of different families cannot share a batch ({listed}); one base model per batch")
+    for name, adapter in adapters.items():
+        if adapter.config["method"] == "rocoft" and adapter.mode not in ("row", "column"):
+            raise ValueError(
+                f"adapter {name} trains random entries, which have no row or column form; merge it "
+                "(rocoft_jax.adapters.merge_adapter) and run it on its own"
+            )
+    adapters = {name: a if a.source else dataclasses.replace(a, source=name) for name, a in adapters.items()}
+    masks = {name: check_base(adapter, params, head_shapes=False) for name, adapter in adapters.items()}
+    flat = tree_lib.flatten(params)
+    layers: dict[str, dict[str, Any]] = {}
+    for name, adapter in adapters.items():
+        for path, spec in masks[name].slices.items():
+            module = path[: -len("/kernel")]
+            kind = "rows" if spec.axis == spec.out_axis else "columns"
+            layers.setdefault(module, {"out_axis": spec.out_axis})[kind] = True
+        for path in adapter.trained:
+            module, leaf = path.rsplit("/", 1)
+            if leaf not in ("kernel", "bias"):
+                raise ValueError(
+                    f"adapter {name} trains {path}; mixed batches take trained kernels and biases of Dense "
+                    "layers only: merge this adapter and run it on its own"
+                )
+            layers.setdefault(module, {})[leaf] = True
+    family = next(iter(families.values()))
+    out_axis = families_lib.get_family(family).out_axis if family else 1
+    plan, arrays, num_outputs = [], {}, None
+    for module, what in sorted(layers.items()):
+        if what.get("kernel") and (what.get("rows") or what.get("columns")):
+            raise ValueError(f"{module} is sliced by one adapter and trained in full by another; stack cannot mix them")
+        layer = LayerPlan(
+            tuple(module.split("/")),
+            what.get("out_axis", out_axis),  # a layer with whole leaves only has the family's layout
+            bool(what.get("rows")),
+            bool(what.get("columns")),
+            bool(what.get("kernel")),
+            bool(what.get("kernel") or what.get("bias")),
+        )
+        entry, sizes = _stack_layer(layer, module, adapters, masks, flat)
+        if sizes is not None and len(set(sizes)) > 1:
+            if num_outputs is not None:
+                raise ValueError(f"adapters' trained layers differ in output size at {module} and another layer")
+            num_outputs = sizes
+        plan.append(layer)
+        arrays[module] = entry
+    return MixedAdapters(names, family, tuple(plan), arrays, num_outputs)
+
+
+def _stack_layer(layer: LayerPlan, module: str, adapters, masks, flat):
+    """``(arrays, output sizes)`` of one layer."""
+    n = len(adapters)
+    base_kernel = _canonical(_f32(flat[module + "/kernel"]), layer.out_axis)
+    d_in = base_kernel.shape[0]
+    entry: dict[str, jax.Array] = {}
+    sizes = None
+    if layer.rows or layer.columns:
+        slices = []
+        for name, adapter in adapters.items():
+            spec = masks[name].slices.get(module + "/kernel")
+            value = None if spec is None else _canonical(np.asarray(adapter.slices[module + "/kernel"]), layer.out_axis)
+            slices.append((spec, value))
+        if layer.rows:
+            width = max(len(s.indices) for s, _ in slices if s is not None and s.axis == s.out_axis)
+            index = np.zeros((n, width), np.int32)
+            values = np.zeros((n, d_in, width), np.float32)
+            valid = np.zeros((n, width), bool)
+            for i, (spec, value) in enumerate(slices):
+                if spec is not None and spec.axis == spec.out_axis:
+                    pad = np.concatenate([np.arange(len(spec.indices)), np.zeros(width - len(spec.indices), int)])
+                    index[i] = np.asarray(spec.indices)[pad]  # padding repeats the first row: the same write
+                    values[i] = value[:, pad]
+                    valid[i] = True
+            entry.update(row_index=jnp.asarray(index), row_values=jnp.asarray(values), row_valid=jnp.asarray(valid))
+        if layer.columns:
+            width = max(len(s.indices) for s, _ in slices if s is not None and s.axis != s.out_axis)
+            index = np.zeros((n, width), np.int32)
+            delta = np.zeros((n, width, base_kernel.shape[1]), np.float32)
+            for i, (spec, value) in enumerate(slices):
+                if spec is not None and spec.axis != spec.out_axis:
+                    idx = np.asarray(spec.indices)
+                    index[i, : len(idx)] = idx
+                    merged = _f32(jnp.asarray(value).astype(flat[module + "/kernel"].dtype))
+                    delta[i, : len(idx)] = merged - base_kernel[idx, :]  # padding adds zero
+            entry.update(col_index=jnp.asarray(index), col_delta=jnp.asarray(delta))
+    if layer.kernel or layer.bias:
+        kernels, biases = [], []
+        for adapter in adapters.values():
+            kernel = adapter.trained.get(module + "/kernel")
+            kernel = base_kernel if kernel is None else _canonical(np.asarray(kernel), layer.out_axis)
+            bias = adapter.trained.get(module + "/bias", flat.get(module + "/bias"))
+            bias = np.zeros(kernel.shape[1], np.float32) if bias is None else _f32(bias)
+            if kernel.shape[0] != d_in or bias.shape != (kernel.shape[1],):
+                raise ValueError(f"adapters' trained {module} does not take the base's {d_in} inputs")
+            kernels.append(kernel)
+            biases.append(bias)
+        sizes = tuple(k.shape[1] for k in kernels)
+        width = max(sizes)
+        if layer.kernel:
+            stacked = np.zeros((n, d_in, width), np.float32)
+            for i, k in enumerate(kernels):
+                stacked[i, :, : k.shape[1]] = k
+            entry["kernel"] = jnp.asarray(stacked)
+        elif len(set(sizes)) > 1:
+            raise ValueError(f"adapters' trained biases of {module} differ in size")
+        stacked = np.zeros((n, width), np.float32)
+        for i, b in enumerate(biases):
+            stacked[i, : b.shape[0]] = b
+        entry["bias"] = jnp.asarray(stacked)
+    return entry, sizes
+
+
+def _per_row(values, ids, ndim: int):
+    """``values[ids]`` (B, last) broadcast over the middle axes of an (B, ..., last) activation."""
+    picked = values[ids]
+    return picked.reshape(picked.shape[:1] + (1,) * (ndim - 2) + picked.shape[1:])
+
+
+def _mixed_call(module, x, layer: LayerPlan, arrays, ids):
+    """One layer for a batch whose row b runs adapter ``ids[b]``."""
+    precision = module.precision
+    if layer.kernel:  # every adapter's kernel on this small input (a head), then each row's own
+        x, kernel = promote_dtype(x, arrays["kernel"], dtype=module.dtype)
+        every = jnp.einsum("...i,nio->...no", x, kernel, precision=precision)
+        where = ids.reshape(ids.shape + (1,) * (every.ndim - 1))
+        y = jnp.take_along_axis(every, where, axis=-2)[..., 0, :]
+    else:
+        x, kernel = promote_dtype(x, module.get_variable("params", "kernel"), dtype=module.dtype)
+        in_axis = 1 - layer.out_axis
+        y = lax.dot_general(x, kernel, (((x.ndim - 1,), (in_axis,)), ((), ())), precision=precision)
+        if layer.rows:
+            index, valid = arrays["row_index"][ids], arrays["row_valid"][ids]
+            new = jnp.einsum("b...i,bir->b...r", x, arrays["row_values"][ids].astype(x.dtype), precision=precision)
+
+            def set_rows(y_b, index_b, new_b, valid_b):
+                return y_b.at[..., index_b].set(jnp.where(valid_b, new_b, jnp.take(y_b, index_b, axis=-1)))
+
+            y = jax.vmap(set_rows)(y, index, new, valid)
+        if layer.columns:
+            picked = jax.vmap(lambda x_b, i_b: jnp.take(x_b, i_b, axis=-1))(x, arrays["col_index"][ids])
+            delta = arrays["col_delta"][ids].astype(x.dtype)
+            y = y + jnp.einsum("b...c,bco->b...o", picked, delta, precision=precision)
+    if layer.bias:
+        return y + _per_row(arrays["bias"], ids, y.ndim).astype(y.dtype)
+    if module.has_variable("params", "bias"):
+        return y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
+    return y
+
+
+def mixed_layers(plan: Sequence[LayerPlan], arrays, adapter_ids):
+    """Context in which the planned layers run per row: row b with adapter ``adapter_ids[b]``.
+
+    Use it inside your own jitted function with ``mixed.plan`` and ``mixed.arrays`` (passed as an argument),
+    calling the model on the base params.
+    """
+    calls = {
+        layer.path: functools.partial(_layer_call, layer=layer, arrays=arrays["/".join(layer.path)], ids=adapter_ids)
+        for layer in plan
+    }
+    return intercept_kernels(calls)
+
+
+def _layer_call(module, x, original, *, layer, arrays, ids):
+    return _mixed_call(module, x, layer, arrays, ids)
+
+
+def _check_ids(mixed: MixedAdapters, adapter_ids, batch: int) -> jax.Array:
+    ids = np.asarray(adapter_ids)
+    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"adapter_ids must be {batch} integers, one per row; got shape {ids.shape}")
+    if ids.size and not 0 <= ids.min() <= ids.max() < len(mixed.names):
+        raise ValueError(f"adapter_ids must lie in [0, {len(mixed.names)}); got {ids.min()}..{ids.max()}")
+    return jnp.asarray(ids, jnp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _logits_program(model, plan):
+    def run(arrays, params, inputs, ids):
+        with mixed_layers(plan, arrays, ids):
+            out = model(**inputs, params=params)
+        return out.logits
+
+    return jax.jit(run)
+
+
+def logits(model, params, mixed: MixedAdapters, inputs: Mapping[str, Any], adapter_ids) -> jax.Array:
+    """The model's logits with row b run by adapter ``adapter_ids[b]``; ``params`` are the base params.
+
+    A head whose size differs between adapters comes zero-padded: keep ``[:mixed.num_outputs[id]]``.
+    """
+    inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
+    ids = _check_ids(mixed, adapter_ids, next(iter(inputs.values())).shape[0])
+    return _logits_program(model, mixed.plan)(mixed.arrays, params, inputs, ids)
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_program(model, plan, max_new_tokens: int, eos_token_id, pad_token_id):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+    def run(arrays, params, input_ids, attention_mask, ids):
+        with mixed_layers(plan, arrays, ids):
+            out = model.generate(input_ids, generation_config=config, attention_mask=attention_mask, params=params)
+        return out.sequences[:, input_ids.shape[1] :]
+
+    return jax.jit(run)
+
+
+def generate(
+    model,
+    params,
+    mixed: MixedAdapters,
+    input_ids,
+    attention_mask,
+    adapter_ids,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> jax.Array:
+    """Greedy continuations (B, max_new_tokens) of left-padded prompts, row b by adapter ``adapter_ids[b]``.
+
+    Runs HF Flax ``generate`` with its KV cache on the base params; after EOS a row holds ``pad_token_id``.
+    """
+    input_ids = jnp.asarray(input_ids)
+    ids = _check_ids(mixed, adapter_ids, input_ids.shape[0])
+    program = _generate_program(model, mixed.plan, int(max_new_tokens), eos_token_id, pad_token_id)
+    return program(mixed.arrays, params, input_ids, jnp.asarray(attention_mask), ids)

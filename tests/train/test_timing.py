@@ -1,0 +1,139 @@
+"""results.json's ``timing`` (exclusive phases that add up to the total, the step programs' compiles) and the
+persistent compilation cache (`train.compile_cache`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import assert_one_line_error
+
+from benchmarks import run_time
+from train import compile_cache, run
+from train import timing as timing_lib
+
+
+class Clock:
+    """A perf_counter that advances only when told."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = Clock()
+    monkeypatch.setattr(timing_lib.time, "perf_counter", fake)
+    return fake
+
+
+def test_nested_phases_count_once_and_add_up_to_the_total(clock):
+    timing = timing_lib.Timing()
+    try:
+        with timing.phase("model_load"):
+            clock.now += 2
+        with timing.phase("train_steps"):
+            clock.now += 1
+            with timing.compiling("train_step 4x8"):
+                clock.now += 5
+            with timing.phase("evaluation"):
+                clock.now += 3
+                with timing.compiling("eval_step 4x8"):
+                    clock.now += 0.5
+            clock.now += 1
+        clock.now += 0.25  # in no phase: "other"
+        got = timing.to_dict()
+    finally:
+        timing.close()
+    assert got["model_load"] == 2 and got["train_steps"] == 2 and got["evaluation"] == 3
+    assert got["compile"]["seconds"] == 5.5 and got["compile"]["count"] == 2
+    assert got["compile"]["programs"] == {
+        "train_step 4x8": {"count": 1, "seconds": 5.0},
+        "eval_step 4x8": {"count": 1, "seconds": 0.5},
+    }
+    assert got["other"] == 0.25 and got["total"] == 12.75
+
+
+def test_step_programs_compile_once_per_batch_shape_and_say_so():
+    timing = timing_lib.Timing()
+    heard = []
+    timing.on_compile = heard.append
+    try:
+        programs = timing_lib.StepPrograms(jax.jit(lambda w, batch: w * batch["input_ids"].sum()), "step", timing)
+        for length in (8, 8, 16, 8):
+            out = programs(jnp.float32(2), {"input_ids": jnp.ones((4, length), jnp.int32)})
+            assert float(out) == 2 * 4 * length
+        programs(jnp.float32(2), {"input_ids": jnp.ones((4, 16)), "attention_mask": jnp.ones((4, 16))})
+        got = timing.to_dict()["compile"]
+    finally:
+        timing.close()
+    assert list(got["programs"]) == ["step 4x8 no mask", "step 4x16 no mask", "step 4x16"]
+    assert got["count"] == 3 and all(p["count"] == 1 for p in got["programs"].values())
+    assert got["backend_compiles"]["count"] >= 3  # JAX's own event saw the XLA compiles
+    assert heard == ["step 4x8 no mask", None, "step 4x16 no mask", None, "step 4x16", None]
+
+
+def check_timing(timing: dict) -> None:
+    """results.json's ``timing`` of a demo run: every phase, adding up to the total, and the step programs."""
+    phases = (*(p for p in timing_lib.PHASES if p != "compile"), "other")
+    assert set(timing) == {*phases, "compile", "total"}
+    assert all(isinstance(timing[p], float) and timing[p] >= 0 for p in (*phases, "total"))
+    compile_info = timing["compile"]
+    assert {"train_step 32x32", "eval_step 32x32"} <= set(compile_info["programs"])  # the demo's one bucket
+    assert compile_info["count"] == sum(p["count"] for p in compile_info["programs"].values())
+    assert compile_info["backend_compiles"]["count"] >= compile_info["count"]
+    summed = sum(timing[p] for p in phases) + compile_info["seconds"]
+    assert math.isclose(summed, timing["total"], abs_tol=0.01)
+
+
+def test_a_rerun_loads_every_program_from_the_compile_cache(tmp_path, capsys, monkeypatch):
+    """benchmarks.run_time runs the offline default twice in one cache dir, each in its own process: the second
+    compiles nothing and gets the same results."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    train_args = ["--max-steps", "2", "--limit-eval", "32", "--log-every", "1"]
+    argv = ["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path), "--json", "--", *train_args]
+    assert run_time.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cold, warm = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("cold", "warm"))
+    check_timing(cold["timing"])
+    assert "compiling train_step 32x32" in (tmp_path / "cold" / "run.log").read_text()  # the bar's own phase
+    assert cold["timing"]["compile"]["cache_misses"] > 0 and cold["timing"]["compile"]["cache_hits"] == 0
+    assert warm["timing"]["compile"]["cache_misses"] == 0
+    assert warm["timing"]["compile"]["cache_hits"] == cold["timing"]["compile"]["cache_misses"]
+    assert warm["timing"]["compile"]["programs"].keys() == cold["timing"]["compile"]["programs"].keys()
+    assert (tmp_path / "warm" / "metrics.jsonl").read_text() == (tmp_path / "cold" / "metrics.jsonl").read_text()
+    assert {k: v for k, v in warm.items() if k != "timing"} == {k: v for k, v in cold.items() if k != "timing"}
+    for name, run_results in (("cold", cold), ("warm", warm)):  # the benchmark prints what results.json says
+        row = printed[name]
+        assert row["total"] == run_results["timing"]["total"] and row["steps"] == 2
+        assert row["total_over_steps"] == row["total"] / row["train_steps"]
+    assert printed["warm"]["cache_misses"] == 0 and printed["train_args"] == train_args
+
+
+def test_compile_cache_dirs(monkeypatch, tmp_path):
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.resolve("auto") == tmp_path / "xdg" / "rocoft_jax" / "jax-compile-cache"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert compile_cache.resolve("auto") == Path.home() / ".cache" / "rocoft_jax" / "jax-compile-cache"
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.resolve("auto") is None
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))
+    assert compile_cache.resolve("auto") == tmp_path / "env"
+    assert compile_cache.resolve("OFF") is None and compile_cache.resolve(str(tmp_path)) == tmp_path
+
+
+def test_unwritable_compile_cache_is_one_line_and_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    assert run.main(["--output-dir", str(out), "--compile-cache", str(blocker / "cache")]) == 2
+    assert_one_line_error(capsys, "--compile-cache")
+    assert not out.exists()

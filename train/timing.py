@@ -1,0 +1,149 @@
+"""Where a run's wall time goes: seconds per phase and per compiled step program, for results.json's ``timing``.
+
+Phases are exclusive: a phase entered inside another (a compile inside the loop, an evaluation inside it) is
+counted in its own phase only, so the phases and ``other`` add up to ``total``. The step programs (the train
+and eval step of each batch shape) are compiled ahead of their first call by `StepPrograms`, under the
+``compile`` phase and a program label, so a first step never hides a compile. JAX's monitoring events count
+every XLA compilation of the run and the persistent compilation cache's hits and misses (`train.compile_cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from jax import monitoring
+
+PHASES = ("model_load", "data", "compile", "train_steps", "evaluation", "checkpointing", "reporting")
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # an XLA compile or a persistent-cache load
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"  # compiled and written to the persistent cache
+
+
+class Timing:
+    """Seconds per phase (`PHASES`), step-program compiles and JAX's compile events, from creation to `to_dict`.
+
+    Listens to JAX's monitoring events until `close`; events of other threads of the process count too.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.programs: dict[str, dict[str, float]] = {}
+        self.backend = {"count": 0, "seconds": 0.0}
+        self.cache = {"hits": 0, "misses": 0}
+        self.on_compile: Callable[[str | None], None] | None = None  # told a program's label, then None
+        self._stack: list[float] = []  # time spent in nested phases, one entry per open phase
+        monitoring.register_event_duration_secs_listener(self._duration)
+        monitoring.register_event_listener(self._event)
+        self._listening = True
+
+    def _duration(self, event: str, seconds: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.backend["count"] += 1
+            self.backend["seconds"] += seconds
+
+    def _event(self, event: str, **kwargs) -> None:
+        if event == CACHE_HIT_EVENT:
+            self.cache["hits"] += 1
+        elif event == CACHE_MISS_EVENT:
+            self.cache["misses"] += 1
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Counts the time inside, less that of phases nested in it, as ``name``."""
+        start = time.perf_counter()
+        self._stack.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            nested = self._stack.pop()
+            self.seconds[name] += elapsed - nested
+            if self._stack:
+                self._stack[-1] += elapsed
+
+    @contextlib.contextmanager
+    def compiling(self, label: str):
+        """The ``compile`` phase of one program, counted under ``label``; `on_compile` hears of it."""
+        if self.on_compile is not None:
+            self.on_compile(label)
+        start = time.perf_counter()
+        try:
+            with self.phase("compile"):
+                yield
+        finally:
+            entry = self.programs.setdefault(label, {"count": 0, "seconds": 0.0})
+            entry["count"] += 1
+            entry["seconds"] += time.perf_counter() - start
+            if self.on_compile is not None:
+                self.on_compile(None)
+
+    def close(self) -> None:
+        """Stops listening to JAX's events (the counts so far stay)."""
+        if self._listening:
+            monitoring.unregister_event_duration_listener(self._duration)
+            monitoring.unregister_event_listener(self._event)
+            self._listening = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """results.json's ``timing``: seconds (rounded to ms) per phase, ``other`` and ``total``, and ``compile``."""
+        total = time.perf_counter() - self.start
+        phases = {name: round(s, 3) for name, s in self.seconds.items() if name != "compile"}
+        compile_info = {
+            "count": sum(int(p["count"]) for p in self.programs.values()),
+            "seconds": round(self.seconds["compile"], 3),
+            "programs": {
+                k: {"count": int(p["count"]), "seconds": round(p["seconds"], 3)} for k, p in self.programs.items()
+            },
+            "backend_compiles": {"count": self.backend["count"], "seconds": round(self.backend["seconds"], 3)},
+            "cache_hits": self.cache["hits"],
+            "cache_misses": self.cache["misses"],
+        }
+        other = total - sum(self.seconds.values())
+        return {**phases, "compile": compile_info, "other": round(max(other, 0.0), 3), "total": round(total, 3)}
+
+
+def describe(batch: Mapping[str, Any]) -> str:
+    """A batch's shape as a program label: ``32x64`` (of input_ids, else the first array), ``no mask`` when the
+    batch has input_ids but no attention_mask (`train.input_pipeline.drop_full_mask`)."""
+    arrays = dict(batch)
+    first = arrays.get("input_ids", next(iter(arrays.values()), None))
+    shape = "x".join(str(d) for d in getattr(first, "shape", ()))
+    return shape + (" no mask" if "input_ids" in arrays and "attention_mask" not in arrays else "")
+
+
+def _key(batch) -> tuple:
+    return tuple((path, tuple(x.shape), str(x.dtype)) for path, x in jax.tree_util.tree_leaves_with_path(batch))
+
+
+class StepPrograms:
+    """A jitted step (``fn(..., batch)``) compiled once per batch shape, ahead of its first call.
+
+    ``__call__`` runs the program of the batch's shape, compiling it first (timed as ``"<name> <shape>"``) when
+    it is new; `compile` does so without running, from arrays or ``jax.ShapeDtypeStruct``s. ``lower`` is the
+    jitted function's, for callers that compile it themselves.
+    """
+
+    def __init__(self, jitted, name: str, timing: Timing):
+        self.jitted, self.name, self.timing = jitted, name, timing
+        self.programs: dict[tuple, Any] = {}
+
+    def compile(self, *args) -> Any:
+        key = _key(args[-1])
+        if key not in self.programs:
+            with self.timing.compiling(f"{self.name} {describe(args[-1])}"):
+                self.programs[key] = self.jitted.lower(*args).compile()
+        return self.programs[key]
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+        program = self.programs.get(_key(args[-1]))
+        if program is None:
+            program = self.compile(*args)
+        return program(*args)
