@@ -11,7 +11,9 @@ is off on both stacks unless `--dropout` sets the encoders' hidden and
 attention dropout, as `train.run`'s default of 0.1 does. Each
 timed method runs in its own subprocess, so peak memory is its own. When torch
 is importable, the PyTorch peers (`benchmarks.torch_step`: the paper's
-Algorithm 1 and peft LoRA r=8 on q,v) run on the same device too, with
+Algorithm 1, peft LoRA r=8 on q,v and on every RoCoFT target, eager and
+torch.compile'd: `PEERS`) run on the same device too, and the ratios name the
+fastest of them, with
 PYTHONPATH cleared so they use the environment's own transformers (the JAX
 side may need transformers<5 on PYTHONPATH while PyTorch uses 5.x).
 """
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -151,6 +154,11 @@ def time_method(args, method_name: str) -> dict:
     }
 
 
+# The PyTorch peers timed by default: the paper's Algorithm 1 and peft LoRA on q,v and on every target
+# (the kernels RoCoFT slices), eager and torch.compile'd; ratios are also given against the fastest.
+PEERS = ("algorithm1", "algorithm1+compile", "lora", "lora+compile", "lora-all+compile")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -200,7 +208,12 @@ def parse_args(argv=None):
         help="report compiled FLOPs of the rocoft and full steps (compiled for the CPU on any machine)",
     )
     p.add_argument("--methods", default="rocoft,full", help=f"JAX methods to time, from {','.join(JAX_METHODS)}")
-    p.add_argument("--peers", default="algorithm1,lora", help="PyTorch peers to time (empty: none)")
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="PyTorch peers to time (empty: none): algorithm1, lora (q,v), lora-all (every target) or full, "
+        "each eager or with +compile (torch.compile)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak", type=float, default=790e12, help="bf16 peak FLOP/s for utilization")
@@ -216,20 +229,36 @@ def _subprocess_json(cmd: list[str], label: str, env=None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _ratios(rows: list[dict]) -> dict[str, float]:
-    """RoCoFT against each peer: ratios of step time (lower is better) and tokens/s (higher is better),
-    and the peak-memory difference to LoRA (the targets of docs/performance.md)."""
+def peer_args(spec: str) -> list[str]:
+    """`benchmarks.torch_step` arguments of a peer spec such as "lora-all+compile"."""
+    name, *flags = spec.split("+")
+    base = {"algorithm1": ["--peer", "algorithm1"], "lora": ["--peer", "lora"], "full": ["--peer", "full"]}
+    base["lora-all"] = ["--peer", "lora", "--lora-targets", "all"]
+    if name not in base or any(flag != "compile" for flag in flags):
+        raise SystemExit(f"unknown peer {spec!r}; choose from {', '.join(base)}, each optionally +compile")
+    return base[name] + (["--compile"] if flags else [])
+
+
+def _ratios(rows: list[dict]) -> dict[str, Any]:
+    """RoCoFT against each peer and against the fastest PyTorch peer: ratios of step time (lower is better)
+    and tokens/s (higher is better), and the peak-memory difference to that fastest peer."""
     by = {r["method"]: r for r in rows if "step_ms" in r}
     ours = next((r for name, r in by.items() if name.startswith("jax-rocoft")), None)
     if ours is None:
         return {}
-    out = {}
-    for peer in ("torch-algorithm1", "torch-lora", "jax-full"):
-        if peer in by:
-            out[f"rocoft_over_{peer}_time"] = ours["step_ms"] / by[peer]["step_ms"]
-    if "torch-lora" in by:
-        out["rocoft_over_torch-lora_tokens"] = ours["tokens_per_s"] / by["torch-lora"]["tokens_per_s"]
-        out["rocoft_minus_torch-lora_peak_gib"] = ours["peak_gib"] - by["torch-lora"]["peak_gib"]
+    out: dict[str, Any] = {}
+    for peer, row in by.items():
+        if peer.startswith("torch-") or peer == "jax-full":
+            out[f"rocoft_over_{peer}_time"] = ours["step_ms"] / row["step_ms"]
+    torch_rows = {name: r for name, r in by.items() if name.startswith("torch-")}
+    if torch_rows:
+        name = min(torch_rows, key=lambda n: torch_rows[n]["step_ms"])
+        fastest = torch_rows[name]
+        out["fastest_peer"] = name
+        out["rocoft_over_fastest_peer_time"] = ours["step_ms"] / fastest["step_ms"]
+        out["rocoft_over_fastest_peer_tokens"] = ours["tokens_per_s"] / fastest["tokens_per_s"]
+        if ours.get("peak_gib") is not None and fastest.get("peak_gib") is not None:
+            out["rocoft_minus_fastest_peer_peak_gib"] = ours["peak_gib"] - fastest["peak_gib"]
     return out
 
 
@@ -278,35 +307,33 @@ def main(argv=None) -> None:
         rows.append(_subprocess_json([sys.executable, "-m", "benchmarks.step", *argv, "--worker", name], f"jax-{name}"))
     torch_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for peer in filter(None, args.peers.split(",")):
-        rows.append(
-            _subprocess_json(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.torch_step",
-                    "--peer",
-                    peer,
-                    "--model",
-                    args.model,
-                    "--batch-size",
-                    str(args.batch_size),
-                    "--seq-len",
-                    str(args.seq_len),
-                    "--rank",
-                    str(args.rank),
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--dtype",
-                    args.dtype,
-                    "--dropout",
-                    str(args.dropout),
-                ],
-                f"torch-{peer}",
-                env=torch_env,
-            )
+        row = _subprocess_json(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.torch_step",
+                *peer_args(peer),
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--seq-len",
+                str(args.seq_len),
+                "--rank",
+                str(args.rank),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--dtype",
+                args.dtype,
+                "--dropout",
+                str(args.dropout),
+            ],
+            f"torch-{peer}",
+            env=torch_env,
         )
+        rows.append({**row, "method": f"torch-{peer}"})
     for row in rows:
         if "step_ms" in row and "useful_flop_util" not in row:
             useful = useful_step_flops(models.preset_config(args.model), args.batch_size, args.seq_len, head_of(args))
@@ -320,7 +347,7 @@ def main(argv=None) -> None:
         "results": rows,
         "ratios": _ratios(rows),
     }
-    ratios = "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items())
+    ratios = "\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result["ratios"].items())
     print(strict_json.dumps(result) if args.json else f"{_table(rows)}\n{ratios}")
 
 

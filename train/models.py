@@ -308,10 +308,10 @@ def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_o
     refused, and a checkpoint missing weights outside a new task head is refused.
     """
     local = check_source(name_or_dir)
+    _model_class(load_config(name_or_dir), head)  # a config error before any weights are looked for
     kwargs = dict(config_overrides)
     if local is not None:
         kwargs.update(_weights_kind(local))
-    _model_class(load_config(name_or_dir), head)  # a config error before any weights are read
     try:
         model, params = faithful.from_pretrained(
             _auto_class(head),

@@ -37,3 +37,24 @@ def test_rocoft_step_flops_are_about_two_thirds_of_full_fine_tuning(tmp_path):
     assert out["ratio"] == out["rocoft_step_flops"] / out["full_step_flops"]
     # Forward + input gradient is 2/3 of forward + input + weight gradients; attention adds a little.
     assert 0.6 < out["ratio"] <= 0.72
+
+
+def test_peers_are_compiled_and_eager_and_ratios_name_the_fastest():
+    """The default peers include torch.compile'd ones and LoRA on every target; the headline ratio is
+    against whichever peer was fastest, with its name."""
+    from benchmarks import step
+
+    assert step.peer_args("lora-all+compile") == ["--peer", "lora", "--lora-targets", "all", "--compile"]
+    assert {"algorithm1+compile", "lora+compile", "lora-all+compile"} <= set(step.PEERS)
+    rows = [
+        {"method": "jax-rocoft", "step_ms": 50.0, "tokens_per_s": 200.0, "peak_gib": 10.0},
+        {"method": "torch-algorithm1", "step_ms": 74.0, "tokens_per_s": 135.0, "peak_gib": 13.0},
+        {"method": "torch-lora+compile", "step_ms": 62.5, "tokens_per_s": 160.0, "peak_gib": 9.0},
+        {"method": "torch-lora-all+compile", "error": "failed"},
+    ]
+    ratios = step._ratios(rows)
+    assert ratios["fastest_peer"] == "torch-lora+compile"
+    assert ratios["rocoft_over_fastest_peer_time"] == 0.8
+    assert ratios["rocoft_over_fastest_peer_tokens"] == 1.25
+    assert ratios["rocoft_minus_fastest_peer_peak_gib"] == 1.0
+    assert ratios["rocoft_over_torch-algorithm1_time"] == 50.0 / 74.0
