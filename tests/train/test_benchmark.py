@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from train import models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,3 +60,15 @@ def test_peers_are_compiled_and_eager_and_ratios_name_the_fastest():
     assert ratios["rocoft_over_fastest_peer_tokens"] == 1.25
     assert ratios["rocoft_minus_fastest_peer_peak_gib"] == 1.0
     assert ratios["rocoft_over_torch-algorithm1_time"] == 50.0 / 74.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--model", "tiny"], ["--model", "tiny-llama", "--generate", "--new-tokens", "3"]])
+def test_mixed_adapter_benchmark_reports_both_throughputs(args):
+    """A CPU smoke run of `benchmarks.mixed_adapters` (the numbers that matter come from a GPU)."""
+    from benchmarks import mixed_adapters
+
+    common = ["--batch-size", "4", "--seq-len", "8", "--adapters", "3", "--steps", "1", "--dtype", "fp32", "--json"]
+    result = mixed_adapters.main([*args, *common])
+    assert result["mixed_ms"] > 0 and result["merged_ms"] > 0
+    assert result["mixed_over_merged_throughput"] > 0
