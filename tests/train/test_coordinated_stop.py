@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import chex
+import pytest
 from conftest import cpu_env, run_results
 
 from train import checkpoint as ckpt
@@ -83,6 +84,7 @@ def wait_for_first_train_line(out: Path, procs: list[subprocess.Popen], timeout:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # two processes, a minute on 2 cores
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     out = tmp_path / "run"
     procs = launch_pair(out)

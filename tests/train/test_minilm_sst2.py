@@ -54,6 +54,7 @@ def minilm_dir() -> Path:
     return path
 
 
+@pytest.mark.slow  # a minute or two on 2 cores; real weights stay in the default suite via SmolLM2 and MiniLM QA
 def test_minilm_sst2_rocoft_learns_in_100_steps(tmp_path, minilm_dir):
     accuracy = dev_accuracy(
         minilm_dir, tmp_path / "run", [*ROCOFT, "--max-steps", "100", "--warmup-steps", "20", "--max-length", "64"]
