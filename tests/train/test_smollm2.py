@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fast_jit, flat
+from conftest import flat
+from test_torch_reference import RoCoFTLinear, trainer_steps  # the paper's Algorithm 1, the trainer's steps
 
 from train import models
 from train import step as step_lib
@@ -92,21 +93,6 @@ def test_flax_logits_equal_pytorch_on_real_text(smollm2):
     assert rel_error(wrong, expected, inputs["attention_mask"]) > 1e-2
 
 
-class RoCoFTLinear(torch.nn.Module):
-    """The paper's Algorithm 1: W = cat(trainable first r rows or columns, frozen rest); no bias (Llama)."""
-
-    def __init__(self, linear: torch.nn.Linear, rank: int, mode: str):
-        super().__init__()
-        weight = linear.weight.detach()
-        self.dim = 0 if mode == "row" else 1
-        live, rest = (weight[:rank], weight[rank:]) if mode == "row" else (weight[:, :rank], weight[:, rank:])
-        self.trainable = torch.nn.Parameter(live.clone())
-        self.register_buffer("frozen", rest.clone())
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, torch.cat([self.trainable, self.frozen], dim=self.dim))
-
-
 def torch_causal_lm_loss(logits, inputs):
     """Mean next-token cross-entropy over real target tokens, as `train.step.loss_sum` defines it."""
     targets = torch.from_numpy(inputs["input_ids"][:, 1:]).long()
@@ -152,15 +138,7 @@ def algorithm_1_agreement(path: Path, mode: str, layers: int | None, lr: float =
     tx, _ = step_lib.make_optimizer(
         lr, STEPS, warmup_steps=0, weight_decay=WEIGHT_DECAY, schedule="constant", max_grad_norm=0
     )
-    state = step_lib.init_state(trainable, tx, seed=0)
-    train_fn = fast_jit(
-        functools.partial(step_lib.train_step, model=model, method=method, tx=tx, loss_kind="causal-lm")
-    )
-    eval_fn = fast_jit(functools.partial(step_lib.eval_step, model=model, method=method))
-    actual = [np.asarray(eval_fn(state.trainable, frozen, inputs))]
-    for _ in range(STEPS):
-        state, _ = train_fn(state, frozen, inputs)
-        actual.append(np.asarray(eval_fn(state.trainable, frozen, inputs)))
+    state, actual = trainer_steps(model, method, tx, "causal-lm", trainable, frozen, inputs, STEPS)
 
     errors = [rel_error(a, e, inputs["attention_mask"]) for a, e in zip(actual, expected)]
     moved = rel_error(expected[-1], expected[0], inputs["attention_mask"])

@@ -38,7 +38,7 @@ from train.methods import build_method
 from train.tasks.qa import qa_model_types
 
 torch = pytest.importorskip("torch")
-from test_torch_reference import TARGETS, RoCoFTLinear  # noqa: E402  (the GLUE cross-check's Algorithm 1)
+from test_torch_reference import TARGETS, RoCoFTLinear, trainer_steps  # noqa: E402  (the GLUE cross-check's Algorithm 1)
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "squad" / "sample.json"
 STEPS, RANK, LR, WEIGHT_DECAY = 4, 3, 1e-3, 0.1
@@ -245,15 +245,7 @@ def test_rocoft_steps_match_pytorch_algorithm_1(batch, layers):
         lambda p, _: not (p[0].key == "train" and p[-1].key == "bias"), tree
     )
     tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=EPS, weight_decay=WEIGHT_DECAY, mask=decays)  # make_optimizer's, but eps
-    state = step_lib.init_state(trainable, tx, seed=0)
-    train_fn = fast_jit(
-        functools.partial(step_lib.train_step, model=flax_model, method=method, tx=tx, loss_kind="span")
-    )
-    eval_fn = fast_jit(functools.partial(step_lib.eval_step, model=flax_model, method=method))
-    jax_out = [np.asarray(eval_fn(state.trainable, frozen, batch))]
-    for _ in range(STEPS):
-        state, metrics = train_fn(state, frozen, batch)
-        jax_out.append(np.asarray(eval_fn(state.trainable, frozen, batch)))
+    state, jax_out = trainer_steps(flax_model, method, tx, "span", trainable, frozen, batch, STEPS)
 
     for step, (j, t) in enumerate(zip(jax_out, torch_out)):
         np.testing.assert_allclose(j, t, atol=1e-4, rtol=0, err_msg=f"span logits after step {step}")

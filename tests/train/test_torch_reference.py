@@ -52,7 +52,7 @@ def flax_to_torch_state_dict(params) -> dict:
 
 
 class RoCoFTLinear(torch.nn.Module):
-    """Algorithm 1: W = cat(trainable first r rows or columns, frozen rest); the bias stays frozen."""
+    """Algorithm 1: W = cat(trainable first r rows or columns, frozen rest); the bias, if any, stays frozen."""
 
     def __init__(self, linear: torch.nn.Linear, rank: int, mode: str):
         super().__init__()
@@ -61,7 +61,7 @@ class RoCoFTLinear(torch.nn.Module):
         live, rest = (weight[:rank], weight[rank:]) if mode == "row" else (weight[:, :rank], weight[:, rank:])
         self.trainable = torch.nn.Parameter(live.clone())
         self.register_buffer("frozen", rest.clone())
-        self.register_buffer("bias", linear.bias.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x):
         return torch.nn.functional.linear(x, torch.cat([self.trainable, self.frozen], dim=self.dim), self.bias)
@@ -99,6 +99,19 @@ def _torch_logits(model, batch):
         input_ids=torch.from_numpy(batch["input_ids"]).long(),
         attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
     ).logits
+
+
+def trainer_steps(model, method, tx, loss_kind: str, trainable, frozen, batch, steps: int):
+    """``(state, logits)``: ``steps`` of the trainer's own jitted train step on one batch, and the eval step's
+    logits before the first and after each step."""
+    state = step_lib.init_state(trainable, tx, seed=0)
+    train_fn = fast_jit(functools.partial(step_lib.train_step, model=model, method=method, tx=tx, loss_kind=loss_kind))
+    eval_fn = fast_jit(functools.partial(step_lib.eval_step, model=model, method=method))
+    logits = [np.asarray(eval_fn(state.trainable, frozen, batch))]
+    for _ in range(steps):
+        state, _ = train_fn(state, frozen, batch)
+        logits.append(np.asarray(eval_fn(state.trainable, frozen, batch)))
+    return state, logits
 
 
 @pytest.fixture
@@ -141,15 +154,7 @@ def test_trainer_step_matches_torch_algorithm_1(mode):
         LR, STEPS, warmup_steps=0, weight_decay=WEIGHT_DECAY, schedule="constant", max_grad_norm=0
     )
     assert [float(schedule(i)) for i in range(STEPS)] == pytest.approx([LR] * STEPS)  # no warm-up step at lr 0
-    state = step_lib.init_state(trainable, tx, seed=0)
-    train_fn = fast_jit(
-        functools.partial(step_lib.train_step, model=flax_model, method=method, tx=tx, loss_kind="classification")
-    )
-    eval_fn = fast_jit(functools.partial(step_lib.eval_step, model=flax_model, method=method))
-    jax_logits = [np.asarray(eval_fn(state.trainable, frozen, batch))]
-    for _ in range(STEPS):
-        state, _ = train_fn(state, frozen, batch)
-        jax_logits.append(np.asarray(eval_fn(state.trainable, frozen, batch)))
+    state, jax_logits = trainer_steps(flax_model, method, tx, "classification", trainable, frozen, batch, STEPS)
 
     for step, (j, t) in enumerate(zip(jax_logits, torch_logits)):
         np.testing.assert_allclose(j, t, atol=1e-4, rtol=0, err_msg=f"logits after step {step}")
