@@ -2,8 +2,13 @@
 
     python -m benchmarks.run_time                                   # the offline demo
     python -m benchmarks.run_time -- --model DIR --task rte --data-dir ../shared/data/glue --dtype bf16
+    python -m benchmarks.run_time --shape bert-large-uncased --tokenizer MINILM_DIR -- --task rte \
+        --data-dir ../shared/data/glue --dtype bf16
 
-Arguments after ``--`` go to ``python -m train.run`` as they are. Each run is its own process (as a user's
+Arguments after ``--`` go to ``python -m train.run`` as they are. ``--shape`` (a `train.models` preset or an HF
+config dir) with ``--tokenizer`` (a dir holding a real tokenizer, e.g. all-MiniLM-L6-v2's WordPiece) first
+writes a random-init model dir of that shape (fp32 safetensors, no task head, as a hub checkpoint has) and
+passes it as ``--model``: the timing of a large model without downloading it. Each run is its own process (as a user's
 rerun is), with ``--compile-cache`` a fresh directory that only these two runs use, unless ``--cache-dir``
 names one. Prints each run's results.json ``timing`` breakdown (seconds), the process's wall time (Python
 start and imports included), and the ratio of the total to the steady-state stepping time (``train_steps``:
@@ -24,6 +29,22 @@ from train import strict_json
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("model_load", "data", "compile", "train_steps", "evaluation", "checkpointing", "reporting", "other", "total")
+
+
+def write_random_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
+    """``out``: a sequence-classification checkpoint of ``shape`` with N(0, 0.02) weights and no classifier
+    (the run draws its own head, as for a hub encoder), plus the tokenizer files of ``tokenizer_dir``."""
+    from transformers import AutoTokenizer
+
+    from rocoft_jax import tree as tree_lib
+    from train import models
+
+    config = models.preset_config(shape)
+    model, params = models.random_model_fast(config, "sequence-classification", "fp32")
+    flat = {k: v for k, v in tree_lib.flatten(params).items() if not k.startswith("classifier/")}
+    model.save_pretrained(out, params=tree_lib.unflatten(flat), safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
 
 
 def run_once(train_args: list[str], cache_dir: Path, output_dir: Path) -> dict:
@@ -74,10 +95,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="the compilation cache of both runs (default: a fresh temporary dir)")
     parser.add_argument("--output-dir", help="where the runs' output dirs cold/ and warm/ go (default: temporary)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    parser.add_argument("--shape", help="write a random-init model of this preset or config dir and run it")
+    parser.add_argument("--tokenizer", help="with --shape: the dir of the real tokenizer to save beside it")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.run's arguments")
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if bool(args.shape) != bool(args.tokenizer):
+        parser.error("--shape and --tokenizer go together")
     with tempfile.TemporaryDirectory(prefix="run_time.") as tmp:
+        if args.shape:
+            model_dir = write_random_model(args.shape, args.tokenizer, Path(tmp) / "model")
+            train_args = [*train_args, "--model", str(model_dir)]
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
         out = Path(args.output_dir) if args.output_dir else Path(tmp)
         cold = summary(run_once(train_args, cache, out / "cold"))

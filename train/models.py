@@ -126,6 +126,9 @@ PRESETS = {
         **_ROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
     ),
     "bert-base-uncased": lambda: BertConfig(),
+    "bert-large-uncased": lambda: BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
     "bart-large": lambda: BartConfig(),  # transformers' defaults are facebook/bart-large's shape
     "llama-2-7b": lambda: LlamaConfig(
         vocab_size=32000,

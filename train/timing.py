@@ -10,8 +10,11 @@ every XLA compilation of the run and the persistent compilation cache's hits and
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,20 +40,23 @@ class Timing:
         self.cache = {"hits": 0, "misses": 0}
         self.on_compile: Callable[[str | None], None] | None = None  # told a program's label, then None
         self._stack: list[float] = []  # time spent in nested phases, one entry per open phase
+        self._lock = threading.Lock()  # compiles and JAX's events may come from several threads
         monitoring.register_event_duration_secs_listener(self._duration)
         monitoring.register_event_listener(self._event)
         self._listening = True
 
     def _duration(self, event: str, seconds: float, **kwargs) -> None:
         if event == BACKEND_COMPILE_EVENT:
-            self.backend["count"] += 1
-            self.backend["seconds"] += seconds
+            with self._lock:
+                self.backend["count"] += 1
+                self.backend["seconds"] += seconds
 
     def _event(self, event: str, **kwargs) -> None:
-        if event == CACHE_HIT_EVENT:
-            self.cache["hits"] += 1
-        elif event == CACHE_MISS_EVENT:
-            self.cache["misses"] += 1
+        with self._lock:
+            if event == CACHE_HIT_EVENT:
+                self.cache["hits"] += 1
+            elif event == CACHE_MISS_EVENT:
+                self.cache["misses"] += 1
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -76,11 +82,16 @@ class Timing:
             with self.phase("compile"):
                 yield
         finally:
-            entry = self.programs.setdefault(label, {"count": 0, "seconds": 0.0})
-            entry["count"] += 1
-            entry["seconds"] += time.perf_counter() - start
+            self.record_program(label, time.perf_counter() - start)
             if self.on_compile is not None:
                 self.on_compile(None)
+
+    def record_program(self, label: str, seconds: float) -> None:
+        """One compile of ``label`` that took ``seconds`` (thread-safe)."""
+        with self._lock:
+            entry = self.programs.setdefault(label, {"count": 0, "seconds": 0.0})
+            entry["count"] += 1
+            entry["seconds"] += seconds
 
     def close(self) -> None:
         """Stops listening to JAX's events (the counts so far stay)."""
@@ -147,3 +158,38 @@ class StepPrograms:
         if program is None:
             program = self.compile(*args)
         return program(*args)
+
+
+def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, progress=None) -> int:
+    """Compiles each ``(programs, args)`` not compiled yet: all lowered in turn, then compiled concurrently.
+
+    Tracing holds the GIL, so lowering runs on this thread; XLA's compiles release it and run side by side on
+    up to one thread per core (a persistent-cache hit is a load). The wall time is one ``compile`` phase;
+    each program's own seconds go under its label. ``progress`` (e.g. a tqdm bar) is updated once per
+    finished program. Returns how many programs were compiled.
+    """
+    todo, keys = [], set()
+    for programs, args in work:
+        key = (id(programs), _key(args[-1]))
+        if _key(args[-1]) not in programs.programs and key not in keys:
+            keys.add(key)
+            todo.append((programs, args))
+    if not todo:
+        return 0
+    with timing.phase("compile"):
+        lowered = [(programs, args, programs.jitted.lower(*args)) for programs, args in todo]
+
+        def build(item):
+            programs, args, low = item
+            start = time.perf_counter()
+            compiled = low.compile()
+            timing.record_program(f"{programs.name} {describe(args[-1])}", time.perf_counter() - start)
+            if progress is not None:
+                progress.update(1)
+            return programs, _key(args[-1]), compiled
+
+        workers = max(1, min(len(lowered), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+            for programs, key, compiled in pool.map(build, lowered):
+                programs.programs[key] = compiled
+    return len(todo)

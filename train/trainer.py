@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 from jax.sharding import NamedSharding
+from tqdm.auto import tqdm
 
 import rocoft_jax
 from rocoft_jax import sharding
@@ -137,7 +138,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
     )
     state, frozen, train_fn, eval_fn = compile_steps(
-        config, job, model, method, tx, mesh, remat, trainable, frozen, timing
+        config, job, model, method, tx, mesh, remat, trainable, frozen, timing, total_steps
     )
     meta = {
         "model": config.model,
@@ -197,10 +198,25 @@ def load_model_and_method(config: TrainConfig, job: Job, mesh, adapter=None, tim
 
 
 def compile_steps(
-    config: TrainConfig, job: Job, model, method, tx, mesh, remat, trainable, frozen, timing: timing_lib.Timing
+    config: TrainConfig,
+    job: Job,
+    model,
+    method,
+    tx,
+    mesh,
+    remat,
+    trainable,
+    frozen,
+    timing: timing_lib.Timing,
+    total_steps: int,
 ):
     """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``, the steps as `train.timing.StepPrograms`
-    (compiled per batch shape, timed); several processes compile the train batches' one shape, then meet."""
+    (compiled per batch shape, timed).
+
+    Every batch shape the job plans for ``total_steps`` steps and its evaluations (`Job.planned_batches`) is
+    compiled here, concurrently (`train.timing.compile_ahead`), so the loop never stops to compile; a job that
+    cannot tell its shapes ahead compiles each at first use. Several processes then meet, so none enters a
+    collective while another still compiles."""
     with config_errors(f"--mesh {config.mesh}"):
         state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
     frozen = distributed.to_global(frozen, shardings.frozen)
@@ -220,11 +236,18 @@ def compile_steps(
     train_fn = timing_lib.StepPrograms(train_fn, "train_step", timing)
     if job.compiles_eval_step:
         eval_fn = timing_lib.StepPrograms(eval_fn, "eval_step", timing)
-    if jax.process_count() > 1:  # every batch has one shape: compile now, then meet before any collective
+    planned = job.planned_batches(total_steps)
+    if planned is None and jax.process_count() > 1:  # every batch has one shape
         example = job.train_batch(0)
-        train_fn.compile(state, frozen, example)
+        planned = ([example] if total_steps else [], [example])
+    if planned is not None:
+        train_batches, eval_batches = planned
+        work = [(train_fn, (state, frozen, batch)) for batch in train_batches]
         if job.compiles_eval_step:
-            eval_fn.compile(state.trainable, frozen, example)
+            work += [(eval_fn, (state.trainable, frozen, batch)) for batch in eval_batches]
+        with tqdm(total=len(work), desc="compiling step programs", disable=not distributed.is_main()) as bar:
+            timing_lib.compile_ahead(work, timing, bar)
+    if jax.process_count() > 1:
         distributed.barrier("compiled")
     if config.print_sharding and distributed.is_main():
         print_sharding(state, frozen, shardings)

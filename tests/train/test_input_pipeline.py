@@ -1,8 +1,12 @@
 """Tokenization shapes, and the batch guarantees resume and multi-host rely on."""
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +63,7 @@ def test_encode_keeps_token_type_ids_when_returned(tokenizer):
 def test_train_batches_are_deterministic_and_resume_exactly():
     n, bs, seed = 103, 8, 7
     run = [ip.train_batch_indices(n, bs, seed, s) for s in range(40)]
-    ip._epoch_permutation.cache_clear()  # a fresh process resuming at step 25
+    ip.epoch_permutation.cache_clear()  # a fresh process resuming at step 25
     resumed = [ip.train_batch_indices(n, bs, seed, s) for s in range(25, 40)]
     assert all(np.array_equal(a, b) for a, b in zip(run[25:], resumed, strict=True))
     assert not np.array_equal(run[0], ip.train_batch_indices(n, bs, seed + 1, 0))
@@ -131,8 +135,100 @@ def test_train_batches_drop_a_full_mask_and_eval_batches_keep_it(tokenizer, max_
     columns = make_demo_task(num_train=8, num_eval=1)["train"]
     mesh = sharding.make_mesh(sharding.parse_mesh("", 1), jax.devices()[:1])
     config = TrainConfig(max_length=max_length, batch_size=4)
-    batches = Batches(config, get_task("demo"), tokenizer, NamedSharding(mesh, sharding.BATCH))
-    train = batches.train(columns, 0)
+    spec = get_task("demo")
+    splits = {"train": columns, **dict.fromkeys(spec.eval_splits, columns)}
+    batches = Batches(config, spec, tokenizer, NamedSharding(mesh, sharding.BATCH), splits)
+    train = batches.train(0)
     assert ("attention_mask" not in train) == dropped
-    evaluated = batches.make(columns, np.arange(4))
+    evaluated = batches.make("train", np.arange(4))
     assert np.asarray(evaluated["attention_mask"]).all() == dropped  # eval batches always carry the mask
+
+
+def test_ragged_encoding_pads_exactly_as_encode(tokenizer):
+    """`Encoded.batch` rebuilds `encode`'s arrays for any rows, at full length and cut to a shorter one."""
+    columns = make_demo_task(num_train=40, num_eval=1)["train"]
+    dense = ip.encode(tokenizer, columns, ("sentence",), max_length=24, chunk_size=16)
+    ragged = ip.encode_ragged(tokenizer, columns, ("sentence",), max_length=24, chunk_size=16)
+    rows = np.array([5, 0, 39, 17, 17])
+    assert ragged.lengths.tolist() == dense["attention_mask"].sum(axis=1).tolist()
+    full = ragged.batch(rows)
+    assert set(full) == set(dense) and all(np.array_equal(full[k], dense[k][rows]) for k in dense)
+    short = ragged.batch(rows, int(ragged.lengths[rows].max()))
+    assert np.array_equal(short["input_ids"], dense["input_ids"][rows, : short["input_ids"].shape[1]])
+    with pytest.raises(ValueError, match="more than the batch length"):
+        ragged.batch(rows, 2)
+
+
+def test_ragged_encoding_of_real_pairs_keeps_token_type_ids(minilm_tokenizer, glue_dir):
+    """Real RTE sentence pairs with a WordPiece tokenizer (token type ids, longest-first truncation)."""
+    from train.glue import load_glue
+
+    columns = {k: v[:64] for k, v in load_glue("rte", glue_dir)["train"].items()}
+    keys = get_task("rte").text_keys
+    dense = ip.encode(minilm_tokenizer, columns, keys, max_length=128)
+    ragged = ip.encode_ragged(minilm_tokenizer, columns, keys, max_length=128)
+    rows = np.arange(64)[::-1]
+    batch = ragged.batch(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert all(np.array_equal(batch[k], dense[k][rows]) for k in batch)
+    assert (ragged.lengths == 128).any() and (ragged.lengths < 128).any()  # some were truncated
+
+
+def _padded_tokens(buckets, longest):
+    return sum(next(b for b in sorted(buckets) if b >= x) for x in longest)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=24), st.sampled_from([0.0, 0.05, 0.3]))
+def test_choose_buckets_is_the_optimal_set_of_the_fewest_buckets(longest, tolerance):
+    """Against brute force over every candidate set: the fewest buckets within tolerance, optimal for that count."""
+    buckets = ip.choose_buckets(longest, 256, tolerance=tolerance, multiple=16, limit=4)
+    rounded = [-(-x // 16) * 16 for x in longest]
+    assert buckets[-1] == 256 and all(b % 16 == 0 for b in buckets) and list(buckets) == sorted(set(buckets))
+    candidates = sorted(set(rounded))
+    for count in range(1, min(4, len(candidates)) + 1):
+        best = min(
+            _padded_tokens(set(c), rounded) for c in itertools.combinations(candidates, count) if max(candidates) in c
+        )
+        if best <= sum(rounded) * (1 + tolerance) or count == min(4, len(candidates)):
+            break
+    assert _padded_tokens(buckets, rounded) == best
+    assert len(set(buckets) - {256}) <= count
+
+
+def test_choose_buckets_on_real_stsb_beats_powers_of_two_in_padding(minilm_tokenizer, glue_dir):
+    """STS-B at batch 32: a few data-chosen buckets pad less than 16, 32, 64, 128."""
+    from train.glue import load_glue
+
+    columns = load_glue("stsb", glue_dir)["train"]
+    lengths = ip.encode_ragged(minilm_tokenizer, columns, get_task("stsb").text_keys, 128).lengths
+    order = ip.epoch_permutation(len(lengths), 0, 0)
+    longest = lengths[order[: len(order) // 32 * 32]].reshape(-1, 32).max(axis=1)
+    chosen = ip.choose_buckets(longest, 128)
+    assert len(chosen) <= 5
+    assert _padded_tokens(chosen, longest) < 0.9 * _padded_tokens(ip.bucket_lengths(128), longest)
+
+
+def test_planned_batches_hold_every_shape_a_run_meets(minilm_tokenizer, glue_dir):
+    """Real STS-B: every train step of three epochs and every eval batch has a shape in `Batches.planned`,
+    which lists each shape once."""
+    from train.glue import load_glue
+
+    spec = get_task("stsb")
+    data = load_glue("stsb", glue_dir)
+    splits = {"train": {k: v[:640] for k, v in data["train"].items()}, "validation": data["validation"]}
+    mesh = sharding.make_mesh(sharding.parse_mesh("", 1), jax.devices()[:1])
+    config = TrainConfig(task="stsb", batch_size=32, max_length=128)
+    batches = Batches(config, spec, minilm_tokenizer, NamedSharding(mesh, sharding.BATCH), splits)
+    steps = 3 * ip.steps_per_epoch(640, 32)
+    train, evals = batches.planned(steps)
+
+    def key(batch):
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    assert len({key(b) for b in train}) == len(train) and len({key(b) for b in evals}) == len(evals)
+    assert {key(batches.host("train", batches.train_rows(s), train=True)) for s in range(steps)} == {
+        key(b) for b in train
+    }
+    assert {key(batch) for batch, _, _ in batches.eval_batches("validation")} == {key(b) for b in evals}
+    assert len(batches.buckets) <= 5 and batches.buckets[-1] == 128

@@ -80,6 +80,29 @@ def test_step_programs_compile_once_per_batch_shape_and_say_so():
     assert heard == ["step 4x8 no mask", None, "step 4x16 no mask", None, "step 4x16", None]
 
 
+def test_compile_ahead_compiles_each_new_shape_once_side_by_side():
+    """Distinct shapes compile (each once, duplicates and already compiled ones skipped) and then run without
+    compiling again; every program is timed under its label inside one compile phase."""
+    timing = timing_lib.Timing()
+    heard = []
+    timing.on_compile = heard.append
+    try:
+        programs = timing_lib.StepPrograms(jax.jit(lambda w, batch: w * batch["input_ids"].sum()), "step", timing)
+        programs(jnp.float32(1), {"input_ids": jnp.ones((2, 4), jnp.int32)})  # compiled at first use
+        specs = [{"input_ids": jax.ShapeDtypeStruct((2, n), jnp.int32)} for n in (4, 8, 16, 8, 32)]
+        bar = type("Bar", (), {"n": 0, "update": lambda self, k: setattr(self, "n", self.n + k)})()
+        assert timing_lib.compile_ahead([(programs, (jnp.float32(1), spec)) for spec in specs], timing, bar) == 3
+        assert bar.n == 3 and heard == ["step 2x4 no mask", None]  # the ahead compiles do not touch the bar
+        for n in (4, 8, 16, 32):
+            assert float(programs(jnp.float32(3), {"input_ids": jnp.ones((2, n), jnp.int32)})) == 3 * 2 * n
+        got = timing.to_dict()["compile"]
+    finally:
+        timing.close()
+    assert heard == ["step 2x4 no mask", None]  # nothing compiled in the calls after compile_ahead
+    assert {k: v["count"] for k, v in got["programs"].items()} == {f"step 2x{n} no mask": 1 for n in (4, 8, 16, 32)}
+    assert timing_lib.compile_ahead([(programs, (jnp.float32(1), specs[0]))], timing) == 0
+
+
 def check_timing(timing: dict) -> None:
     """results.json's ``timing`` of a demo run: every phase, adding up to the total, and the step programs."""
     phases = (*(p for p in timing_lib.PHASES if p != "compile"), "other")
@@ -103,7 +126,8 @@ def test_a_rerun_loads_every_program_from_the_compile_cache(tmp_path, capsys, mo
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cold, warm = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("cold", "warm"))
     check_timing(cold["timing"])
-    assert "compiling train_step 32x32" in (tmp_path / "cold" / "run.log").read_text()  # the bar's own phase
+    log = (tmp_path / "cold" / "run.log").read_text()
+    assert "compiling step programs" in log and "compiling train_step" not in log  # all ahead of the loop
     assert cold["timing"]["compile"]["cache_misses"] > 0 and cold["timing"]["compile"]["cache_hits"] == 0
     assert warm["timing"]["compile"]["cache_misses"] == 0
     assert warm["timing"]["compile"]["cache_hits"] == cold["timing"]["compile"]["cache_misses"]

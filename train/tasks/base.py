@@ -1,7 +1,8 @@
 """The `Job` protocol: everything the trainer asks of a task, and nothing it may ask otherwise.
 
 A job is made from the run's config, which it checks at once (bad task options fail before any model loads).
-The trainer then calls, in order: `Job.load_model_and_tokenizer`, `Job.prepare` (read the data), and each step
+The trainer then calls, in order: `Job.load_model_and_tokenizer`, `Job.prepare` (read the data),
+`Job.planned_batches` (the shapes to compile ahead), and each step
 `Job.train_batch(step)`, whose result depends only on (seed, step) so a resumed run replays exactly. Wanda
 strategies draw `Job.calibration_batches`. `Job.evaluate` scores the trainable tree whenever the loop asks;
 `Job.results` adds the job's own keys to results.json.
@@ -48,6 +49,11 @@ class Job(Protocol):
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         """The global batch of optimizer step ``step``, a function of (seed, step) alone."""
+
+    def planned_batches(self, total_steps: int) -> tuple[list[Any], list[Any]] | None:
+        """``(train, eval)``: one global batch (arrays or ``jax.ShapeDtypeStruct``s) per distinct shape that
+        ``total_steps`` train steps and the trainer's eval step will meet, for compiling them all before the
+        loop; None when the job cannot tell ahead (each shape then compiles at its first use)."""
 
     def calibration_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Host batches of model inputs for Wanda-scored selection."""

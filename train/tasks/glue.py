@@ -25,55 +25,120 @@ from train.tasks.base import EvalContext
 
 
 class Batches:
-    """Tokenizes this process's rows of each global batch and assembles global arrays.
+    """Each split tokenized once (`pipeline.Encoded`); global batches of its rows, assembled per step.
 
-    Only this process's share is tokenized. With one process, padding is cut to
-    a length bucket, and a train batch left with no padding drops its mask
-    (`pipeline.drop_full_mask`: attention runs unmasked, in a second variant of
-    the step); with several, every batch is padded to --max-length and keeps its
-    mask, so all processes agree on the batch without talking to each other.
+    With one process, padding is cut to a length bucket (`pipeline.choose_buckets` over the first epoch's
+    batches and the eval batches), and a train batch left with no padding drops its mask
+    (`pipeline.drop_full_mask`: attention runs unmasked, in a second variant of the step); with several,
+    every batch is padded to --max-length and keeps its mask, so all processes agree on the batch without
+    talking to each other. Eval batches are built once and stay on the device across evaluations.
     """
 
-    def __init__(self, config: TrainConfig, spec: TaskSpec, tokenizer, batch_sharding):
-        self.config, self.spec, self.tokenizer, self.sharding = config, spec, tokenizer, batch_sharding
-        self.buckets = (
-            pipeline.bucket_lengths(config.max_length) if config.bucket and jax.process_count() == 1 else None
-        )
+    def __init__(self, config: TrainConfig, spec: TaskSpec, tokenizer, batch_sharding, splits: dict[str, dict]):
+        self.config, self.spec, self.sharding = config, spec, batch_sharding
+        self.encoded = {
+            name: pipeline.encode_ragged(tokenizer, columns, spec.text_keys, config.max_length)
+            for name, columns in splits.items()
+        }
+        self.num_train = len(self.encoded["train"].labels)
+        self.buckets = self._choose_buckets() if config.bucket and jax.process_count() == 1 else None
+        self._eval: dict[str, list] = {}
 
-    def local(self, columns, rows) -> dict[str, np.ndarray]:
-        """Tokenized rows on the host (also used for calibration)."""
-        batch = pipeline.encode(
-            self.tokenizer, pipeline.select(columns, rows), self.spec.text_keys, self.config.max_length
-        )
-        return pipeline.trim_to_bucket(batch, self.buckets) if self.buckets else batch
+    def _choose_buckets(self) -> tuple[int, ...]:
+        config, lengths = self.config, self.encoded["train"].lengths
+        per_epoch = pipeline.steps_per_epoch(self.num_train, config.batch_size)
+        rows = pipeline.epoch_permutation(self.num_train, config.seed, 0)[: per_epoch * config.batch_size]
+        longest = list(lengths[rows].reshape(per_epoch, -1).max(axis=1))
+        for split in self.spec.eval_splits:
+            eval_lengths = self.encoded[split].lengths
+            longest += [int(eval_lengths[r].max()) for r, _ in pipeline.eval_rows(len(eval_lengths), config.batch_size)]
+        return pipeline.choose_buckets(longest, config.max_length)
 
-    def make(self, columns, global_rows, train: bool = False) -> dict[str, jax.Array]:
-        """The global batch of ``global_rows``; a ``train`` batch may drop an all-ones mask (see the class doc)."""
+    def local(self, split: str, rows) -> dict[str, np.ndarray]:
+        """Rows ``rows`` of ``split`` on the host, cut to their bucket (also used for calibration)."""
+        encoded = self.encoded[split]
+        length = pipeline.fit_bucket(self.buckets, int(encoded.lengths[rows].max())) if self.buckets else None
+        return encoded.batch(rows, length)
+
+    def host(self, split: str, global_rows, train: bool = False) -> dict[str, np.ndarray]:
+        """This process's rows of a global batch; a ``train`` batch may drop an all-ones mask."""
         mine = pipeline.shard_for_process(global_rows, jax.process_index(), jax.process_count())
-        batch = self.local(columns, mine)
-        if train:
-            batch = pipeline.drop_full_mask(batch, jax.process_count())
-        return distributed.batch_to_global(batch, self.sharding, len(global_rows))
+        batch = self.local(split, mine)
+        return pipeline.drop_full_mask(batch, jax.process_count()) if train else batch
 
-    def train(self, columns, step: int) -> dict[str, jax.Array]:
-        rows = pipeline.train_batch_indices(len(columns["label"]), self.config.batch_size, self.config.seed, step)
-        return self.make(columns, rows, train=True)
+    def make(self, split: str, global_rows, train: bool = False) -> dict[str, jax.Array]:
+        """The global batch of ``global_rows`` of ``split`` (see the class doc for ``train``)."""
+        return distributed.batch_to_global(self.host(split, global_rows, train), self.sharding, len(global_rows))
+
+    def train_rows(self, step: int) -> np.ndarray:
+        return pipeline.train_batch_indices(self.num_train, self.config.batch_size, self.config.seed, step)
+
+    def train(self, step: int) -> dict[str, jax.Array]:
+        return self.make("train", self.train_rows(step), train=True)
+
+    def eval_batches(self, split: str) -> list[tuple[dict[str, jax.Array], np.ndarray, np.ndarray]]:
+        """``(batch, rows, weights)`` of every eval batch of ``split``, built on the first call and kept."""
+        if split not in self._eval:
+            self._eval[split] = [
+                (self.make(split, rows), rows, weights)
+                for rows, weights in pipeline.eval_rows(len(self.encoded[split].labels), self.config.batch_size)
+            ]
+        return self._eval[split]
+
+    def planned(self, total_steps: int) -> tuple[list[dict], list[dict]]:
+        """``(train, eval)``: one global batch of ``jax.ShapeDtypeStruct`` per distinct shape the run's
+        ``total_steps`` train steps and its evaluations will feed the steps."""
+
+        def spec(batch, rows: int) -> tuple[tuple, dict]:
+            shapes = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+            return tuple(sorted((k, v.shape) for k, v in shapes.items())), shapes
+
+        train: dict[tuple, dict] = {}
+        if jax.process_count() > 1 or self.buckets is None:  # every batch has the one shape
+            steps = range(min(total_steps, 1))
+        else:
+            steps = self._steps_by_shape(total_steps)
+        for step in steps:
+            key, shapes = spec(self.host("train", self.train_rows(step), train=True), self.config.batch_size)
+            train.setdefault(key, shapes)
+        evals: dict[tuple, dict] = {}
+        for split in self.spec.eval_splits:
+            for rows, _ in pipeline.eval_rows(len(self.encoded[split].labels), self.config.batch_size):
+                key, shapes = spec(self.host(split, rows), len(rows))
+                evals.setdefault(key, shapes)
+        return list(train.values()), list(evals.values())
+
+    def _steps_by_shape(self, total_steps: int) -> list[int]:
+        """One step for each (bucket, full mask) pair that ``total_steps`` steps meet, found in numpy."""
+        config, lengths = self.config, self.encoded["train"].lengths
+        per_epoch = pipeline.steps_per_epoch(self.num_train, config.batch_size)
+        seen: dict[tuple[int, bool], int] = {}
+        buckets = np.asarray(self.buckets)
+        for epoch in range(-(-total_steps // per_epoch)):
+            order = pipeline.epoch_permutation(self.num_train, config.seed, epoch)
+            steps = min(per_epoch, total_steps - epoch * per_epoch)
+            batch_lengths = lengths[order[: steps * config.batch_size]].reshape(steps, -1)
+            longest = batch_lengths.max(axis=1)
+            bucket = buckets[np.searchsorted(buckets, longest)]
+            full = batch_lengths.min(axis=1) == bucket
+            for i, key in enumerate(zip(bucket.tolist(), full.tolist())):
+                seen.setdefault(key, epoch * per_epoch + i)
+        return sorted(seen.values())
 
 
-def evaluate(eval_fn, trainable, frozen, data, batches: Batches, spec: TaskSpec, config: TrainConfig) -> dict:
-    """Metrics over every example of each eval split exactly once, across processes."""
+def evaluate(eval_fn, trainable, frozen, batches: Batches, spec: TaskSpec) -> dict:
+    """Metrics over every example of each eval split exactly once, across processes.
+
+    The batches' logits stay on the device until the split's last batch is queued: one wait per split.
+    """
     metrics: dict[str, float] = {}
     for split in spec.eval_splits:
-        columns = data[split]
-        labels = np.asarray(columns["label"])
-        logits, targets, weights = [], [], []
-        for rows, w in pipeline.eval_rows(len(labels), config.batch_size):
-            logits.append(np.asarray(eval_fn(trainable, frozen, batches.make(columns, rows))))
-            targets.append(labels[rows])
-            weights.append(w)
-        metrics.update(
-            compute_metrics(spec, np.concatenate(logits), np.concatenate(targets), np.concatenate(weights), split=split)
-        )
+        labels = batches.encoded[split].labels
+        queued = [(eval_fn(trainable, frozen, batch), rows, w) for batch, rows, w in batches.eval_batches(split)]
+        logits = np.concatenate([np.asarray(out) for out, _, _ in queued])
+        targets = np.concatenate([labels[rows] for _, rows, _ in queued])
+        weights = np.concatenate([w for _, _, w in queued])
+        metrics.update(compute_metrics(spec, logits, targets, weights, split=split))
     return metrics
 
 
@@ -119,28 +184,27 @@ class GlueJob:
         return load_glue(self.spec.name, self.config.data_dir)
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
-        """Reads every split, cut to --limit-train / --limit-eval."""
-        self.data = self.read_splits()
-        for split, columns in self.data.items():
+        """Reads every split, cut to --limit-train / --limit-eval, and tokenizes each once."""
+        data = self.read_splits()
+        for split, columns in data.items():
             limit = self.config.limit_train if split == "train" else self.config.limit_eval
             if limit:
-                self.data[split] = {k: v[:limit] for k, v in columns.items()}
-        self.columns = self.data["train"]
-        self.num_train = len(self.columns["label"])
-        self.batches = Batches(self.config, self.spec, tokenizer, batch_sharding)
+                data[split] = {k: v[:limit] for k, v in columns.items()}
+        self.batches = Batches(self.config, self.spec, tokenizer, batch_sharding, data)
+        self.num_train = self.batches.num_train
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
-        return self.batches.train(self.columns, step)
+        return self.batches.train(step)
+
+    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
+        return self.batches.planned(total_steps)
 
     def calibration_batches(self):
-        config = self.config
-        for s in range(config.calibration_batches):
-            yield self.batches.local(
-                self.columns, pipeline.train_batch_indices(self.num_train, config.batch_size, config.seed, s)
-            )
+        for s in range(self.config.calibration_batches):
+            yield self.batches.local("train", self.batches.train_rows(s))
 
     def evaluate(self, context: EvalContext, trainable, frozen) -> dict[str, float]:
-        return evaluate(context.eval_fn, trainable, frozen, self.data, self.batches, self.spec, self.config)
+        return evaluate(context.eval_fn, trainable, frozen, self.batches, self.spec)
 
     def results(self) -> dict[str, Any]:
         return {}

@@ -147,6 +147,10 @@ class LlmJob:
         rows = pipeline.train_batch_indices(self.num_train, self.examples_per_step, config.seed, step)
         return rows if config.grad_accum == 1 else rows.reshape(config.grad_accum, config.batch_size).T
 
+    def planned_batches(self, total_steps: int) -> None:
+        """None: each step shape compiles at its first use (its batches are bucketed per step and it compiles its own generation)."""
+        return None
+
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         rows = self.step_rows(step)
         mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())

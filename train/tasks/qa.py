@@ -132,6 +132,10 @@ class QaJob:
             batch = pipeline.drop_full_mask(batch, jax.process_count())
         return distributed.batch_to_global(batch, self.sharding, len(global_rows))
 
+    def planned_batches(self, total_steps: int) -> None:
+        """None: each step shape compiles at its first use (windows are bucketed per step)."""
+        return None
+
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         rows = pipeline.train_batch_indices(self.num_train, self.config.batch_size, self.config.seed, step)
         return self.make(self.train_features, rows, train=True)
