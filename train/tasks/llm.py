@@ -148,7 +148,7 @@ class LlmJob:
         return rows if config.grad_accum == 1 else rows.reshape(config.grad_accum, config.batch_size).T
 
     def planned_batches(self, total_steps: int) -> None:
-        """None: each step shape compiles at its first use (its batches are bucketed per step and it compiles its own generation)."""
+        """None: each step shape compiles at its first use (bucketed per step; generation compiles its own)."""
         return None
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:

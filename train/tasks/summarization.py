@@ -164,7 +164,7 @@ class SummarizationJob:
         return rows if config.grad_accum == 1 else rows.reshape(config.grad_accum, config.batch_size).T
 
     def planned_batches(self, total_steps: int) -> None:
-        """None: each step shape compiles at its first use (sources and targets are bucketed per step and it compiles its own generation)."""
+        """None: each step shape compiles at its first use (bucketed per step; generation compiles its own)."""
         return None
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
