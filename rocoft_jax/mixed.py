@@ -6,8 +6,9 @@ saying which adapter each row uses. Each row is computed as its adapter's merged
 without building any merged kernel:
 
 - rows (output units ``idx``): the row's selected outputs are ``x @ S`` from its adapter's slice, the others
-  ``x @ W0``;
-- columns (input features ``idx``): a per-row rank-r correction ``x[..., idx] @ (S - W0[idx])``;
+  ``x @ W0`` (one elementwise select, which XLA fuses with the layer's bias add);
+- columns (input features ``idx``): a per-row rank-r correction ``x[..., idx] @ (S - W0[idx])``, as r
+  broadcast multiply-adds fused the same way;
 - leaves trained in full (task heads, targeted biases): a layer whose kernel some adapter trains runs all N
   kernels on its (small) input and keeps each row's own; a trained bias is gathered per row. Heads of
   different sizes (e.g. 2 and 3 labels) are zero-padded to the largest; `MixedAdapters.num_outputs` tells
@@ -47,6 +48,7 @@ class LayerPlan(NamedTuple):
     columns: bool  # some adapter trains columns
     kernel: bool  # some adapter trains the whole kernel (a head): every adapter's kernel is stacked
     bias: bool  # the bias differs between adapters: stacked
+    d_out: int = 0  # the base kernel's output units
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,6 +134,7 @@ def stack(params, adapters: Mapping[str, Adapter] | Sequence[Adapter]) -> MixedA
             bool(what.get("columns")),
             bool(what.get("kernel")),
             bool(what.get("kernel") or what.get("bias")),
+            int(flat[module + "/kernel"].shape[what.get("out_axis", out_axis)]) if module + "/kernel" in flat else 0,
         )
         entry, sizes = _stack_layer(layer, module, adapters, masks, flat)
         if sizes is not None and len(set(sizes)) > 1:
@@ -207,38 +210,66 @@ def _stack_layer(layer: LayerPlan, module: str, adapters, masks, flat):
     return entry, sizes
 
 
-def _per_row(values, ids, ndim: int):
-    """``values[ids]`` (B, last) broadcast over the middle axes of an (B, ..., last) activation."""
-    picked = values[ids]
-    return picked.reshape(picked.shape[:1] + (1,) * (ndim - 2) + picked.shape[1:])
+def _broadcast(values, ndim: int):
+    """(B, last) per-row values broadcast over the middle axes of a (B, ..., last) activation."""
+    return values.reshape(values.shape[:1] + (1,) * (ndim - 2) + values.shape[1:])
 
 
-def _mixed_call(module, x, layer: LayerPlan, arrays, ids):
-    """One layer for a batch whose row b runs adapter ``ids[b]``."""
+def per_row(layer: LayerPlan, arrays, ids) -> dict[str, jax.Array]:
+    """One layer's stacked arrays gathered for each batch row (``ids``: (B,) adapter per row).
+
+    Done once per call, outside any decoding loop, so each generated token reads only its rows' values.
+    Rows also get ``row_slot`` (B, d_out) int32: the slice column feeding each output unit, or -1 for the
+    base's. The selected outputs are then one elementwise select that XLA fuses into the layer's bias add,
+    instead of a scatter pass over the whole output.
+    """
+    out = {}
+    if layer.rows:
+        index, values, valid = arrays["row_index"][ids], arrays["row_values"][ids], arrays["row_valid"][ids]
+        width = index.shape[1]
+        d_out = layer.d_out
+        slots = jnp.where(valid, jnp.arange(width, dtype=jnp.int32)[None, :], -1)
+        empty = jnp.full((ids.shape[0], d_out), -1, jnp.int32)
+        # A padded entry repeats the adapter's first index and values: either write gives the same output.
+        out["row_slot"] = jax.vmap(lambda e, i, v: e.at[i].max(v))(empty, index, slots)
+        out["row_values"] = values
+    if layer.columns:
+        out["col_index"], out["col_delta"] = arrays["col_index"][ids], arrays["col_delta"][ids]
+    if layer.kernel:
+        out["kernel"] = arrays["kernel"]  # every adapter's kernel: each row keeps its own output below
+        out["ids"] = ids
+    if layer.bias:
+        out["bias"] = arrays["bias"][ids]
+    return out
+
+
+def _mixed_call(module, x, layer: LayerPlan, rows: dict[str, jax.Array]):
+    """One layer for a batch whose row b runs its own adapter (``rows``: `per_row`'s arrays)."""
     precision = module.precision
     if layer.kernel:  # every adapter's kernel on this small input (a head), then each row's own
-        x, kernel = promote_dtype(x, arrays["kernel"], dtype=module.dtype)
+        x, kernel = promote_dtype(x, rows["kernel"], dtype=module.dtype)
         every = jnp.einsum("...i,nio->...no", x, kernel, precision=precision)
-        where = ids.reshape(ids.shape + (1,) * (every.ndim - 1))
+        where = rows["ids"].reshape(rows["ids"].shape + (1,) * (every.ndim - 1))
         y = jnp.take_along_axis(every, where, axis=-2)[..., 0, :]
     else:
         x, kernel = promote_dtype(x, module.get_variable("params", "kernel"), dtype=module.dtype)
         in_axis = 1 - layer.out_axis
         y = lax.dot_general(x, kernel, (((x.ndim - 1,), (in_axis,)), ((), ())), precision=precision)
         if layer.rows:
-            index, valid = arrays["row_index"][ids], arrays["row_valid"][ids]
-            new = jnp.einsum("b...i,bir->b...r", x, arrays["row_values"][ids].astype(x.dtype), precision=precision)
-
-            def set_rows(y_b, index_b, new_b, valid_b):
-                return y_b.at[..., index_b].set(jnp.where(valid_b, new_b, jnp.take(y_b, index_b, axis=-1)))
-
-            y = jax.vmap(set_rows)(y, index, new, valid)
+            new = jnp.einsum("b...i,bir->b...r", x, rows["row_values"].astype(x.dtype), precision=precision)
+            slot = _broadcast(rows["row_slot"], y.ndim)
+            picked = jnp.take_along_axis(new, jnp.broadcast_to(jnp.maximum(slot, 0), y.shape), axis=-1)
+            y = jnp.where(slot >= 0, picked, y)
         if layer.columns:
-            picked = jax.vmap(lambda x_b, i_b: jnp.take(x_b, i_b, axis=-1))(x, arrays["col_index"][ids])
-            delta = arrays["col_delta"][ids].astype(x.dtype)
-            y = y + jnp.einsum("b...c,bco->b...o", picked, delta, precision=precision)
+            index = rows["col_index"]
+            picked = jnp.take_along_axis(x, _broadcast(index, x.ndim), axis=-1)  # (B, ..., C)
+            delta = rows["col_delta"].astype(x.dtype)
+            # A rank-C correction written as C broadcast multiply-adds: one elementwise fusion with the
+            # output, not a batched matmul whose (B, ..., d_out) result takes its own pass over memory.
+            for c in range(index.shape[1]):
+                y = y + picked[..., c : c + 1] * _broadcast(delta[:, c], y.ndim)
     if layer.bias:
-        return y + _per_row(arrays["bias"], ids, y.ndim).astype(y.dtype)
+        return y + _broadcast(rows["bias"], y.ndim).astype(y.dtype)
     if module.has_variable("params", "bias"):
         return y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
     return y
@@ -248,17 +279,17 @@ def mixed_layers(plan: Sequence[LayerPlan], arrays, adapter_ids):
     """Context in which the planned layers run per row: row b with adapter ``adapter_ids[b]``.
 
     Use it inside your own jitted function with ``mixed.plan`` and ``mixed.arrays`` (passed as an argument),
-    calling the model on the base params.
+    calling the model on the base params. Each row's values are gathered on entry (`per_row`).
     """
-    calls = {
-        layer.path: functools.partial(_layer_call, layer=layer, arrays=arrays["/".join(layer.path)], ids=adapter_ids)
-        for layer in plan
-    }
+    calls = {}
+    for layer in plan:
+        rows = per_row(layer, arrays["/".join(layer.path)], adapter_ids)
+        calls[layer.path] = functools.partial(_layer_call, layer=layer, rows=rows)
     return intercept_kernels(calls)
 
 
-def _layer_call(module, x, original, *, layer, arrays, ids):
-    return _mixed_call(module, x, layer, arrays, ids)
+def _layer_call(module, x, original, *, layer, rows):
+    return _mixed_call(module, x, layer, rows)
 
 
 def _check_ids(mixed: MixedAdapters, adapter_ids, batch: int) -> jax.Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,23 @@ from train import strict_json
 METRICS_FILE = "metrics.jsonl"
 
 
+def warm_up() -> threading.Thread:
+    """Imports matplotlib's pyplot (which builds its font cache on a fresh machine: seconds to tens of
+    seconds) on a daemon thread, so that cost overlaps loading and compiling instead of the run's end."""
+
+    def load():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+    thread = threading.Thread(target=load, name="reporting-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 class MetricsLog:
-    """Appends JSON lines; on resume it first drops lines past the resumed step."""
+    """Appends JSON lines; on resume it first drops lines past the resumed step. `close` flushes TensorBoard."""
 
     def __init__(self, output_dir: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(output_dir) / METRICS_FILE
@@ -45,7 +61,12 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
-            self.tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer (its own thread writes events meanwhile)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -56,7 +77,7 @@ def _tensorboard_writer(logdir: Path):
     for module in ("tensorboardX", "torch.utils.tensorboard"):
         try:
             writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
-            return writer_cls(str(logdir))
+            return writer_cls(str(logdir), flush_secs=10)  # its thread writes; the loop never waits on it
         except ImportError:
             continue
     return None

@@ -124,6 +124,8 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     timing = timing if timing is not None else timing_lib.Timing()
     compile_cache.configure(config.compile_cache)
     main = distributed.is_main()
+    if main:
+        reporting.warm_up()
     adapter = adapters.read(config.adapter) if config.adapter else None
     if adapter is not None:  # the adapter's method and selection, so config.yaml and results.json tell them
         config = adapters.with_selection(config, adapter)
@@ -305,6 +307,7 @@ def finish(run: loop_lib.Run) -> dict[str, Any]:
         with timing.phase("reporting"):
             print(reporting.eval_table(total, metrics))
             reporting.plot_curves(run.log.records(), run.job.metric_names, run.out / "curves.png")
+            run.log.close()
     results["timing"] = timing.to_dict()
     timing.close()
     if distributed.is_main():
