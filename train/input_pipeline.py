@@ -231,6 +231,39 @@ def drop_full_mask(batch: dict[str, np.ndarray], process_count: int) -> dict[str
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
+def steps_by_shape(
+    lengths: np.ndarray, batch_size: int, seed: int, total_steps: int, buckets: Sequence[int]
+) -> list[int]:
+    """One train step for each (bucket, full mask) pair that ``total_steps`` steps meet, ``lengths`` being
+    each example's tokens: the steps whose batches show every train shape of a run, found in numpy (a
+    GLUE run of 100k steps takes well under a second)."""
+    per_epoch = steps_per_epoch(len(lengths), batch_size)
+    bucket_array = np.asarray(buckets)
+    seen: dict[tuple[int, bool], int] = {}
+    for epoch in range(-(-total_steps // per_epoch)):
+        steps = min(per_epoch, total_steps - epoch * per_epoch)
+        order = epoch_permutation(len(lengths), seed, epoch)
+        batch_lengths = np.asarray(lengths)[order[: steps * batch_size]].reshape(steps, batch_size)
+        bucket = bucket_array[np.searchsorted(bucket_array, batch_lengths.max(axis=1))]
+        full = batch_lengths.min(axis=1) == bucket
+        for i, key in enumerate(zip(bucket.tolist(), full.tolist())):
+            seen.setdefault(key, epoch * per_epoch + i)
+    return sorted(seen.values())
+
+
+def distinct_shapes(batches, rows: int) -> list[dict]:
+    """One ``jax.ShapeDtypeStruct`` batch of ``rows`` global rows per distinct structure among host
+    ``batches`` (dicts of arrays), in first-seen order."""
+    import jax
+
+    out: dict[tuple, dict] = {}
+    for batch in batches:
+        key = tuple(sorted((k, v.shape[1:], str(v.dtype)) for k, v in batch.items()))
+        if key not in out:
+            out[key] = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+    return list(out.values())
+
+
 def eval_rows(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(rows, weights)`` of fixed-size global eval batches covering each example once.
 

@@ -88,42 +88,19 @@ class Batches:
     def planned(self, total_steps: int) -> tuple[list[dict], list[dict]]:
         """``(train, eval)``: one global batch of ``jax.ShapeDtypeStruct`` per distinct shape the run's
         ``total_steps`` train steps and its evaluations will feed the steps."""
-
-        def spec(batch, rows: int) -> tuple[tuple, dict]:
-            shapes = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
-            return tuple(sorted((k, v.shape) for k, v in shapes.items())), shapes
-
-        train: dict[tuple, dict] = {}
+        config = self.config
         if jax.process_count() > 1 or self.buckets is None:  # every batch has the one shape
             steps = range(min(total_steps, 1))
         else:
-            steps = self._steps_by_shape(total_steps)
-        for step in steps:
-            key, shapes = spec(self.host("train", self.train_rows(step), train=True), self.config.batch_size)
-            train.setdefault(key, shapes)
-        evals: dict[tuple, dict] = {}
-        for split in self.spec.eval_splits:
-            for rows, _ in pipeline.eval_rows(len(self.encoded[split].labels), self.config.batch_size):
-                key, shapes = spec(self.host(split, rows), len(rows))
-                evals.setdefault(key, shapes)
-        return list(train.values()), list(evals.values())
-
-    def _steps_by_shape(self, total_steps: int) -> list[int]:
-        """One step for each (bucket, full mask) pair that ``total_steps`` steps meet, found in numpy."""
-        config, lengths = self.config, self.encoded["train"].lengths
-        per_epoch = pipeline.steps_per_epoch(self.num_train, config.batch_size)
-        seen: dict[tuple[int, bool], int] = {}
-        buckets = np.asarray(self.buckets)
-        for epoch in range(-(-total_steps // per_epoch)):
-            order = pipeline.epoch_permutation(self.num_train, config.seed, epoch)
-            steps = min(per_epoch, total_steps - epoch * per_epoch)
-            batch_lengths = lengths[order[: steps * config.batch_size]].reshape(steps, -1)
-            longest = batch_lengths.max(axis=1)
-            bucket = buckets[np.searchsorted(buckets, longest)]
-            full = batch_lengths.min(axis=1) == bucket
-            for i, key in enumerate(zip(bucket.tolist(), full.tolist())):
-                seen.setdefault(key, epoch * per_epoch + i)
-        return sorted(seen.values())
+            lengths = self.encoded["train"].lengths
+            steps = pipeline.steps_by_shape(lengths, config.batch_size, config.seed, total_steps, self.buckets)
+        train = (self.host("train", self.train_rows(step), train=True) for step in steps)
+        evals = (
+            self.host(split, rows)
+            for split in self.spec.eval_splits
+            for rows, _ in pipeline.eval_rows(len(self.encoded[split].labels), config.batch_size)
+        )
+        return pipeline.distinct_shapes(train, config.batch_size), pipeline.distinct_shapes(evals, config.batch_size)
 
 
 def evaluate(eval_fn, trainable, frozen, batches: Batches, spec: TaskSpec) -> dict:

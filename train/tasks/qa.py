@@ -124,21 +124,36 @@ class QaJob:
         batch = features.batch(rows, labels)
         return pipeline.trim_to_bucket(batch, self.buckets) if self.buckets else batch
 
-    def make(self, features: squad.Features, global_rows: np.ndarray, train: bool) -> dict[str, jax.Array]:
-        """The global batch of windows ``global_rows``; a train batch without padding drops its mask."""
+    def host(self, features: squad.Features, global_rows: np.ndarray, train: bool) -> dict[str, np.ndarray]:
+        """This process's windows of a global batch; a train batch without padding drops its mask."""
         mine = pipeline.shard_for_process(global_rows, jax.process_index(), jax.process_count())
         batch = self.local(features, mine, labels=train)
-        if train:
-            batch = pipeline.drop_full_mask(batch, jax.process_count())
-        return distributed.batch_to_global(batch, self.sharding, len(global_rows))
+        return pipeline.drop_full_mask(batch, jax.process_count()) if train else batch
 
-    def planned_batches(self, total_steps: int) -> None:
-        """None: each step shape compiles at its first use (windows are bucketed per step)."""
-        return None
+    def make(self, features: squad.Features, global_rows: np.ndarray, train: bool) -> dict[str, jax.Array]:
+        """The global batch of windows ``global_rows`` (see `host`)."""
+        return distributed.batch_to_global(self.host(features, global_rows, train), self.sharding, len(global_rows))
+
+    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
+        """Every train and eval batch shape of ``total_steps`` steps and the evaluations."""
+        config = self.config
+        if self.buckets is None:
+            steps = range(min(total_steps, 1))
+        else:
+            lengths = self.train_features.inputs["attention_mask"].sum(axis=1)
+            steps = pipeline.steps_by_shape(lengths, config.batch_size, config.seed, total_steps, self.buckets)
+        train = (self.host(self.train_features, self.train_rows(step), train=True) for step in steps)
+        evals = (self.host(self.eval_features, rows, train=False) for rows, _ in self.eval_batch_rows())
+        return pipeline.distinct_shapes(train, config.batch_size), pipeline.distinct_shapes(evals, config.batch_size)
+
+    def eval_batch_rows(self):
+        return pipeline.eval_rows(len(self.eval_features), self.config.batch_size)
+
+    def train_rows(self, step: int) -> np.ndarray:
+        return pipeline.train_batch_indices(self.num_train, self.config.batch_size, self.config.seed, step)
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
-        rows = pipeline.train_batch_indices(self.num_train, self.config.batch_size, self.config.seed, step)
-        return self.make(self.train_features, rows, train=True)
+        return self.make(self.train_features, self.train_rows(step), train=True)
 
     def calibration_batches(self):
         config = self.config
@@ -151,7 +166,7 @@ class QaJob:
         features = self.eval_features
         n, length = len(features), self.config.max_length
         start, end = np.full((n, length), -np.inf, np.float32), np.full((n, length), -np.inf, np.float32)
-        for rows, weights in pipeline.eval_rows(n, self.config.batch_size):
+        for rows, weights in self.eval_batch_rows():
             logits = np.asarray(eval_fn(trainable, frozen, self.make(features, rows, train=False)))
             real = weights > 0
             start[rows[real], : logits.shape[1]] = logits[real, :, 0]
