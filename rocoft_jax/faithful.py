@@ -299,10 +299,12 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
             "HF would initialise them randomly: check the checkpoint, its config and the model class"
         )
     if missing:  # a new head, drawn as HF draws it; jitted, since HF's own init runs op by op
-        fresh = flatten_dict(jax.jit(lambda rng: model.init_weights(rng, (1, 1)))(jax.random.PRNGKey(0)))
-        params = unflatten_dict(
-            {**{k: fresh[k] for k in model.required_params - set(flatten_dict(params))}, **flatten_dict(params)}
-        )
+        wanted = sorted(model.required_params - set(flatten_dict(params)))
+        # Returning only the missing leaves lets XLA drop the rest of the model's init (and its forward
+        # pass): a small program, where the whole init took seconds to compile and a model's worth of memory.
+        draw = jax.jit(lambda rng: [flatten_dict(model.init_weights(rng, (1, 1)))[k] for k in wanted])
+        fresh = dict(zip(wanted, draw(jax.random.PRNGKey(0))))
+        params = unflatten_dict({**fresh, **flatten_dict(params)})
     model._config = config if config.model_type != "qwen2" else model.config
     return model, params
 

@@ -163,7 +163,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         method,
         per_epoch,
         total_steps,
-        schedule,
+        on_host(schedule),
         state,
         frozen,
         train_fn,
@@ -174,6 +174,17 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         guard,
         timing,
     )
+
+
+def on_host(schedule):
+    """``schedule`` (an optax schedule) evaluated on the CPU: the loop's lr readings never queue device work."""
+    cpu = jax.local_devices(backend="cpu")[0]
+
+    def lr(step: int) -> float:
+        with jax.default_device(cpu):
+            return float(schedule(step))
+
+    return lr
 
 
 def load_model_and_method(config: TrainConfig, job: Job, mesh, adapter=None, timing: timing_lib.Timing | None = None):
