@@ -140,7 +140,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
     )
     state, frozen, train_fn, eval_fn = compile_steps(
-        config, job, model, method, tx, mesh, remat, trainable, frozen, timing, total_steps
+        config, job, model, method, tx, mesh, remat, trainable, frozen, timing
     )
     meta = {
         "model": config.model,
@@ -151,6 +151,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     }
     checkpoints = ckpt.manager(out / "checkpoints")
     state, resume_step = restore(config, checkpoints, meta, state)
+    compile_planned(job, state, frozen, train_fn, eval_fn, timing, total_steps)  # after every check of the input
     counts = ckpt.read_meta(checkpoints, resume_step).get("nonfinite") if resume_step is not None else None
     guard = nonfinite.Guard(config.on_nonfinite, config.max_nonfinite, checkpoints, counts)
     if main:
@@ -211,25 +212,10 @@ def load_model_and_method(config: TrainConfig, job: Job, mesh, adapter=None, tim
 
 
 def compile_steps(
-    config: TrainConfig,
-    job: Job,
-    model,
-    method,
-    tx,
-    mesh,
-    remat,
-    trainable,
-    frozen,
-    timing: timing_lib.Timing,
-    total_steps: int,
+    config: TrainConfig, job: Job, model, method, tx, mesh, remat, trainable, frozen, timing: timing_lib.Timing
 ):
     """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``, the steps as `train.timing.StepPrograms`
-    (compiled per batch shape, timed).
-
-    Every batch shape the job plans for ``total_steps`` steps and its evaluations (`Job.planned_batches`) is
-    compiled here, concurrently (`train.timing.compile_ahead`), so the loop never stops to compile; a job that
-    cannot tell its shapes ahead compiles each at first use. Several processes then meet, so none enters a
-    collective while another still compiles."""
+    (compiled per batch shape, timed; see `compile_planned`)."""
     with config_errors(f"--mesh {config.mesh}"):
         state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
     frozen = distributed.to_global(frozen, shardings.frozen)
@@ -249,6 +235,16 @@ def compile_steps(
     train_fn = timing_lib.StepPrograms(train_fn, "train_step", timing)
     if job.compiles_eval_step:
         eval_fn = timing_lib.StepPrograms(eval_fn, "eval_step", timing)
+    if config.print_sharding and distributed.is_main():
+        print_sharding(state, frozen, shardings)
+    return state, frozen, train_fn, eval_fn
+
+
+def compile_planned(job: Job, state, frozen, train_fn, eval_fn, timing: timing_lib.Timing, total_steps: int) -> None:
+    """Compiles every batch shape the job plans for ``total_steps`` steps and its evaluations
+    (`Job.planned_batches`), concurrently (`train.timing.compile_ahead`), so the loop never stops to compile;
+    a job that cannot tell its shapes ahead compiles each at first use. Several processes compile the train
+    batches' one shape, then meet, so none enters a collective while another still compiles."""
     planned = job.planned_batches(total_steps)
     if planned is None and jax.process_count() > 1:  # every batch has one shape
         example = job.train_batch(0)
@@ -262,9 +258,6 @@ def compile_steps(
             timing_lib.compile_ahead(work, timing, bar)
     if jax.process_count() > 1:
         distributed.barrier("compiled")
-    if config.print_sharding and distributed.is_main():
-        print_sharding(state, frozen, shardings)
-    return state, frozen, train_fn, eval_fn
 
 
 def restore(config: TrainConfig, checkpoints, meta: dict[str, Any], state):
