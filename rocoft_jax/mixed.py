@@ -210,6 +210,9 @@ def _stack_layer(layer: LayerPlan, module: str, adapters, masks, flat):
     return entry, sizes
 
 
+_UNROLL = 8  # up to this many slice rows or columns per layer, corrections are unrolled elementwise ops
+
+
 def _broadcast(values, ndim: int):
     """(B, last) per-row values broadcast over the middle axes of a (B, ..., last) activation."""
     return values.reshape(values.shape[:1] + (1,) * (ndim - 2) + values.shape[1:])
@@ -225,14 +228,16 @@ def per_row(layer: LayerPlan, arrays, ids) -> dict[str, jax.Array]:
     """
     out = {}
     if layer.rows:
-        index, values, valid = arrays["row_index"][ids], arrays["row_values"][ids], arrays["row_valid"][ids]
-        width = index.shape[1]
-        d_out = layer.d_out
+        index, valid = arrays["row_index"][ids], arrays["row_valid"][ids]
+        n, d_in, width = arrays["row_values"].shape
         slots = jnp.where(valid, jnp.arange(width, dtype=jnp.int32)[None, :], -1)
-        empty = jnp.full((ids.shape[0], d_out), -1, jnp.int32)
+        empty = jnp.full((ids.shape[0], layer.d_out), -1, jnp.int32)
         # A padded entry repeats the adapter's first index and values: either write gives the same output.
         out["row_slot"] = jax.vmap(lambda e, i, v: e.at[i].max(v))(empty, index, slots)
-        out["row_values"] = values
+        # Every adapter's slices side by side, (d_in, N * R): one shared matmul gives all of them, and each
+        # row reads its own R columns (`row_columns`), instead of a per-row batched matmul.
+        out["row_values"] = jnp.transpose(arrays["row_values"], (1, 0, 2)).reshape(d_in, n * width)
+        out["row_columns"] = ids[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]
     if layer.columns:
         out["col_index"], out["col_delta"] = arrays["col_index"][ids], arrays["col_delta"][ids]
     if layer.kernel:
@@ -256,18 +261,26 @@ def _mixed_call(module, x, layer: LayerPlan, rows: dict[str, jax.Array]):
         in_axis = 1 - layer.out_axis
         y = lax.dot_general(x, kernel, (((x.ndim - 1,), (in_axis,)), ((), ())), precision=precision)
         if layer.rows:
-            new = jnp.einsum("b...i,bir->b...r", x, rows["row_values"].astype(x.dtype), precision=precision)
+            every = jnp.einsum("...i,ir->...r", x, rows["row_values"].astype(x.dtype), precision=precision)
+            new = jnp.take_along_axis(every, _broadcast(rows["row_columns"], every.ndim), axis=-1)  # (B, ..., R)
             slot = _broadcast(rows["row_slot"], y.ndim)
-            picked = jnp.take_along_axis(new, jnp.broadcast_to(jnp.maximum(slot, 0), y.shape), axis=-1)
-            y = jnp.where(slot >= 0, picked, y)
+            if new.shape[-1] <= _UNROLL:  # R selects: elementwise, fused with the layer's bias add
+                for r in range(new.shape[-1]):
+                    y = jnp.where(slot == r, new[..., r : r + 1], y)
+            else:
+                picked = jnp.take_along_axis(new, jnp.broadcast_to(jnp.maximum(slot, 0), y.shape), axis=-1)
+                y = jnp.where(slot >= 0, picked, y)
         if layer.columns:
             index = rows["col_index"]
             picked = jnp.take_along_axis(x, _broadcast(index, x.ndim), axis=-1)  # (B, ..., C)
             delta = rows["col_delta"].astype(x.dtype)
-            # A rank-C correction written as C broadcast multiply-adds: one elementwise fusion with the
-            # output, not a batched matmul whose (B, ..., d_out) result takes its own pass over memory.
-            for c in range(index.shape[1]):
-                y = y + picked[..., c : c + 1] * _broadcast(delta[:, c], y.ndim)
+            if index.shape[1] <= _UNROLL:
+                # A rank-C correction as C broadcast multiply-adds: one elementwise fusion with the output,
+                # not a batched matmul whose (B, ..., d_out) result takes its own pass over memory.
+                for c in range(index.shape[1]):
+                    y = y + picked[..., c : c + 1] * _broadcast(delta[:, c], y.ndim)
+            else:
+                y = y + jnp.einsum("b...c,bco->b...o", picked, delta, precision=precision)
     if layer.bias:
         return y + _broadcast(rows["bias"], y.ndim).astype(y.dtype)
     if module.has_variable("params", "bias"):
