@@ -52,7 +52,12 @@ def roberta_set():
     }
 
 
-def test_encoder_rows_equal_each_adapters_merged_model(roberta_set):
+@pytest.mark.parametrize("unroll", [8, 1], ids=["fused selects", "gathers"])
+def test_encoder_rows_equal_each_adapters_merged_model(roberta_set, unroll, monkeypatch):
+    """Both forms of the per-row corrections: unrolled elementwise (up to `mixed._UNROLL` slices) and the
+    gather/einsum form wider layers take."""
+    monkeypatch.setattr(mixed, "_UNROLL", unroll)
+    mixed._logits_program.cache_clear()  # the form is chosen when the program is traced
     model, params = tiny_roberta()
     stacked = mixed.stack(params, roberta_set)
     assert stacked.num_outputs == (3, 3, 2, 3)
