@@ -75,16 +75,30 @@ def fingerprint(frozen) -> str:
     Samples (the first and 64 strided entries of each leaf, rounded to bf16)
     keep it cheap for 7B models and independent of dtype and sharding.
     """
+    leaves = sorted(tree_lib.flatten(frozen).items())
+    on_device = [leaf for _, leaf in leaves if isinstance(leaf, jax.Array)]
+    # One program samples every device leaf and one transfer brings the samples back (not two eager
+    # slices and two syncs per leaf); host leaves are sampled in place.
+    device_samples = iter(jax.device_get(_samples(on_device)) if on_device else [])
     digest = hashlib.sha256()
-    for path, leaf in sorted(tree_lib.flatten(frozen).items()):
-        flat = leaf.reshape(-1)
-        stride = max(flat.shape[0] // 64, 1)
-        sample = np.concatenate(
-            [np.asarray(jax.device_get(flat[:64])), np.asarray(jax.device_get(flat[::stride][:64]))]
-        )
+    for path, leaf in leaves:
+        sample = next(device_samples) if isinstance(leaf, jax.Array) else _sample(np.asarray(leaf))
         digest.update(f"{path}:{tuple(leaf.shape)}".encode())
-        digest.update(sample.astype(np.float32).astype(ml_dtypes.bfloat16).tobytes())
+        digest.update(np.asarray(sample).astype(np.float32).astype(ml_dtypes.bfloat16).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _sample(leaf):
+    """The first 64 entries of the flattened leaf, then 64 strided ones (numpy or traced)."""
+    flat = leaf.reshape(-1)
+    stride = max(flat.shape[0] // 64, 1)
+    xp = np if isinstance(leaf, np.ndarray) else jnp
+    return xp.concatenate([flat[:64], flat[::stride][:64]])
+
+
+@jax.jit
+def _samples(leaves):
+    return [_sample(leaf) for leaf in leaves]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
