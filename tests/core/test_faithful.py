@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import transformers as tf
+from flax.traverse_util import flatten_dict
 
 from rocoft_jax import faithful
 
@@ -147,6 +148,41 @@ def test_a_checkpoint_missing_a_weight_is_refused(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks weights the model needs \\(lm_head/kernel\\)"):
         faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "auto, head, labels",
+    [
+        (tf.FlaxAutoModelForSequenceClassification, "classifier", 3),
+        (tf.FlaxAutoModelForQuestionAnswering, "qa_outputs", 2),
+    ],
+)
+def test_a_new_head_is_the_one_hfs_full_init_draws(auto, head, labels, tmp_path):
+    """A checkpoint of the body alone (as hub encoders are): the head `from_pretrained` draws (from a one-layer
+    copy of the model) equals HF's own init of the whole model with the same key, and the body is the file's."""
+    config = tf.RobertaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=labels,
+    )
+    body = tf.FlaxRobertaModel(config, seed=1)
+    body.save_pretrained(tmp_path)
+    model, params = faithful.from_pretrained(auto, str(tmp_path), new_head=True, num_labels=labels)
+    whole = auto.from_config(config, _do_init=False)
+    jitted = flatten_dict(jax.jit(lambda rng: whole.init_weights(rng, (1, 1)))(jax.random.PRNGKey(0)))
+    eager = flatten_dict(whole.init_weights(jax.random.PRNGKey(0), (1, 1)))  # HF's own, op by op
+    got = flatten_dict(params)
+    drawn = [k for k in jitted if k[0] == head]
+    assert drawn and all(np.array_equal(got[k], jitted[k]) for k in drawn)  # bit for bit
+    for k in drawn:  # eager and jitted sampling differ by float rounding only
+        np.testing.assert_allclose(got[k], eager[k], rtol=0, atol=1e-7)
+    for key, value in flatten_dict(body.params).items():
+        if ("roberta", *key) in got:  # RoBERTa's heads read token 0 without the body's pooler
+            np.testing.assert_array_equal(got[("roberta", *key)], value)
+    assert ("roberta", "encoder", "layer", "2", "output", "dense", "kernel") in got
 
 
 def _read(name: str):
