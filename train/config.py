@@ -135,7 +135,8 @@ class TrainConfig:
     )
     bucket: bool = option(
         True,
-        "trim each batch's padding to a power-of-two length bucket; false pads every batch to --max-length",
+        "trim each batch's padding to a length bucket (GLUE: chosen from the data; other tasks: powers of two); "
+        "false pads every batch to --max-length",
         group=DATA,
     )
     warmup_steps: int = option(100, "linear warmup steps", group=OPTIM, range=at_least(0))

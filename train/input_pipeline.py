@@ -126,7 +126,8 @@ def choose_buckets(
 
     Each extra bucket costs a compile of every step program (ahead of the loop, cached across runs); each
     padded token costs every step. Within a bucket count the set is optimal (dynamic programming over the
-    candidate lengths): on GLUE's STS-B at batch 32 it picks 3 buckets where powers of two give 64 and 128.
+    candidate lengths): on GLUE's STS-B at batch 32 it picks 64, 80, 96 and 128, where powers of two give 64
+    and 128 with 38 % more padded tokens.
     """
     if len(longest) == 0:
         return (max_length,)
