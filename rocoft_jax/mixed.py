@@ -56,7 +56,8 @@ class MixedAdapters:
     """N adapters of one base, stacked per layer. ``arrays`` is a pytree (pass it to jitted code as an argument).
 
     Per layer (module path), canonical (d_in, d_out) layout, fp32:
-    ``row_index`` (N, R) int32, ``row_values`` (N, d_in, R), ``row_valid`` (N, R) bool;
+    ``row_values`` (d_in, N * R), adapter n's slice in columns [n * R, n * R + r_n), in the kernel's dtype;
+    ``row_slot`` (N, d_out) int32, the slice column of each output unit an adapter trains, else -1;
     ``col_index`` (N, C) int32, ``col_delta`` (N, C, d_out) = S - W0[idx];
     ``kernel`` (N, d_in, d_out_max) and ``bias`` (N, d_out_max) for leaves trained in full.
     """
@@ -161,16 +162,16 @@ def _stack_layer(layer: LayerPlan, module: str, adapters, masks, flat):
             slices.append((spec, value))
         if layer.rows:
             width = max(len(s.indices) for s, _ in slices if s is not None and s.axis == s.out_axis)
-            index = np.zeros((n, width), np.int32)
-            values = np.zeros((n, d_in, width), np.float32)
-            valid = np.zeros((n, width), bool)
+            values = np.zeros((d_in, n, width), np.float32)
+            slot = np.full((n, layer.d_out), -1, np.int32)
             for i, (spec, value) in enumerate(slices):
                 if spec is not None and spec.axis == spec.out_axis:
-                    pad = np.concatenate([np.arange(len(spec.indices)), np.zeros(width - len(spec.indices), int)])
-                    index[i] = np.asarray(spec.indices)[pad]  # padding repeats the first row: the same write
-                    values[i] = value[:, pad]
-                    valid[i] = True
-            entry.update(row_index=jnp.asarray(index), row_values=jnp.asarray(values), row_valid=jnp.asarray(valid))
+                    k = len(spec.indices)
+                    values[:, i, :k] = value
+                    slot[i, np.asarray(spec.indices)] = np.arange(k)
+            # Slices in the kernel's dtype, as the merged kernel holds them.
+            flat_values = jnp.asarray(values.reshape(d_in, n * width)).astype(kernel_leaf.dtype)
+            entry.update(row_values=flat_values, row_slot=jnp.asarray(slot))
         if layer.columns:
             width = max(len(s.indices) for s, _ in slices if s is not None and s.axis != s.out_axis)
             index = np.zeros((n, width), np.int32)
@@ -222,21 +223,16 @@ def per_row(layer: LayerPlan, arrays, ids) -> dict[str, jax.Array]:
     """One layer's stacked arrays gathered for each batch row (``ids``: (B,) adapter per row).
 
     Done once per call, outside any decoding loop, so each generated token reads only its rows' values.
-    Rows also get ``row_slot`` (B, d_out) int32: the slice column feeding each output unit, or -1 for the
-    base's. The selected outputs are then one elementwise select that XLA fuses into the layer's bias add,
-    instead of a scatter pass over the whole output.
+    Rows get ``row_slot`` (B, d_out): the slice column feeding each output unit, or -1 for the base's (the
+    selected outputs are then elementwise selects that XLA fuses into the layer's bias add, not a scatter
+    pass over the whole output), and ``row_columns`` (B, R): where the row's slice outputs sit among
+    every adapter's.
     """
     out = {}
     if layer.rows:
-        index, valid = arrays["row_index"][ids], arrays["row_valid"][ids]
-        n, d_in, width = arrays["row_values"].shape
-        slots = jnp.where(valid, jnp.arange(width, dtype=jnp.int32)[None, :], -1)
-        empty = jnp.full((ids.shape[0], layer.d_out), -1, jnp.int32)
-        # A padded entry repeats the adapter's first index and values: either write gives the same output.
-        out["row_slot"] = jax.vmap(lambda e, i, v: e.at[i].max(v))(empty, index, slots)
-        # Every adapter's slices side by side, (d_in, N * R): one shared matmul gives all of them, and each
-        # row reads its own R columns (`row_columns`), instead of a per-row batched matmul.
-        out["row_values"] = jnp.transpose(arrays["row_values"], (1, 0, 2)).reshape(d_in, n * width)
+        width = arrays["row_values"].shape[1] // arrays["row_slot"].shape[0]
+        out["row_slot"] = arrays["row_slot"][ids]
+        out["row_values"] = arrays["row_values"]
         out["row_columns"] = ids[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None, :]
     if layer.columns:
         out["col_index"], out["col_delta"] = arrays["col_index"][ids], arrays["col_delta"][ids]
