@@ -12,6 +12,7 @@ from train import models
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the jaxpr tests of tests/core check the missing weight gradient in the default suite
 def test_rocoft_step_flops_are_about_two_thirds_of_full_fine_tuning(tmp_path):
     # roberta-base's layers, two of them: the ratio is a per-layer one (0.64 here), and compiles quicker.
     models.preset_config("roberta-base", num_hidden_layers=2).save_pretrained(tmp_path)
