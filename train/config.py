@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def total_steps(self, per_epoch: int) -> int:
+        """The run's optimizer steps: 0 with --eval-only, else --max-steps, else --epochs of ``per_epoch``."""
+        if self.eval_only:
+            return 0
+        return self.max_steps or max(1, math.ceil(self.epochs * per_epoch))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

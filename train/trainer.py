@@ -17,7 +17,6 @@ uninterrupted one exactly. Only process 0 prints and writes reports; every proce
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -135,7 +134,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     model, method, remat, trainable, frozen = load_model_and_method(config, job, mesh, adapter, timing)
     fingerprint = ckpt.fingerprint(frozen)
     per_epoch = pipeline.steps_per_epoch(job.num_train, job.examples_per_step)
-    total_steps = 0 if config.eval_only else config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    total_steps = config.total_steps(per_epoch)
     tx, schedule = step_lib.make_optimizer(
         config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
     )

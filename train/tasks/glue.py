@@ -23,6 +23,8 @@ from train.glue import TaskSpec, get_task, load_glue
 from train.metrics import compute_metrics
 from train.tasks.base import EvalContext
 
+STEPS_PER_BUCKET = 50  # the run's steps per length bucket, at most: fewer buckets in short runs
+
 
 class Batches:
     """Each split tokenized once (`pipeline.Encoded`); global batches of its rows, assembled per step.
@@ -52,7 +54,9 @@ class Batches:
         for split in self.spec.eval_splits:
             eval_lengths = self.encoded[split].lengths
             longest += [int(eval_lengths[r].max()) for r, _ in pipeline.eval_rows(len(eval_lengths), config.batch_size)]
-        return pipeline.choose_buckets(longest, config.max_length)
+        # A bucket costs a compile of each step program; in a short run it cannot pay for itself.
+        limit = max(1, min(8, config.total_steps(per_epoch) // STEPS_PER_BUCKET))
+        return pipeline.choose_buckets(longest, config.max_length, limit=limit)
 
     def local(self, split: str, rows) -> dict[str, np.ndarray]:
         """Rows ``rows`` of ``split`` on the host, cut to their bucket (also used for calibration)."""
