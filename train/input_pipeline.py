@@ -179,6 +179,13 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int, step: int
     return epoch_permutation(num_examples, seed, epoch)[i * batch_size : (i + 1) * batch_size]
 
 
+def step_rows(num_examples: int, batch_size: int, grad_accum: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of global step ``step`` with ``grad_accum`` micro-batches of ``batch_size``: (B,), or
+    (B, N) whose column j is micro-batch j."""
+    rows = train_batch_indices(num_examples, batch_size * grad_accum, seed, step)
+    return rows if grad_accum == 1 else rows.reshape(grad_accum, batch_size).T
+
+
 def shard_for_process(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """This process's contiguous, equal share of a global batch's rows."""
     if len(indices) % process_count:

@@ -170,9 +170,9 @@ def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, pr
     """
     todo, keys = [], set()
     for programs, args in work:
-        key = (id(programs), _key(args[-1]))
-        if _key(args[-1]) not in programs.programs and key not in keys:
-            keys.add(key)
+        shape = _key(args[-1])
+        if shape not in programs.programs and (id(programs), shape) not in keys:
+            keys.add((id(programs), shape))
             todo.append((programs, args))
     if not todo:
         return 0

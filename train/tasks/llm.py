@@ -144,8 +144,7 @@ class LlmJob:
     def step_rows(self, step: int) -> np.ndarray:
         """Example indices of global step ``step``: (B,), or (B, N) whose column j is micro-batch j."""
         config = self.config
-        rows = pipeline.train_batch_indices(self.num_train, self.examples_per_step, config.seed, step)
-        return rows if config.grad_accum == 1 else rows.reshape(config.grad_accum, config.batch_size).T
+        return pipeline.step_rows(self.num_train, config.batch_size, config.grad_accum, config.seed, step)
 
     def planned_batches(self, total_steps: int) -> None:
         """None: each step shape compiles at its first use (bucketed per step; generation compiles its own)."""
