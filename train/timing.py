@@ -161,12 +161,12 @@ class StepPrograms:
 
 
 def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, progress=None) -> int:
-    """Compiles each ``(programs, args)`` not compiled yet: all lowered in turn, then compiled concurrently.
+    """Compiles each ``(programs, args)`` not compiled yet: each lowered in turn, each compiled as soon as lowered.
 
-    Tracing holds the GIL, so lowering runs on this thread; XLA's compiles release it and run side by side on
-    up to one thread per core (a persistent-cache hit is a load). The wall time is one ``compile`` phase;
-    each program's own seconds go under its label. ``progress`` (e.g. a tqdm bar) is updated once per
-    finished program. Returns how many programs were compiled.
+    Tracing holds the GIL, so lowering runs on this thread; XLA's compiles release it and run on a thread pool
+    of up to one thread per core (a persistent-cache hit is a load) while the next program is lowered. The wall
+    time is one ``compile`` phase; each program's own compile seconds go under its label. ``progress`` (e.g.
+    a tqdm bar) is updated once per finished program. Returns how many programs were compiled.
     """
     todo, keys = [], set()
     for programs, args in work:
@@ -176,20 +176,22 @@ def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, pr
             todo.append((programs, args))
     if not todo:
         return 0
+
+    def build(programs, args, lowered):
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        timing.record_program(f"{programs.name} {describe(args[-1])}", time.perf_counter() - start)
+        if progress is not None:
+            progress.update(1)
+        return compiled
+
     with timing.phase("compile"):
-        lowered = [(programs, args, programs.jitted.lower(*args)) for programs, args in todo]
-
-        def build(item):
-            programs, args, low = item
-            start = time.perf_counter()
-            compiled = low.compile()
-            timing.record_program(f"{programs.name} {describe(args[-1])}", time.perf_counter() - start)
-            if progress is not None:
-                progress.update(1)
-            return programs, _key(args[-1]), compiled
-
-        workers = max(1, min(len(lowered), os.cpu_count() or 1))
+        workers = max(1, min(len(todo), os.cpu_count() or 1))
         with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
-            for programs, key, compiled in pool.map(build, lowered):
-                programs.programs[key] = compiled
+            futures = [
+                (programs, _key(args[-1]), pool.submit(build, programs, args, programs.jitted.lower(*args)))
+                for programs, args in todo
+            ]
+            for programs, key, future in futures:
+                programs.programs[key] = future.result()
     return len(todo)
