@@ -19,8 +19,10 @@ a corrupt file or an inconsistent adapter is a one-line ValueError.
 for columns, ``W - W0 = (S - W0[:, idx]) E^T``. So ``lora_B = E, lora_A = S - W0[idx]`` (rows) or
 ``lora_B = S - W0[:, idx], lora_A = E^T`` (columns), with ``lora_alpha = r`` (scale 1). Trained biases of the
 targeted layers go where peft keeps them (``bias="lora_only"``), other trained leaves into ``modules_to_save``
-(whole modules, untrained parameters at their base values). Random entries have no low-rank form and are
-refused.
+(whole modules, untrained parameters at their base values). Fused projections (Bloom's ``query_key_value``,
+GPT-2's ``c_attn``) are one PyTorch module each, so their rows and columns are a rank-r update of it too.
+Random entries have no low-rank form, and a trained leaf the PyTorch model has no parameter for (the zero
+o_proj bias a Qwen2 loads with as a Llama) cannot be carried: both are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -65,8 +68,12 @@ _FIELDS = {
     "train": list,
     "weights_sha256": str,
 }
-# Families peft's LoRA reaches through the PyTorch classes whose module names are the Flax paths with dots.
+# Family records (`rocoft_jax.families`) whose PyTorch classes name their modules as the Flax paths with dots, so
+# peft's LoRA reaches them: "bert" (BERT, RoBERTa, XLM-R, ELECTRA, RoBERTa-PreLayerNorm, BigBird), "distilbert",
+# "llama" (Llama, Mistral, Gemma, and Qwen2 loaded as a Llama), "opt", "gptj", "bloom" and "gpt2".
 PEFT_FAMILIES = ("bert", "distilbert", "llama", "opt", "gptj", "bloom", "gpt2")
+# PyTorch model_type -> regex of the Flax leaves its PyTorch model lacks: rocoft_jax.faithful's zero stand-ins.
+_TORCH_ABSENT = {"qwen2": r"self_attn/o_proj/bias$"}
 
 
 def fingerprint(frozen) -> str:
@@ -421,13 +428,39 @@ def _as_f32(x) -> np.ndarray:
     return np.asarray(jax.device_get(x)).astype(np.float32)
 
 
-def to_peft(adapter: Adapter, params, *, task_type: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def base_model_type(name: str) -> str | None:
+    """``model_type`` of the config.json of base model ``name`` (a local dir, or a hub id in the local HF cache).
+
+    None when there is no such file; nothing is downloaded.
+    """
+    path = Path(name, "config.json")
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a hub id (a path that does not exist, a preset name with odd characters)
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def to_peft(
+    adapter: Adapter, params, *, task_type: str | None = None, model_type: str | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config, tensors)`` of a peft LoRA adapter that computes exactly ``adapter``'s update.
 
     ``params`` are the base params (checked with `check_base`); the slices enter as they are merged, in the
     kernels' dtype. ``task_type`` defaults to SEQ_CLS (QUESTION_ANS for a span head) for encoders and
-    CAUSAL_LM for causal LMs. Refuses, with a one-line ValueError, what LoRA cannot express exactly: random
-    entries, adapters without slices, and families whose PyTorch module names differ from the Flax paths.
+    CAUSAL_LM for causal LMs. ``model_type`` is the PyTorch base's ``config.model_type``, by default
+    `base_model_type` of the adapter's base model. Refuses, with a one-line ValueError, what LoRA cannot express
+    exactly: random entries, adapters without slices, families outside `PEFT_FAMILIES`, a leaf both sliced and
+    trained in full, and a trained leaf the PyTorch model has no parameter for.
     """
     where = adapter.name
     if adapter.config["method"] != "rocoft" or adapter.mode not in ("row", "column"):
@@ -440,6 +473,16 @@ def to_peft(adapter: Adapter, params, *, task_type: str | None = None) -> tuple[
     mask = check_base(adapter, params)
     family = families_lib.get_family(adapter.family)
     flat = tree_lib.flatten(params)
+    if model_type is None:
+        model_type = base_model_type(adapter.config["base_model"])
+    absent = _TORCH_ABSENT.get(model_type)
+    lacks = lambda path: absent is not None and re.search(absent, path) is not None
+    carried = sorted(p for p in adapter.trained if lacks(p))
+    if carried:
+        raise ValueError(
+            f"adapter {where}: it trains {carried[0]}, which the PyTorch {model_type} model has no parameter for; "
+            "train without biases, or export it merged or as an adapter"
+        )
     rank = int(adapter.config["rank"])
     prefix = "base_model.model."
     tensors: dict[str, np.ndarray] = {}
@@ -471,7 +514,7 @@ def to_peft(adapter: Adapter, params, *, task_type: str | None = None) -> tuple[
     if lora_biases:  # peft's "lora_only" keeps the bias of every LoRA layer: write each, trained or base
         bias = "lora_only"
         for module in sorted(target_modules):
-            if module + "/bias" in flat:
+            if module + "/bias" in flat and not lacks(module + "/bias"):
                 value = adapter.trained.get(module + "/bias", flat[module + "/bias"])
                 tensors[f"{prefix}{torch_name(module + '/bias')[0]}.base_layer.bias"] = _as_f32(value)
     if task_type is None:
@@ -527,9 +570,11 @@ def _modules_to_save(modules: set[str], task_type: str) -> list[str]:
     return sorted(m for m in modules if not any(m.startswith(other + "/") for other in modules))
 
 
-def save_peft(adapter: Adapter, params, directory, *, task_type: str | None = None) -> Path:
+def save_peft(
+    adapter: Adapter, params, directory, *, task_type: str | None = None, model_type: str | None = None
+) -> Path:
     """Writes `to_peft`'s adapter as peft's ``adapter_config.json`` and ``adapter_model.safetensors``."""
-    config, tensors = to_peft(adapter, params, task_type=task_type)
+    config, tensors = to_peft(adapter, params, task_type=task_type, model_type=model_type)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -550,6 +595,7 @@ __all__ = [
     "adapter_mask",
     "apply_adapter",
     "base_fingerprint",
+    "base_model_type",
     "check_base",
     "fingerprint",
     "from_trainable",

@@ -1,9 +1,15 @@
 """The peft form of a RoCoFT adapter, loaded by real peft on PyTorch transformers.
 
 ``PeftModel.from_pretrained(base, DIR)`` must compute the trained JAX model's logits (1e-4, fp32), and
-``merge_and_unload()`` must equal the merged params (1e-6): on a tiny Llama and a tiny GPT-2 (Conv1D,
-``fan_in_fan_out``) from the library, and, under ``-m slow``, on the real all-MiniLM-L6-v2 after short
-RoCoFT runs (rows and columns) on real SST-2 through ``train.run`` and ``train.export --format peft``.
+``merge_and_unload()`` must equal the merged params (1e-6), on a tiny random model of each model type of
+`adapters.PEFT_FAMILIES` that HF has Flax and PyTorch classes for: BERT, RoBERTa, XLM-R, ELECTRA,
+RoBERTa-PreLayerNorm, BigBird and DistilBERT sequence classifiers (their trained head in ``modules_to_save``), a
+span head (QUESTION_ANS), and Llama, Mistral, Gemma, GPT-J, Bloom (fused ``query_key_value``), OPT and GPT-2
+(Conv1D, ``fan_in_fan_out``) causal LMs; rows and columns, with and without trained biases
+(``bias="lora_only"``). The Flax models are the classes `rocoft_jax.faithful` gives the trainer. A Qwen2 loads
+as a Llama with a zero o_proj bias its PyTorch model lacks: exact without trained biases, refused with them.
+Under ``-m slow``, the real all-MiniLM-L6-v2 after short RoCoFT runs (rows and columns) on real SST-2 through
+``train.run`` and ``train.export --format peft``.
 """
 
 from __future__ import annotations
@@ -15,17 +21,59 @@ import jax
 import numpy as np
 import pytest
 import transformers as tf
-from conftest import fast_jit, gpt2_config, llama_config, lm_batch, tiny_gpt2, tiny_llama
+from conftest import FAMILY_MODELS, _concrete, fast_jit
 from safetensors.numpy import load_file, save_file
 
 import rocoft_jax
-from rocoft_jax import adapters
+from rocoft_jax import adapters, faithful
 from train import export, run
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
+_ENCODER = {**FAMILY_MODELS["bert"][2], "pad_token_id": 1}
+# model -> (config class, config kwargs, peft's modules_to_save of its default sequence-classification head)
+MODELS = {name: (FAMILY_MODELS[name][0], FAMILY_MODELS[name][2], None) for name in FAMILY_MODELS}
+MODELS["bert"] = (*MODELS["bert"][:2], ["bert.pooler.dense", "classifier"])
+MODELS["distilbert"] = (*MODELS["distilbert"][:2], ["classifier", "pre_classifier"])
+for _name in ("roberta", "xlm-roberta", "electra"):
+    MODELS[_name] = (*MODELS[_name][:2], ["classifier"])
+MODELS["mistral"] = (tf.MistralConfig, {**MODELS["mistral"][1], "sliding_window": 4}, None)  # 10 tokens: a real window
+MODELS["roberta-prelayernorm"] = (tf.RobertaPreLayerNormConfig, _ENCODER, ["classifier"])
+MODELS["big_bird"] = (tf.BigBirdConfig, {**_ENCODER, "attention_type": "original_full"}, ["bert.pooler", "classifier"])
+# (model, head: "cls" sequence classifier, "qa" span head or "lm" causal LM, mode, train_bias)
+CASES = [
+    ("bert", "cls", "row", False),
+    ("roberta", "cls", "row", False),
+    ("roberta", "cls", "column", True),
+    ("xlm-roberta", "cls", "column", False),
+    ("electra", "cls", "row", True),
+    ("roberta-prelayernorm", "cls", "column", False),
+    ("big_bird", "cls", "row", False),
+    ("distilbert", "cls", "row", False),
+    ("distilbert", "cls", "column", True),
+    ("distilbert", "qa", "row", False),
+    ("llama", "lm", "row", False),
+    ("llama", "lm", "column", False),
+    ("mistral", "lm", "row", False),
+    ("mistral", "lm", "column", False),
+    ("gemma", "lm", "row", False),
+    ("gemma", "lm", "column", False),
+    ("gptj", "lm", "row", False),
+    ("gptj", "lm", "column", False),
+    ("bloom", "lm", "row", True),
+    ("bloom", "lm", "column", False),
+    ("opt", "lm", "row", False),
+    ("opt", "lm", "column", True),
+    ("gpt2", "lm", "row", True),
+    ("gpt2", "lm", "column", False),
+]
+AUTO = {
+    "cls": (tf.FlaxAutoModelForSequenceClassification, tf.AutoModelForSequenceClassification),
+    "qa": (tf.FlaxAutoModelForQuestionAnswering, tf.AutoModelForQuestionAnswering),
+    "lm": (tf.FlaxAutoModelForCausalLM, tf.AutoModelForCausalLM),
+}
 
 
 def torch_base(params, config, directory: Path) -> Path:
@@ -35,45 +83,135 @@ def torch_base(params, config, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize(
-    "factory, config, mode, bias",
-    [
-        (tiny_llama, llama_config, "row", False),
-        (tiny_llama, llama_config, "column", False),
-        (tiny_gpt2, gpt2_config, "row", True),
-    ],
-    ids=["llama-rows", "llama-columns", "gpt2-rows-bias"],
-)
-def test_peft_causal_lm_computes_the_trained_model(tmp_path, factory, config, mode, bias):
-    model, params = factory()
+def tiny_model(name: str, head: str):
+    """``(Flax model, random params, config)`` of a tiny ``name``, of the class `rocoft_jax.faithful` gives."""
+    config_cls, kwargs, _ = MODELS[name]
+    config = config_cls(**kwargs, **({"num_labels": 3} if head == "cls" else {}))
+    model_cls = faithful.model_class_for(AUTO[head][0], config)
+    model, params = _concrete(model_cls, faithful.flax_config(config), seed=0)
+    return model, params, config
+
+
+def batch_of(config, head: str) -> dict[str, np.ndarray]:
+    """Random tokens; an encoder's second row is right-padded (a causal LM's logits at padding are moot).
+
+    BERT-family encoders get their tokenizers' zero ``token_type_ids``: HF Flax ELECTRA's default is ones.
+    """
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, (2, 10)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if head != "lm":
+        batch["attention_mask"][1, 7:] = 0
+    if head != "lm" and config.model_type != "distilbert":
+        batch["token_type_ids"] = np.zeros_like(ids)
+    return batch
+
+
+def outputs_of(output) -> tuple:
+    """The logits of a model output (Flax, traced or not, or PyTorch): start and end logits for a span head."""
+    return (output.start_logits, output.end_logits) if hasattr(output, "start_logits") else (output.logits,)
+
+
+def logits_of(output) -> np.ndarray:
+    return np.stack([np.asarray(x) for x in outputs_of(output)])
+
+
+def trained_adapter(params, mode: str, bias: bool, base_model: str):
+    """``(adapter, trainable, frozen, mask)``: 3 random rows or columns and the default head, all moved."""
     mask = rocoft_jax.mask_params(params, 3, mode, strategy="random", seed=1, train_bias=bias)
     trainable, frozen = rocoft_jax.split(params, mask)
     rng = np.random.default_rng(0)
     trainable = jax.tree.map(lambda v: v + 0.3 * rng.normal(size=v.shape).astype(np.float32), trainable)
-    base_dir = torch_base(params, config(), tmp_path / "base")
     adapter = adapters.from_trainable(
-        trainable, mask, base_fingerprint=adapters.fingerprint(frozen), base_model=str(base_dir)
+        trainable, mask, base_fingerprint=adapters.fingerprint(frozen), base_model=base_model
     )
-    adapters.save_peft(adapter, params, tmp_path / "peft")
-    batch = lm_batch(config(), batch=2, seq=10)
+    return adapter, trainable, frozen, mask
+
+
+def assert_peft_computes(model, base, peft_dir: Path, trainable, frozen, mask, batch, zero_stand_ins=()) -> None:
+    """peft on ``base`` gives the efficient path's logits, differs from ``base``, and merges to the merged params
+    (but ``zero_stand_ins``, zero leaves of the Flax params the PyTorch model lacks)."""
 
     def efficient(trainable, frozen):
         with rocoft_jax.sliced_kernels(trainable, mask):
-            return model(**batch, params=rocoft_jax.with_trained_leaves(frozen, trainable)).logits
+            return outputs_of(model(**batch, params=rocoft_jax.with_trained_leaves(frozen, trainable)))
 
-    expected = np.asarray(fast_jit(efficient)(trainable, frozen))
-    base = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    expected = np.stack([np.asarray(x) for x in fast_jit(efficient)(trainable, frozen)])
+    inputs = {k: torch.as_tensor(v) for k, v in batch.items()}
     with torch.no_grad():
-        untrained = base(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.numpy()
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+        untrained = logits_of(base(**inputs))
+    peft_model = peft.PeftModel.from_pretrained(base, peft_dir).eval()
     with torch.no_grad():
-        got = peft_model(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.numpy()
+        got = logits_of(peft_model(**inputs))
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert np.abs(untrained - expected).max() > 1e-2  # the adapter changes the model
     merged = peft_model.merge_and_unload().state_dict()
     reference = export.torch_state_dict(rocoft_jax.merge(trainable, frozen, mask))
-    for name, value in reference.items():
-        np.testing.assert_allclose(merged[name].numpy(), value, atol=1e-6, err_msg=name)
+    for key, value in reference.items():
+        if key in zero_stand_ins:
+            assert key not in merged and not value.any()
+        else:
+            np.testing.assert_allclose(merged[key].numpy(), value, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "name, head, mode, bias",
+    CASES,
+    ids=[f"{n}{'-qa' if h == 'qa' else ''}-{m}s{'-bias' if b else ''}" for n, h, m, b in CASES],
+)
+def test_peft_adapter_computes_the_trained_model(tmp_path, name, head, mode, bias):
+    model, params, config = tiny_model(name, head)
+    base_dir = torch_base(params, config, tmp_path / "base")
+    adapter, trainable, frozen, mask = trained_adapter(params, mode, bias, str(base_dir))
+    adapters.save_peft(adapter, params, tmp_path / "peft")
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["r"] == peft_config["lora_alpha"] == 3
+    assert peft_config["bias"] == ("lora_only" if bias else "none")
+    assert peft_config["task_type"] == {"cls": "SEQ_CLS", "qa": "QUESTION_ANS", "lm": "CAUSAL_LM"}[head]
+    assert peft_config["modules_to_save"] == {"cls": MODELS[name][2], "qa": ["qa_outputs"], "lm": None}[head]
+    assert len(peft_config["target_modules"]) == len(mask.slices)
+    batch = batch_of(config, head)
+    base = AUTO[head][1].from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # the base dir holds the Flax model (a control of the conversion)
+        untrained = logits_of(base(**{k: torch.as_tensor(v) for k, v in batch.items()}))
+    np.testing.assert_allclose(untrained, logits_of(model(**batch, params=params)), atol=1e-4)
+    assert_peft_computes(model, base, tmp_path / "peft", trainable, frozen, mask, batch)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    """``(base dir, PyTorch model, Flax model, params)`` of a tiny random Qwen2 (non-zero biases), loaded by
+    `rocoft_jax.faithful` as the trainer loads it: a Llama whose o_proj has a zero bias, which Qwen2 lacks."""
+    directory = tmp_path_factory.mktemp("qwen2")
+    torch.manual_seed(0)
+    base = tf.AutoModelForCausalLM.from_config(tf.Qwen2Config(**FAMILY_MODELS["llama"][2]), dtype=torch.float32)
+    with torch.no_grad():
+        for key, value in base.named_parameters():
+            if key.endswith("bias"):
+                value.normal_(0.0, 0.1)
+    base.save_pretrained(directory)
+    model, params = faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, str(directory))
+    return directory, base.eval(), model, params
+
+
+def test_peft_adapter_of_a_qwen2_computes_the_trained_model(tmp_path, qwen2):
+    directory, base, model, params = qwen2
+    adapter, trainable, frozen, mask = trained_adapter(params, "row", False, str(directory))
+    adapters.save_peft(adapter, params, tmp_path / "peft")
+    batch = batch_of(base.config, "lm")
+    stand_ins = [f"model.layers.{i}.self_attn.o_proj.bias" for i in range(base.config.num_hidden_layers)]
+    assert_peft_computes(model, base, tmp_path / "peft", trainable, frozen, mask, batch, stand_ins)
+
+
+def test_peft_refuses_a_trained_leaf_the_pytorch_model_lacks(qwen2):
+    directory, _, _, params = qwen2
+    adapter = trained_adapter(params, "row", True, str(directory))[0]  # trains every target's bias, o_proj's too
+    with pytest.raises(ValueError, match="trains model/layers/0/self_attn/o_proj/bias, which the PyTorch qwen2") as err:
+        adapters.to_peft(adapter, params)
+    assert "\n" not in str(err.value)
+    config, tensors = adapters.to_peft(adapter, params, model_type="llama")  # a Llama with attention_bias has one
+    assert (
+        config["bias"] == "lora_only" and "base_model.model.model.layers.0.self_attn.o_proj.base_layer.bias" in tensors
+    )
 
 
 @pytest.fixture(scope="module")
