@@ -8,6 +8,7 @@ strict JSON: a non-finite value is ``null`` with ``<key>_nonfinite`` beside it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -21,13 +22,20 @@ METRICS_FILE = "metrics.jsonl"
 
 def warm_up() -> threading.Thread:
     """Imports matplotlib's pyplot (which builds its font cache on a fresh machine: seconds to tens of
-    seconds) on a daemon thread, so that cost overlaps loading and compiling instead of the run's end."""
+    seconds) and the TensorBoard writer (tensorboardX imports PyTorch when it is installed: 1-2 s) on a daemon
+    thread, so those costs overlap loading and compiling instead of the run's end."""
 
     def load():
-        import matplotlib
+        # Only a head start: the main thread's own imports report any real problem, and an import cut short
+        # by the interpreter's exit (a run refused early) must print nothing.
+        with contextlib.suppress(Exception):
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+
+            with contextlib.suppress(ImportError):
+                import tensorboardX  # noqa: F401
 
     thread = threading.Thread(target=load, name="reporting-warm-up", daemon=True)
     thread.start()

@@ -16,6 +16,7 @@ input, 3 when training diverged (a non-finite loss or gradient; see --on-nonfini
 
 from __future__ import annotations
 
+import os
 import sys
 
 from train import config as config_lib
@@ -48,5 +49,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def without_torch() -> None:
+    """Tells transformers (and datasets) not to import PyTorch, unless the user's USE_TORCH says otherwise.
+
+    Where PyTorch is installed their import pulls it in, and scikit-learn with it: 2-4 s of every run, which
+    uses neither. A PyTorch checkpoint (pytorch_model.bin) still loads: HF's conversion imports torch itself.
+    Only the CLI does this: a Python caller's process may want transformers' PyTorch classes.
+    """
+    os.environ.setdefault("USE_TORCH", "0")
+
+
 if __name__ == "__main__":
+    without_torch()
     sys.exit(main())

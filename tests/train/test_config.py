@@ -128,6 +128,25 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --lr nan: must be a finite number greater than 0"
 
 
+def test_cli_refusal_after_transformers_loads_is_one_line_and_skips_torch(tmp_path):
+    """A run refused once transformers is imported still prints one line (the reporting warm-up thread, cut
+    short by the exit, stays silent), and transformers skipped its PyTorch imports (torch._dynamo, and
+    scikit-learn through it), which cost seconds where PyTorch is installed."""
+    env = {k: v for k, v in cpu_env().items() if k != "USE_TORCH"}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "train.run", "--model", "./missing", "--output-dir", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    messages = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and messages == ["error: --model ./missing: no such directory; check the path"]
+    assert "transformers" in imported
+    assert not {name for name in imported if name.startswith(("torch._dynamo", "sklearn"))}
+
+
 @pytest.mark.parametrize("main, args, message", [
     (export.main, ["--out", "x"], "the following arguments are required: --checkpoint"),
     (export.main, ["--checkpoint", "/nonexistent", "--out", "x"], "no checkpoint in /nonexistent"),
