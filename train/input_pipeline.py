@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class Encoded:
 
     tokens: dict[str, np.ndarray]  # model input -> int32 (total tokens,)
     offsets: np.ndarray  # int64 (rows + 1,)
-    labels: np.ndarray
+    labels: np.ndarray | None  # one per row, or None (`ragged_rows`: a batch then has no labels)
     pad: dict[str, int]  # model input -> its padding value
     max_length: int
 
@@ -73,7 +74,7 @@ class Encoded:
         return np.diff(self.offsets)
 
     def batch(self, rows: np.ndarray, length: int | None = None) -> dict[str, np.ndarray]:
-        """Rows ``rows`` padded to ``length`` (default max_length) tokens, plus ``labels``."""
+        """Rows ``rows`` padded to ``length`` (default max_length) tokens, plus ``labels`` where there are any."""
         length = self.max_length if length is None else length
         starts, ends = self.offsets[rows], self.offsets[np.asarray(rows) + 1]
         sizes = ends - starts
@@ -89,7 +90,8 @@ class Encoded:
             values[real] = flat[source]
             out[key] = values
         out["attention_mask"] = real.astype(np.int32)
-        out["labels"] = self.labels[rows]
+        if self.labels is not None:
+            out["labels"] = self.labels[rows]
         return out
 
 
@@ -289,3 +291,42 @@ def eval_rows(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, 
 def select(columns: Mapping[str, Sequence], rows: np.ndarray) -> dict[str, list]:
     """Rows ``rows`` of raw (untokenized) columns."""
     return {k: [v[i] for i in rows] for k, v in columns.items()}
+
+
+BAR_ROWS = 10_000  # a split of at least this many rows is tokenized under a progress bar
+
+
+def ragged_rows(chunks: Iterable[Sequence[Sequence[int]]], key: str, pad: int, max_length: int) -> Encoded:
+    """Token-id rows, given chunk by chunk, end to end as an `Encoded` of the one input ``key`` (padded with
+    ``pad``) without labels. Each chunk's Python lists are dropped once flattened, so a large split never
+    holds all of its tokens as Python ints."""
+    flats, lengths = [], []
+    for rows in chunks:
+        sizes = np.fromiter(map(len, rows), np.int64, len(rows))
+        flats.append(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(sizes.sum())))
+        lengths.append(sizes)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.int32)
+    return Encoded({key: flat}, np.concatenate([[0], np.cumsum(lengths)]), None, {key: pad}, max_length)
+
+
+def steps_by_shapes(
+    lengths: Sequence[np.ndarray], buckets: Sequence[Sequence[int]], batch_size: int, seed: int, total_steps: int
+) -> list[int]:
+    """`steps_by_shape` for examples of several sequences (a seq2seq source and target): ``lengths[i]`` holds
+    each example's tokens of sequence i, padded to a bucket of ``buckets[i]``. One step for each combination
+    of every sequence's (bucket, full) that ``total_steps`` steps meet, found in numpy."""
+    per_epoch = steps_per_epoch(len(lengths[0]), batch_size)
+    bucket_arrays = [np.asarray(b) for b in buckets]
+    seen: dict[tuple, int] = {}
+    for epoch in range(-(-total_steps // per_epoch)):
+        steps = min(per_epoch, total_steps - epoch * per_epoch)
+        rows = epoch_permutation(len(lengths[0]), seed, epoch)[: steps * batch_size].reshape(steps, batch_size)
+        columns = []
+        for sequence, bucket_array in zip(lengths, bucket_arrays):
+            batch_lengths = np.asarray(sequence)[rows]
+            bucket = bucket_array[np.searchsorted(bucket_array, batch_lengths.max(axis=1))]
+            columns += [bucket, batch_lengths.min(axis=1) == bucket]
+        for i, key in enumerate(zip(*(c.tolist() for c in columns))):
+            seen.setdefault(key, epoch * per_epoch + i)
+    return sorted(seen.values())

@@ -41,8 +41,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from train.errors import DataError
+from train.input_pipeline import Encoded, ragged_rows
 
 IGNORE_INDEX = -100  # label of tokens left out of the loss (PyTorch's cross-entropy default, as LLM-Adapters)
 MATH_TOLERANCE = 0.001  # evaluate.py's ``miss``
@@ -200,11 +202,73 @@ def tokenize_example(
 def _tokenize(tokenizer, prompt: str, cutoff: int, add_eos: bool) -> list[int]:
     """finetune.py's ``tokenize``: special tokens as the tokenizer adds them (LLaMA: BOS), then maybe EOS."""
     ids = list(tokenizer(prompt, truncation=True, max_length=cutoff, padding=False, return_tensors=None)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is None:
+    return _end(tokenizer, ids, cutoff) if add_eos else ids
+
+
+def _end(tokenizer, ids: list[int], cutoff: int) -> list[int]:
+    """``ids`` with EOS appended (in place) when shorter than ``cutoff`` and not already ending in EOS."""
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token or tokenize with add_eos=False")
-    if add_eos and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff:
+    if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def _tokenize_all(tokenizer, prompts: list[str], cutoff: int, add_eos: bool) -> list[list[int]]:
+    """`_tokenize` of each prompt, through one call of the tokenizer."""
+    rows = tokenizer(prompts, truncation=True, max_length=cutoff, padding=False, return_tensors=None)["input_ids"]
+    return [_end(tokenizer, list(ids), cutoff) if add_eos else list(ids) for ids in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Training records tokenized once (`tokenize_records`): their input ids unpadded, and where each one's loss
+    starts (the tokens before it are the prompt, left out with ``train_on_inputs=False``)."""
+
+    encoded: Encoded  # "input_ids", padded with the tokenizer's pad id (EOS where it has none)
+    loss_start: np.ndarray  # int32 (rows,)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.encoded.lengths
+
+    def batch(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """``input_ids``, ``attention_mask`` and ``loss_mask`` (int32) of ``rows``, right-padded to ``length``:
+        `tokenize_example`'s arrays, with ``loss_mask`` 1 where its labels are not IGNORE_INDEX."""
+        batch = self.encoded.batch(rows, length)
+        in_loss = np.arange(length)[None, :] >= self.loss_start[rows][:, None]
+        batch["loss_mask"] = batch["attention_mask"] * in_loss.astype(np.int32)
+        return batch
+
+
+def tokenize_records(
+    tokenizer,
+    records: list[dict],
+    cutoff: int = 256,
+    add_eos: bool = True,
+    train_on_inputs: bool = True,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> Examples:
+    """`tokenize_example` of every record, a chunk of records per tokenizer call (a bar with ``progress``)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    starts: list[np.ndarray] = []
+
+    def chunks():
+        with tqdm(total=len(records), desc="tokenizing", unit="ex", disable=not progress) as bar:
+            for first in range(0, len(records), chunk_size):
+                part = records[first : first + chunk_size]
+                if train_on_inputs:
+                    starts.append(np.zeros(len(part), np.int32))
+                else:
+                    prompts = [format_train_prompt({**r, "output": ""}) for r in part]
+                    lengths = map(len, _tokenize_all(tokenizer, prompts, cutoff, add_eos=False))
+                    starts.append(np.fromiter(lengths, np.int32, len(part)))
+                yield _tokenize_all(tokenizer, [format_train_prompt(r) for r in part], cutoff, add_eos)
+                bar.update(len(part))
+
+    encoded = ragged_rows(chunks(), "input_ids", pad_id, cutoff)
+    return Examples(encoded, np.concatenate(starts) if starts else np.zeros(0, np.int32))
 
 
 def extract_response(text: str) -> str:

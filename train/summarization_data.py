@@ -22,6 +22,9 @@ builds what the train step reads:
 - ``decoder_attention_mask``: 1 on the target's real tokens;
 - ``label_smoothing``: ``--label-smoothing`` once per example, which the loss reads
   (`train.step.loss_sum`, kind "seq2seq-lm"), so the trainer needs no option of its own for it.
+
+`encode_pairs` tokenizes a split once and keeps its tokens unpadded (`Pairs`), whose `Pairs.batch` gives
+`seq2seq_batch`'s arrays for any rows.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from train.errors import DataError
+from train.input_pipeline import Encoded, ragged_rows
 
 IGNORE_INDEX = -100  # label of target padding, left out of the loss (as HF's seq2seq models)
 SPLITS = ("train", "validation", "test")
@@ -295,9 +300,53 @@ def seq2seq_batch(
         batch["input_ids"][row, : len(source)] = source
         batch["attention_mask"][row, : len(source)] = 1
         batch["labels"][row, : len(target)] = target
+    return with_decoder_inputs(batch, layout)
+
+
+def with_decoder_inputs(batch: dict[str, np.ndarray], layout: Seq2SeqLayout) -> dict[str, np.ndarray]:
+    """``batch`` (padded ``input_ids``, ``attention_mask`` and ``labels``) with the decoder's arrays and
+    ``label_smoothing`` added, in place."""
     batch["decoder_input_ids"] = shift_right(
         batch["labels"], layout.pad_id, layout.decoder_start_id, layout.wrap_last
     ).astype(np.int32)
     batch["decoder_attention_mask"] = (batch["labels"] != IGNORE_INDEX).astype(np.int32)
-    batch["label_smoothing"] = np.full((n,), layout.label_smoothing, np.float32)
+    batch["label_smoothing"] = np.full((len(batch["labels"]),), layout.label_smoothing, np.float32)
     return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """A split's documents and summaries tokenized once (`encode_pairs`), unpadded."""
+
+    sources: Encoded  # "input_ids", padded with the model's pad id
+    targets: Encoded  # "labels", padded with IGNORE_INDEX
+
+    def batch(self, rows: np.ndarray, source_length: int, target_length: int, layout: Seq2SeqLayout):
+        """`seq2seq_batch` of ``rows``: the same arrays, from the stored tokens."""
+        source = self.sources.batch(rows, source_length)
+        labels = self.targets.batch(rows, target_length)["labels"]
+        return with_decoder_inputs({**source, "labels": labels}, layout)
+
+
+def encode_pairs(
+    tokenizer,
+    records: Sequence[dict],
+    max_source_length: int,
+    max_target_length: int,
+    pad_id: int,
+    chunk_size: int = 1024,
+    progress: bool = False,
+) -> Pairs:
+    """`encode` of every record's document and summary (as a target), a chunk of records per tokenizer call
+    (a bar with ``progress``)."""
+
+    def chunks(key: str, max_length: int, target: bool):
+        with tqdm(total=len(records), desc=f"tokenizing {key}", unit="ex", disable=not progress) as bar:
+            for first in range(0, len(records), chunk_size):
+                part = records[first : first + chunk_size]
+                yield encode(tokenizer, [r[key] for r in part], max_length, target=target)
+                bar.update(len(part))
+
+    sources = ragged_rows(chunks("document", max_source_length, False), "input_ids", pad_id, max_source_length)
+    targets = ragged_rows(chunks("summary", max_target_length, True), "labels", IGNORE_INDEX, max_target_length)
+    return Pairs(sources, targets)

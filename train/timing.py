@@ -120,11 +120,16 @@ class Timing:
 
 def describe(batch: Mapping[str, Any]) -> str:
     """A batch's shape as a program label: ``32x64`` (of input_ids, else the first array), ``no mask`` when the
-    batch has input_ids but no attention_mask (`train.input_pipeline.drop_full_mask`)."""
+    batch has input_ids but no attention_mask (`train.input_pipeline.drop_full_mask`), and a seq2seq batch's
+    decoder shape: ``16x1024, decoder 16x128``."""
     arrays = dict(batch)
     first = arrays.get("input_ids", next(iter(arrays.values()), None))
-    shape = "x".join(str(d) for d in getattr(first, "shape", ()))
-    return shape + (" no mask" if "input_ids" in arrays and "attention_mask" not in arrays else "")
+    label = _shape(first) + (" no mask" if "input_ids" in arrays and "attention_mask" not in arrays else "")
+    return label + (f", decoder {_shape(arrays['decoder_input_ids'])}" if "decoder_input_ids" in arrays else "")
+
+
+def _shape(array) -> str:
+    return "x".join(str(d) for d in getattr(array, "shape", ()))
 
 
 def _key(batch) -> tuple:

@@ -174,6 +174,39 @@ def test_ragged_encoding_of_real_pairs_keeps_token_type_ids(minilm_tokenizer, gl
     assert (ragged.lengths == 128).any() and (ragged.lengths < 128).any()  # some were truncated
 
 
+def test_ragged_rows_of_chunks_pad_as_encoded_without_labels():
+    """Token rows given chunk by chunk: any rows right-padded with the input's pad value, no labels."""
+    encoded = ip.ragged_rows(iter([[[5, 6, 7], [8]], [], [[9, 10]]]), "labels", -100, 4)
+    assert encoded.lengths.tolist() == [3, 1, 2] and encoded.labels is None
+    batch = encoded.batch(np.array([2, 0, 2]), 3)
+    assert list(batch) == ["labels", "attention_mask"]
+    assert batch["labels"].tolist() == [[9, 10, -100], [5, 6, 7], [9, 10, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].dtype == batch["attention_mask"].dtype == np.int32
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 40), st.integers(1, 4), st.integers(0, 60), st.integers(0, 3))
+def test_steps_by_shapes_finds_the_first_step_of_every_shape(n, batch_size, total_steps, seed):
+    """Against every step's rows: the first step of each combination of (bucket, full) over two sequences; with
+    one sequence, `steps_by_shape`."""
+    rng = np.random.default_rng(seed)
+    lengths = [rng.integers(1, 9, n), rng.integers(1, 33, n)]
+    buckets = [(2, 4, 8), (8, 16, 32)]
+    batch_size = min(batch_size, n)
+    first: dict[tuple, int] = {}
+    for step in range(total_steps):
+        rows = ip.train_batch_indices(n, batch_size, seed, step)
+        key = []
+        for sequence, bucket in zip(lengths, buckets):
+            length = ip.fit_bucket(bucket, int(sequence[rows].max()))
+            key += [length, bool((sequence[rows] == length).all())]
+        first.setdefault(tuple(key), step)
+    assert ip.steps_by_shapes(lengths, buckets, batch_size, seed, total_steps) == sorted(first.values())
+    one = ip.steps_by_shapes(lengths[:1], buckets[:1], batch_size, seed, total_steps)
+    assert one == ip.steps_by_shape(lengths[0], batch_size, seed, total_steps, buckets[0])
+
+
 def _padded_tokens(buckets, longest):
     return sum(next(b for b in sorted(buckets) if b >= x) for x in longest)
 

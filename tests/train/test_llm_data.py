@@ -5,11 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rocoft_jax import sharding
+from train.byte_tokenizer import make_byte_tokenizer
+from train.config import TrainConfig
+from train.input_pipeline import fit_bucket
 from train.llm_data import (
     IGNORE_INDEX,
     TASKS,
@@ -23,6 +29,7 @@ from train.llm_data import (
     load_records,
     tokenize_example,
 )
+from train.tasks.llm import LlmJob
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = REPO.parent / "shared" / "data" / "llm-adapters" / "dataset"
@@ -235,6 +242,60 @@ def test_real_boolq_train_tokenizes_within_cutoff(tokenizer):
         if len(ids) < 256:
             assert ids[-1] == tokenizer.eos_token_id
             assert tokenizer.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True) == rec["output"]
+
+
+def per_step_local(job, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`LlmJob.local` as it was when every step tokenized its records (`tokenize_example`) and padded them: the
+    reference the tokens stored once must reproduce."""
+    config, tokenizer = job.config, job.tokenizer
+    examples = [
+        tokenize_example(tokenizer, job.train_records[i], config.cutoff, train_on_inputs=config.train_on_inputs)
+        for i in rows.reshape(-1)
+    ]
+    longest = max(len(e["input_ids"]) for e in examples)
+    length = fit_bucket(job.buckets, longest) if job.buckets else config.cutoff
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = {
+        "input_ids": np.full((len(examples), length), pad_id, np.int32),
+        "attention_mask": np.zeros((len(examples), length), np.int32),
+        "loss_mask": np.zeros((len(examples), length), np.int32),
+    }
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        batch["input_ids"][row, :n] = example["input_ids"]
+        batch["attention_mask"][row, :n] = 1
+        batch["loss_mask"][row, :n] = example["labels"] != IGNORE_INDEX
+    return {k: v.reshape(*rows.shape, length) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("task, tokenizer_name, options", [
+    ("arc-e", "bytes", dict(cutoff=600, train_on_inputs=False, batch_size=1, grad_accum=2)),  # 512, 600; cut rows
+    ("boolq", "bytes", dict(cutoff=256, bucket=False, batch_size=3, grad_accum=3)),  # every row cut to 256
+    ("obqa", "bpe", dict(cutoff=512, train_on_inputs=False, batch_size=2)),  # no pad token: EOS pads
+    ("boolq", "bpe", dict(cutoff=512, batch_size=1, grad_accum=3)),
+])  # fmt: skip
+def test_tokens_stored_once_give_the_per_step_batches(tokenizer, task, tokenizer_name, options):
+    """`LlmJob.local` from the training file tokenized once (batched) equals tokenizing each step's records
+    anew, array for array, for every step of an epoch and for row sets of any shape."""
+    config = TrainConfig(model="tiny-llama", task=task, data_dir=str(need(DATASET)), limit_train=240, **options)
+    job = LlmJob(config)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    job.prepare(make_byte_tokenizer() if tokenizer_name == "bytes" else tokenizer, NamedSharding(mesh, sharding.BATCH))
+    rng = np.random.default_rng(0)
+    steps = 240 // (config.batch_size * config.grad_accum)
+    row_sets = [job.step_rows(s) for s in range(steps)] + [
+        rng.integers(0, 240, shape) for shape in ((1,), (7,), (2, 5))
+    ]
+    lengths = set()
+    for rows in row_sets:
+        got, want = job.local(rows), per_step_local(job, rows)
+        assert list(got) == list(want) == ["input_ids", "attention_mask", "loss_mask"]
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        lengths.add(want["input_ids"].shape[-1])
+        assert (want["loss_mask"] < want["attention_mask"]).any() != config.train_on_inputs
+    assert len(lengths) > 1 or not config.bucket  # the batches met several buckets
 
 
 # ---------------------------------------------------------------- tasks and files

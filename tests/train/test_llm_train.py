@@ -22,7 +22,7 @@ from conftest import assert_one_line_error, cpu_env
 
 from rocoft_jax import sharding
 from train import checkpoint as ckpt
-from train import generate, methods, run, step
+from train import generate, methods, run, step, timing
 from train.byte_tokenizer import BOS_ID, EOS_ID, make_byte_tokenizer
 from train.config import TrainConfig
 from train.llm_data import format_eval_prompt, format_train_prompt, get_task, load_records
@@ -153,6 +153,63 @@ def test_grad_accumulation_equals_one_big_batch(dataset):
     )
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), big_state.trainable, state.trainable)
     assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def shape_key(batch) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
+def test_planned_batches_are_the_shapes_of_every_train_batch(dataset):
+    """2.5 epochs of real ARC-Easy at 1 x 2 rows, buckets 512 and 600: the planned shapes are those of the
+    train batches (bucket, and whether the mask is dropped), each once."""
+    config = llm_config(dataset, task="arc-e", cutoff=600, bucket=True, batch_size=1, grad_accum=2, limit_train=200)
+    job = job_for(config, make_byte_tokenizer())
+    steps = 250
+    train, evals = job.planned_batches(steps)
+    assert evals == [] and all(isinstance(v, jax.ShapeDtypeStruct) for b in train for v in b.values())
+    assert len({shape_key(b) for b in train}) == len(train)
+    assert {shape_key(job.train_batch(s)) for s in range(steps)} == {shape_key(b) for b in train}
+    labels = {timing.describe(b) for b in train}
+    assert {"1x2x512", "1x2x600", "1x2x600 no mask"} <= labels, labels
+    assert job.planned_batches(0) == ([], [])
+
+
+def test_planned_batches_of_several_processes_are_one_shape(dataset, monkeypatch):
+    """With several processes (faked here: process 0 of 2) every batch is padded to --cutoff and keeps its
+    mask, so the plan is one global batch of that shape."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    config = llm_config(dataset, task="arc-e", cutoff=600, bucket=True, batch_size=4, grad_accum=2, limit_train=200)
+    job = job_for(config, make_byte_tokenizer())
+    train, evals = job.planned_batches(100)
+    assert evals == [] and [shape_key(b) for b in train] == [
+        shape_key({k: np.zeros((4, 2, 600), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")})
+    ]
+    assert job.host(0)["input_ids"].shape == (2, 2, 600)  # this process's half of the rows
+
+
+def test_train_run_compiles_every_step_program_once_before_the_loop(dataset, tmp_path, monkeypatch):
+    """A run whose steps meet several shapes: results.json counts each train-step program once, each compiled
+    ahead of the loop (`StepPrograms.compile`, the compile at first use, never runs), and they are the planned
+    shapes."""
+    first_use = []
+    compile_at_first_use = timing.StepPrograms.compile
+
+    def record(self, *args):
+        first_use.append(timing.describe(args[-1]))
+        return compile_at_first_use(self, *args)
+
+    monkeypatch.setattr(timing.StepPrograms, "compile", record)
+    out = tmp_path / "run"
+    args = ["--model", "tiny-llama", "--task", "arc-e", "--cutoff", "600", "--batch-size", "1", "--grad-accum", "2"]
+    args += ["--max-steps", "12", "--limit-train", "200", "--num-beams", "1", "--eval-limit", "1"]
+    results, _ = run_llm(dataset, out, *args, "--max-new-tokens", "2", "--eval-batch-size", "1")
+    assert first_use == []
+    programs = results["timing"]["compile"]["programs"]
+    assert results["timing"]["compile"]["count"] == len(programs) > 1
+    assert all(p["count"] == 1 for p in programs.values())
+    config = TrainConfig(**yaml.safe_load((out / "config.yaml").read_text()))
+    planned, _ = job_for(config, make_byte_tokenizer()).planned_batches(12)
+    assert set(programs) == {f"train_step {timing.describe(b)}" for b in planned}
 
 
 # ---------------------------------------------------------------- generation

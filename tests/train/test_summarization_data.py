@@ -20,6 +20,7 @@ from conftest import assert_one_line_error
 from train import run
 from train.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, make_byte_tokenizer
 from train.errors import DataError
+from train.input_pipeline import fit_bucket
 from train.rouge import ROUGE_TYPES, rouge_scores, sentence_lines
 from train.summarization_data import (
     IGNORE_INDEX,
@@ -187,6 +188,84 @@ def test_byte_tokenized_pairs_end_in_eos_and_shift_as_transformers_shifts(cnn):
     np.testing.assert_array_equal(
         shift_right(batch["labels"], PAD_ID, None, wrap_last=True), np.asarray(mbart_shift(batch["labels"], PAD_ID))
     )
+
+
+def per_step_local(job, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`SummarizationJob.local` as it was when every step tokenized its records (`encode`) and padded them
+    (`seq2seq_batch`): the reference the tokens stored once must reproduce."""
+    config = job.config
+    records = [job.train_records[i] for i in rows.reshape(-1)]
+    sources = encode(job.tokenizer, [r["document"] for r in records], config.max_source_length)
+    targets = encode(job.tokenizer, [r["summary"] for r in records], config.max_target_length, target=True)
+    source_length, target_length = config.max_source_length, config.max_target_length
+    if job.source_buckets:
+        source_length = fit_bucket(job.source_buckets, max(map(len, sources)))
+        target_length = fit_bucket(job.target_buckets, max(map(len, targets)))
+    batch = seq2seq_batch(sources, targets, source_length, target_length, job.layout)
+    return {k: v.reshape(*rows.shape, *v.shape[1:]) for k, v in batch.items()}
+
+
+def summarization_job(data_dir: Path, task: str = "cnn_dailymail", **options):
+    """A prepared `SummarizationJob` of ``tiny-bart`` (byte tokenizer) on one device."""
+    from rocoft_jax import sharding
+    from train.config import TrainConfig
+    from train.tasks.summarization import SummarizationJob
+
+    values = dict(model="tiny-bart", task=task, data_dir=str(data_dir), eval_split="validation", label_smoothing=0.1)
+    job = SummarizationJob(TrainConfig(**{**values, **options}))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    job.prepare(make_byte_tokenizer(), jax.sharding.NamedSharding(mesh, sharding.BATCH))
+    return job
+
+
+@pytest.mark.parametrize("task, options", [
+    ("cnn_dailymail", dict(max_source_length=1024, max_target_length=512, batch_size=1, grad_accum=2)),
+    ("cnn_dailymail", dict(max_source_length=512, max_target_length=128, batch_size=3, bucket=False)),
+    ("xsum", dict(max_source_length=1024, max_target_length=128, batch_size=1)),  # sources of 219 to 5634 bytes
+])  # fmt: skip
+def test_pairs_stored_once_give_the_per_step_batches(cnn, xsum_rows, tmp_path, task, options):
+    """`SummarizationJob.local` from the train split tokenized once equals tokenizing each step's records anew,
+    array for array, for every step of an epoch and for row sets of any shape."""
+    data_dir = cnn
+    if task == "xsum":
+        data_dir = tmp_path
+        for split in ("train", "validation"):
+            (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in xsum_rows))
+    job = summarization_job(data_dir, task, **options)
+    config, n = job.config, job.num_train
+    rng = np.random.default_rng(0)
+    row_sets = [job.step_rows(s) for s in range(n // (config.batch_size * config.grad_accum))]
+    row_sets += [rng.integers(0, n, shape) for shape in ((1,), (5,), (2, 3))]
+    shapes = set()
+    for rows in row_sets:
+        got, want = job.local(rows), per_step_local(job, rows)
+        assert list(got) == list(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        shapes.add((want["input_ids"].shape[-1], want["labels"].shape[-1]))
+    assert len(shapes) > 1 or not config.bucket  # the batches met several buckets
+
+
+def test_planned_batches_are_the_shapes_of_every_train_batch(cnn):
+    """Three epochs of the real CNN/DailyMail sample at 2 rows: the planned shapes are those of the train
+    batches (source and target buckets, and whether the source mask is dropped), each once."""
+    from train import timing
+
+    job = summarization_job(cnn, max_source_length=1024, max_target_length=512, batch_size=2)
+    steps = 3 * job.num_train // 2
+    train, evals = job.planned_batches(steps)
+
+    def key(batch):
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    assert evals == [] and len({key(b) for b in train}) == len(train)
+    assert {key(job.train_batch(s)) for s in range(steps)} == {key(b) for b in train}
+    assert {timing.describe(b) for b in train} == {  # sources cut to 1024 tokens, or shorter ones
+        "2x1024 no mask, decoder 2x256",
+        "2x1024 no mask, decoder 2x512",
+        "2x1024, decoder 2x512",
+    }
 
 
 def test_no_repeat_ngram_bans_what_transformers_pytorch_bans():

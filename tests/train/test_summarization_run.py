@@ -118,6 +118,39 @@ def test_beam_search_through_the_sliced_layers_equals_the_plain_model_on_merged_
     assert texts == [line["generation"] for line in predictions(cnn_run)]
 
 
+def test_a_run_compiles_every_step_program_once_before_the_loop(tmp_path, monkeypatch):
+    """A run whose steps meet several target buckets: results.json counts each train-step program once, each
+    compiled ahead of the loop (`StepPrograms.compile`, the compile at first use, never runs), and they are the
+    planned shapes."""
+    from train import timing
+    from train.byte_tokenizer import make_byte_tokenizer
+    from train.config import TrainConfig
+    from train.tasks.summarization import SummarizationJob
+
+    if not (CNN / "train.jsonl").is_file():
+        pytest.skip(f"{CNN} is absent (real data lives beside the repo)")
+    first_use = []
+    compile_at_first_use = timing.StepPrograms.compile
+
+    def record(self, *args):
+        first_use.append(timing.describe(args[-1]))
+        return compile_at_first_use(self, *args)
+
+    monkeypatch.setattr(timing.StepPrograms, "compile", record)
+    out = tmp_path / "run"
+    args = [*RUN, "--max-steps", "6", "--batch-size", "2", "--max-target-length", "512", "--num-beams", "1"]
+    assert run.main([*args, "--eval-limit", "1", "--data-dir", str(CNN), "--output-dir", str(out)]) == 0
+    assert first_use == []
+    results = json.loads((out / "results.json").read_text())
+    programs = results["timing"]["compile"]["programs"]
+    assert results["timing"]["compile"]["count"] == len(programs) > 1
+    assert all(p["count"] == 1 for p in programs.values())
+    job = SummarizationJob(TrainConfig(**yaml.safe_load((out / "config.yaml").read_text())))
+    job.prepare(make_byte_tokenizer(), None)
+    planned, _ = job.planned_batches(6)
+    assert set(programs) == {f"train_step {timing.describe(b)}" for b in planned}
+
+
 @pytest.mark.slow
 def test_export_generates_the_trained_models_greedy_tokens_in_flax_and_pytorch(cnn_run, exported):
     """Greedy search of the trained JAX model (the job's `Summarizer`: frozen weights plus slices) against the

@@ -80,6 +80,19 @@ def test_step_programs_compile_once_per_batch_shape_and_say_so():
     assert heard == ["step 4x8 no mask", None, "step 4x16 no mask", None, "step 4x16", None]
 
 
+def test_program_labels_tell_apart_every_batch_structure():
+    """A label names the input_ids shape, a dropped mask and a seq2seq batch's decoder shape, so results.json
+    counts two summarization programs that differ in their targets' bucket apart."""
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    assert timing_lib.describe({"input_ids": spec(4, 2, 64), "attention_mask": spec(4, 2, 64)}) == "4x2x64"
+    seq2seq = {"input_ids": spec(16, 1024), "decoder_input_ids": spec(16, 128), "labels": spec(16, 128)}
+    assert timing_lib.describe(seq2seq) == "16x1024 no mask, decoder 16x128"
+    assert timing_lib.describe({**seq2seq, "attention_mask": spec(16, 1024)}) == "16x1024, decoder 16x128"
+
+
 def test_compile_ahead_compiles_each_new_shape_once_side_by_side():
     """Distinct shapes compile (each once, duplicates and already compiled ones skipped) and then run without
     compiling again; every program is timed under its label inside one compile phase."""

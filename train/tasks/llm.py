@@ -4,15 +4,17 @@
 next-token loss on an LLM-Adapters JSON file, then answers the task's test set (`train.generate`, which
 compiles its own programs: the trainer's eval step is unused). `LlmJob` is the trainer's `Job` for them.
 
-Each training example is tokenized as LLM-Adapters' finetune.py does (`llm_data.tokenize_example`: the
-training template, --cutoff, EOS; with --train-on-inputs false the prompt tokens are left out of the loss
-through ``loss_mask``) and right-padded, as the fused GPU attention requires. With one process a step's
-rows are padded to the smallest power-of-two bucket holding its longest example, and a step with no padding
-left drops its attention mask (`input_pipeline.drop_full_mask`: attention runs unmasked, in a second variant
-of the step); with several, rows are padded to --cutoff and keep the mask, so all processes agree on the batch
-without talking. With --grad-accum N the arrays are (B, N, T): N micro-batches of --batch-size rows,
-accumulated inside the jitted step (`train.step.train_step`). Generation is costly, so by default the job
-evaluates only after the last step.
+The training file is tokenized once, in `LlmJob.prepare`, as LLM-Adapters' finetune.py does
+(`llm_data.tokenize_records`, which equals `llm_data.tokenize_example` per record: the training template,
+--cutoff, EOS; with --train-on-inputs false the prompt tokens are left out of the loss through ``loss_mask``),
+and each step's rows are right-padded, as the fused GPU attention requires. With one process a step's rows are
+padded to the smallest power-of-two bucket holding its longest example, and a step with no padding left drops
+its attention mask (`input_pipeline.drop_full_mask`: attention runs unmasked, in a second variant of the step);
+with several, rows are padded to --cutoff and keep the mask, so all processes agree on the batch without
+talking. Every example's length being known, the job plans each step shape of the run ahead
+(`LlmJob.planned_batches`), so all compile before the loop. With --grad-accum N the arrays are (B, N, T): N
+micro-batches of --batch-size rows, accumulated inside the jitted step (`train.step.train_step`). Generation is
+costly, so by default the job evaluates only after the last step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from train import input_pipeline as pipeline
 from train.byte_tokenizer import make_byte_tokenizer
 from train.config import TrainConfig
 from train.errors import ConfigError, DataError, ModelError
-from train.llm_data import IGNORE_INDEX, find_file, get_task, load_records, tokenize_example
+from train.llm_data import find_file, get_task, load_records, tokenize_records
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
@@ -110,51 +112,51 @@ class LlmJob:
         return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
-        """Reads the training and test records (cut to --limit-train / --limit-eval)."""
+        """Reads the training and test records (cut to --limit-train / --limit-eval) and tokenizes the training
+        records once (a progress bar for large files)."""
         config = self.config
         self.tokenizer, self.sharding = tokenizer, batch_sharding
         self.train_records = load_records(self.train_path)[: config.limit_train or None]
         self.test_records = load_records(self.test_path)[: config.limit_eval or None]
         self.num_train = len(self.train_records)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        progress = distributed.is_main() and self.num_train >= pipeline.BAR_ROWS
+        self.examples = tokenize_records(
+            tokenizer, self.train_records, config.cutoff, train_on_inputs=config.train_on_inputs, progress=progress
+        )
         self.buckets = pipeline.bucket_lengths(config.cutoff) if config.bucket and jax.process_count() == 1 else None
 
     def local(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Tokenized, right-padded examples of ``rows`` (any shape), as arrays of shape ``rows.shape + (T,)``."""
-        examples = [
-            tokenize_example(
-                self.tokenizer, self.train_records[i], self.config.cutoff, train_on_inputs=self.config.train_on_inputs
-            )
-            for i in rows.reshape(-1)
-        ]
-        longest = max(len(e["input_ids"]) for e in examples)
+        flat = rows.reshape(-1)
+        longest = int(self.examples.lengths[flat].max())
         length = pipeline.fit_bucket(self.buckets, longest) if self.buckets else self.config.cutoff
-        batch = {
-            "input_ids": np.full((len(examples), length), self.pad_id, np.int32),
-            "attention_mask": np.zeros((len(examples), length), np.int32),
-            "loss_mask": np.zeros((len(examples), length), np.int32),
-        }
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            batch["input_ids"][row, :n] = example["input_ids"]
-            batch["attention_mask"][row, :n] = 1
-            batch["loss_mask"][row, :n] = example["labels"] != IGNORE_INDEX
-        return {k: v.reshape(*rows.shape, length) for k, v in batch.items()}
+        return {k: v.reshape(*rows.shape, length) for k, v in self.examples.batch(flat, length).items()}
 
     def step_rows(self, step: int) -> np.ndarray:
         """Example indices of global step ``step``: (B,), or (B, N) whose column j is micro-batch j."""
         config = self.config
         return pipeline.step_rows(self.num_train, config.batch_size, config.grad_accum, config.seed, step)
 
-    def planned_batches(self, total_steps: int) -> None:
-        """None: each step shape compiles at its first use (bucketed per step; generation compiles its own)."""
-        return None
+    def host(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step ``step``'s batch; with one process, a batch without padding drops its mask."""
+        mine = pipeline.shard_for_process(self.step_rows(step), jax.process_index(), jax.process_count())
+        return pipeline.drop_full_mask(self.local(mine), jax.process_count())
+
+    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
+        """One batch of ``jax.ShapeDtypeStruct``s per train-step shape of ``total_steps`` steps (length, and
+        whether the mask is dropped), found from the examples' lengths; no eval shapes (generation compiles its
+        own programs)."""
+        config = self.config
+        if jax.process_count() > 1:  # every batch is padded to --cutoff and keeps its mask
+            steps = range(min(total_steps, 1))
+        else:
+            rows = config.batch_size * config.grad_accum  # a step's examples, whatever their layout
+            buckets = self.buckets or (config.cutoff,)
+            steps = pipeline.steps_by_shape(self.examples.lengths, rows, config.seed, total_steps, buckets)
+        return pipeline.distinct_shapes((self.host(step) for step in steps), config.batch_size), []
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
-        rows = self.step_rows(step)
-        mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
-        batch = pipeline.drop_full_mask(self.local(mine), jax.process_count())
-        return distributed.batch_to_global(batch, self.sharding, len(rows))
+        return distributed.batch_to_global(self.host(step), self.sharding, self.config.batch_size)
 
     def calibration_batches(self):
         """Model inputs of the first --calibration-batches micro-batches, for Wanda-scored selection."""

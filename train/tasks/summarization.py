@@ -9,12 +9,15 @@ sliced matmul for RoCoFT: no merged copy of the weights) and scores the summarie
 (`train.rouge`). `SummarizationJob` is the trainer's `Job` for them; data and batches are
 `train.summarization_data`'s.
 
-With one process a step's sources and targets are each padded to the smallest power-of-two bucket holding
-their longest row (up to --max-source-length and --max-target-length), and a step whose sources have no
-padding drops their attention mask; with several, rows are padded to those maxima, so all processes agree on
-the batch without talking. With --grad-accum N the arrays are (B, N, ...), as for the LLM tasks. Generation is
-costly, so by default the job evaluates only after the last step. ``--model tiny-bart`` is a random-init
-2+2-layer BART read with the offline byte tokenizer (`train.byte_tokenizer`).
+The train split is tokenized once, in `SummarizationJob.prepare` (`summarization_data.encode_pairs`). With one
+process a step's sources and targets are each padded to the smallest power-of-two bucket holding their longest
+row (up to --max-source-length and --max-target-length), and a step whose sources have no padding drops their
+attention mask; with several, rows are padded to those maxima, so all processes agree on the batch without
+talking. Every example's lengths being known, the job plans each step shape of the run ahead
+(`SummarizationJob.planned_batches`), so all compile before the loop. With --grad-accum N the arrays are
+(B, N, ...), as for the LLM tasks. Generation is costly, so by default the job evaluates only after the last
+step. ``--model tiny-bart`` is a random-init 2+2-layer BART read with the offline byte tokenizer
+(`train.byte_tokenizer`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from train.byte_tokenizer import make_byte_tokenizer
 from train.config import TrainConfig
 from train.errors import ConfigError, ModelError
 from train.rouge import ROUGE_TYPES, rouge_scores
-from train.summarization_data import Seq2SeqLayout, encode, get_task, load_split, seq2seq_batch
+from train.summarization_data import Seq2SeqLayout, encode, encode_pairs, get_task, load_split
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SEQ2SEQ_TYPES = families.model_types("seq2seq")
@@ -134,12 +137,22 @@ class SummarizationJob:
         return train, evaluated
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
-        """Reads the splits from the hub (files in --data-dir were read when the job was made)."""
+        """Reads the splits from the hub (files in --data-dir were read when the job was made) and tokenizes the
+        train split once (a progress bar for large splits)."""
         config = self.config
         self.tokenizer, self.sharding = tokenizer, batch_sharding
         self.train_records, self.eval_records = self.splits or self.read_splits()
         self.splits = None
         self.num_train = len(self.train_records)
+        progress = distributed.is_main() and self.num_train >= pipeline.BAR_ROWS
+        self.pairs = encode_pairs(
+            tokenizer,
+            self.train_records,
+            config.max_source_length,
+            config.max_target_length,
+            self.layout.pad_id,
+            progress=progress,
+        )
         one = config.bucket and jax.process_count() == 1
         self.source_buckets = pipeline.bucket_lengths(config.max_source_length) if one else None
         self.target_buckets = pipeline.bucket_lengths(config.max_target_length) if one else None
@@ -147,14 +160,12 @@ class SummarizationJob:
     def local(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Tokenized, right-padded examples of ``rows`` (any shape), as arrays of shape ``rows.shape + (T,)``."""
         config = self.config
-        records = [self.train_records[i] for i in rows.reshape(-1)]
-        sources = encode(self.tokenizer, [r["document"] for r in records], config.max_source_length)
-        targets = encode(self.tokenizer, [r["summary"] for r in records], config.max_target_length, target=True)
+        flat = rows.reshape(-1)
         source_length, target_length = config.max_source_length, config.max_target_length
         if self.source_buckets:
-            source_length = pipeline.fit_bucket(self.source_buckets, max(map(len, sources)))
-            target_length = pipeline.fit_bucket(self.target_buckets, max(map(len, targets)))
-        batch = seq2seq_batch(sources, targets, source_length, target_length, self.layout)
+            source_length = pipeline.fit_bucket(self.source_buckets, int(self.pairs.sources.lengths[flat].max()))
+            target_length = pipeline.fit_bucket(self.target_buckets, int(self.pairs.targets.lengths[flat].max()))
+        batch = self.pairs.batch(flat, source_length, target_length, self.layout)
         return {k: v.reshape(*rows.shape, *v.shape[1:]) for k, v in batch.items()}
 
     def step_rows(self, step: int) -> np.ndarray:
@@ -162,15 +173,31 @@ class SummarizationJob:
         config = self.config
         return pipeline.step_rows(self.num_train, config.batch_size, config.grad_accum, config.seed, step)
 
-    def planned_batches(self, total_steps: int) -> None:
-        """None: each step shape compiles at its first use (bucketed per step; generation compiles its own)."""
-        return None
+    def host(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step ``step``'s batch; with one process, sources without padding drop their
+        mask."""
+        mine = pipeline.shard_for_process(self.step_rows(step), jax.process_index(), jax.process_count())
+        return pipeline.drop_full_mask(self.local(mine), jax.process_count())
+
+    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
+        """One batch of ``jax.ShapeDtypeStruct``s per train-step shape of ``total_steps`` steps (source and target
+        lengths, and whether the source mask is dropped), found from the examples' lengths; no eval shapes
+        (generation compiles its own programs)."""
+        config = self.config
+        if jax.process_count() > 1:  # every batch is padded to the maxima and keeps its mask
+            steps = range(min(total_steps, 1))
+        else:
+            lengths = (self.pairs.sources.lengths, self.pairs.targets.lengths)
+            buckets = (
+                self.source_buckets or (config.max_source_length,),
+                self.target_buckets or (config.max_target_length,),
+            )
+            rows = config.batch_size * config.grad_accum  # a step's examples, whatever their layout
+            steps = pipeline.steps_by_shapes(lengths, buckets, rows, config.seed, total_steps)
+        return pipeline.distinct_shapes((self.host(step) for step in steps), config.batch_size), []
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
-        rows = self.step_rows(step)
-        mine = pipeline.shard_for_process(rows, jax.process_index(), jax.process_count())
-        batch = pipeline.drop_full_mask(self.local(mine), jax.process_count())
-        return distributed.batch_to_global(batch, self.sharding, len(rows))
+        return distributed.batch_to_global(self.host(step), self.sharding, self.config.batch_size)
 
     def calibration_batches(self):
         """Model inputs of the first --calibration-batches batches, for Wanda-scored selection.
