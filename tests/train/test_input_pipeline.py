@@ -242,16 +242,18 @@ def test_choose_buckets_on_real_stsb_beats_powers_of_two_in_padding(minilm_token
     assert _padded_tokens(chosen, longest) < 0.9 * _padded_tokens(ip.bucket_lengths(128), longest)
 
 
-def test_planned_batches_hold_every_shape_a_run_meets(minilm_tokenizer, glue_dir):
+@pytest.mark.parametrize("bucket, max_length", [(True, 128), (False, 12)], ids=["buckets", "no-buckets"])
+def test_planned_batches_hold_every_shape_a_run_meets(minilm_tokenizer, glue_dir, bucket, max_length):
     """Real STS-B: every train step of three epochs and every eval batch has a shape in `Batches.planned`,
-    which lists each shape once."""
+    which lists each shape once; without buckets too, where a batch whose rows all fill --max-length drops
+    its mask."""
     from train.glue import load_glue
 
     spec = get_task("stsb")
     data = load_glue("stsb", glue_dir)
     splits = {"train": {k: v[:640] for k, v in data["train"].items()}, "validation": data["validation"]}
     mesh = sharding.make_mesh(sharding.parse_mesh("", 1), jax.devices()[:1])
-    config = TrainConfig(task="stsb", batch_size=32, max_length=128)
+    config = TrainConfig(task="stsb", batch_size=32, max_length=max_length, bucket=bucket)
     batches = Batches(config, spec, minilm_tokenizer, NamedSharding(mesh, sharding.BATCH), splits)
     steps = 3 * ip.steps_per_epoch(640, 32)
     train, evals = batches.planned(steps)
@@ -264,4 +266,7 @@ def test_planned_batches_hold_every_shape_a_run_meets(minilm_tokenizer, glue_dir
         key(b) for b in train
     }
     assert {key(batch) for batch, _, _ in batches.eval_batches("validation")} == {key(b) for b in evals}
-    assert len(batches.buckets) <= 5 and batches.buckets[-1] == 128
+    if bucket:
+        assert len(batches.buckets) <= 5 and batches.buckets[-1] == 128
+    else:  # both shapes occur at length 12: the test would pass vacuously otherwise
+        assert batches.buckets is None and {"attention_mask" in b for b in train} == {True, False}

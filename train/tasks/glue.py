@@ -93,11 +93,12 @@ class Batches:
         """``(train, eval)``: one global batch of ``jax.ShapeDtypeStruct`` per distinct shape the run's
         ``total_steps`` train steps and its evaluations will feed the steps."""
         config = self.config
-        if jax.process_count() > 1 or self.buckets is None:  # every batch has the one shape
+        if jax.process_count() > 1:  # every batch is padded to --max-length and keeps its mask
             steps = range(min(total_steps, 1))
-        else:
+        else:  # without buckets, a batch whose rows all fill --max-length drops its mask: a second shape
             lengths = self.encoded["train"].lengths
-            steps = pipeline.steps_by_shape(lengths, config.batch_size, config.seed, total_steps, self.buckets)
+            buckets = self.buckets or (config.max_length,)
+            steps = pipeline.steps_by_shape(lengths, config.batch_size, config.seed, total_steps, buckets)
         train = (self.host("train", self.train_rows(step), train=True) for step in steps)
         evals = (
             self.host(split, rows)
