@@ -153,10 +153,30 @@ def assert_peft_computes(model, base, peft_dir: Path, trainable, frozen, mask, b
             np.testing.assert_allclose(merged[key].numpy(), value, atol=1e-6, err_msg=key)
 
 
+# The default suite runs one case per layout (an encoder's classifier with and without biases, a span head,
+# Llama rows and columns, Bloom's fused qkv, GPT-2's Conv1D); -m slow runs every family.
+DEFAULT_CASES = {
+    ("bert", "cls", "row", False),
+    ("roberta", "cls", "column", True),
+    ("distilbert", "qa", "row", False),
+    ("llama", "lm", "row", False),
+    ("llama", "lm", "column", False),
+    ("bloom", "lm", "row", True),
+    ("gpt2", "lm", "row", True),
+}
+
+
 @pytest.mark.parametrize(
     "name, head, mode, bias",
-    CASES,
-    ids=[f"{n}{'-qa' if h == 'qa' else ''}-{m}s{'-bias' if b else ''}" for n, h, m, b in CASES],
+    [
+        pytest.param(
+            *case,
+            id=f"{n}{'-qa' if h == 'qa' else ''}-{m}s{'-bias' if b else ''}",
+            marks=() if case in DEFAULT_CASES else pytest.mark.slow,
+        )
+        for case in CASES
+        for n, h, m, b in [case]
+    ],
 )
 def test_peft_adapter_computes_the_trained_model(tmp_path, name, head, mode, bias):
     model, params, config = tiny_model(name, head)

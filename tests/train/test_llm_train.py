@@ -86,7 +86,9 @@ def job_for(config: TrainConfig, tokenizer) -> llm.LlmJob:
 # ---------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(  # Llama and GPT-2 (Conv1D) by default; every family under -m slow
+    "family", [f if f in ("llama", "gpt2") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)
 def test_every_family_learns_on_real_boolq_and_gsm8k(dataset, family):
     config = llm_config(dataset, model=f"tiny-{family}")
     tx, _ = step.make_optimizer(1e-2, 100, 0, 0.0, "constant", 1.0)

@@ -118,6 +118,7 @@ def test_beam_search_through_the_sliced_layers_equals_the_plain_model_on_merged_
     assert texts == [line["generation"] for line in predictions(cnn_run)]
 
 
+@pytest.mark.slow  # the LLM run test covers the trainer side; the planned shapes are tested in the data tests
 def test_a_run_compiles_every_step_program_once_before_the_loop(tmp_path, monkeypatch):
     """A run whose steps meet several target buckets: results.json counts each train-step program once, each
     compiled ahead of the loop (`StepPrograms.compile`, the compile at first use, never runs), and they are the
