@@ -8,8 +8,9 @@ span head (QUESTION_ANS), and Llama, Mistral, Gemma, GPT-J, Bloom (fused ``query
 (Conv1D, ``fan_in_fan_out``) causal LMs; rows and columns, with and without trained biases
 (``bias="lora_only"``). The Flax models are the classes `rocoft_jax.faithful` gives the trainer. A Qwen2 loads
 as a Llama with a zero o_proj bias its PyTorch model lacks: exact without trained biases, refused with them.
-Under ``-m slow``, the real all-MiniLM-L6-v2 after short RoCoFT runs (rows and columns) on real SST-2 through
-``train.run`` and ``train.export --format peft``.
+The default suite runs one case per layout (`DEFAULT_CASES`); ``-m slow`` runs every type, and the real
+all-MiniLM-L6-v2 after short RoCoFT runs (rows and columns) on real SST-2 through ``train.run`` and
+``train.export --format peft``.
 """
 
 from __future__ import annotations
