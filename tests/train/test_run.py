@@ -236,7 +236,8 @@ def test_export_loads_in_flax_and_pytorch_with_the_trained_logits(tmp_path, refe
 
 @pytest.mark.parametrize("weights", ["flax_model.msgpack", "pytorch_model.bin"])
 def test_trains_from_a_local_dir_of_either_weight_format(tmp_path, reference_run, weights):
-    """A local --model dir may hold Flax msgpack weights, or PyTorch .bin weights (converted via from_pt)."""
+    """A local --model dir may hold Flax msgpack weights, or PyTorch .bin weights (converted via from_pt); the
+    .bin dir trains through the CLI, which tells transformers not to import PyTorch (`run.without_torch`)."""
     pytest.importorskip("torch")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -253,5 +254,12 @@ def test_trains_from_a_local_dir_of_either_weight_format(tmp_path, reference_run
         assert (model_dir / "pytorch_model.bin").is_file() and not (model_dir / "model.safetensors").exists()
     out = tmp_path / "run"
     args = ["--model", str(model_dir), "--max-steps", "4", "--limit-eval", "64", "--output-dir", str(out)]
-    assert run.main(args) == 0
+    if weights == "pytorch_model.bin":
+        env = {k: v for k, v in cpu_env().items() if k != "USE_TORCH"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "train.run", *args], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        assert run.main(args) == 0
     assert json.loads((out / "results.json").read_text())["model"] == str(model_dir)
