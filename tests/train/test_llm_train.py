@@ -189,23 +189,15 @@ def test_planned_batches_of_several_processes_are_one_shape(dataset, monkeypatch
     assert job.host(0)["input_ids"].shape == (2, 2, 600)  # this process's half of the rows
 
 
-def test_train_run_compiles_every_step_program_once_before_the_loop(dataset, tmp_path, monkeypatch):
+def test_train_run_compiles_every_step_program_once_before_the_loop(dataset, tmp_path, first_use_compiles):
     """A run whose steps meet several shapes: results.json counts each train-step program once, each compiled
     ahead of the loop (`StepPrograms.compile`, the compile at first use, never runs), and they are the planned
     shapes."""
-    first_use = []
-    compile_at_first_use = timing.StepPrograms.compile
-
-    def record(self, *args):
-        first_use.append(timing.describe(args[-1]))
-        return compile_at_first_use(self, *args)
-
-    monkeypatch.setattr(timing.StepPrograms, "compile", record)
     out = tmp_path / "run"
     args = ["--model", "tiny-llama", "--task", "arc-e", "--cutoff", "600", "--batch-size", "1", "--grad-accum", "2"]
     args += ["--max-steps", "12", "--limit-train", "200", "--num-beams", "1", "--eval-limit", "1"]
     results, _ = run_llm(dataset, out, *args, "--max-new-tokens", "2", "--eval-batch-size", "1")
-    assert first_use == []
+    assert first_use_compiles == []
     programs = results["timing"]["compile"]["programs"]
     assert results["timing"]["compile"]["count"] == len(programs) > 1
     assert all(p["count"] == 1 for p in programs.values())

@@ -119,7 +119,7 @@ def test_beam_search_through_the_sliced_layers_equals_the_plain_model_on_merged_
 
 
 @pytest.mark.slow  # the LLM run test covers the trainer side; the planned shapes are tested in the data tests
-def test_a_run_compiles_every_step_program_once_before_the_loop(tmp_path, monkeypatch):
+def test_a_run_compiles_every_step_program_once_before_the_loop(tmp_path, first_use_compiles):
     """A run whose steps meet several target buckets: results.json counts each train-step program once, each
     compiled ahead of the loop (`StepPrograms.compile`, the compile at first use, never runs), and they are the
     planned shapes."""
@@ -130,18 +130,10 @@ def test_a_run_compiles_every_step_program_once_before_the_loop(tmp_path, monkey
 
     if not (CNN / "train.jsonl").is_file():
         pytest.skip(f"{CNN} is absent (real data lives beside the repo)")
-    first_use = []
-    compile_at_first_use = timing.StepPrograms.compile
-
-    def record(self, *args):
-        first_use.append(timing.describe(args[-1]))
-        return compile_at_first_use(self, *args)
-
-    monkeypatch.setattr(timing.StepPrograms, "compile", record)
     out = tmp_path / "run"
     args = [*RUN, "--max-steps", "6", "--batch-size", "2", "--max-target-length", "512", "--num-beams", "1"]
     assert run.main([*args, "--eval-limit", "1", "--data-dir", str(CNN), "--output-dir", str(out)]) == 0
-    assert first_use == []
+    assert first_use_compiles == []
     results = json.loads((out / "results.json").read_text())
     programs = results["timing"]["compile"]["programs"]
     assert results["timing"]["compile"]["count"] == len(programs) > 1
