@@ -247,18 +247,7 @@ def steps_by_shape(
     """One train step for each (bucket, full mask) pair that ``total_steps`` steps meet, ``lengths`` being
     each example's tokens: the steps whose batches show every train shape of a run, found in numpy (a
     GLUE run of 100k steps takes well under a second)."""
-    per_epoch = steps_per_epoch(len(lengths), batch_size)
-    bucket_array = np.asarray(buckets)
-    seen: dict[tuple[int, bool], int] = {}
-    for epoch in range(-(-total_steps // per_epoch)):
-        steps = min(per_epoch, total_steps - epoch * per_epoch)
-        order = epoch_permutation(len(lengths), seed, epoch)
-        batch_lengths = np.asarray(lengths)[order[: steps * batch_size]].reshape(steps, batch_size)
-        bucket = bucket_array[np.searchsorted(bucket_array, batch_lengths.max(axis=1))]
-        full = batch_lengths.min(axis=1) == bucket
-        for i, key in enumerate(zip(bucket.tolist(), full.tolist())):
-            seen.setdefault(key, epoch * per_epoch + i)
-    return sorted(seen.values())
+    return steps_by_shapes([lengths], [buckets], batch_size, seed, total_steps)
 
 
 def distinct_shapes(batches, rows: int) -> list[dict]:
