@@ -10,13 +10,16 @@ strategies draw `Job.calibration_batches`. `Job.evaluate` scores the trainable t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
+
+from train import distributed
+from train import input_pipeline as pipeline
 
 
 class EvalContext(NamedTuple):
@@ -63,3 +66,45 @@ class Job(Protocol):
 
     def results(self) -> dict[str, Any]:
         """What results.json adds for this kind of task."""
+
+
+class MicroBatchedRows:
+    """Train batches of a job whose examples are tokenized once: step s takes rows
+    `input_pipeline.step_rows` of the train split ((B,), or (B, N) with --grad-accum N), padded per step by the
+    job's ``local(rows)`` (arrays of shape ``rows.shape + (T,)``, lengths cut to a bucket).
+
+    The job sets ``config``, ``num_train`` and ``sharding`` in `Job.prepare` and gives `shape_lengths`; this
+    gives `step_rows`, `host`, `train_batch` and `planned_batches`.
+    """
+
+    def shape_lengths(self) -> tuple[Sequence[np.ndarray], Sequence[Sequence[int]]]:
+        """``(lengths, buckets)``: each padded sequence's per-example token counts, and the lengths it is padded
+        to (its buckets, or its one maximum)."""
+        raise NotImplementedError
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Example indices of global step ``step``: (B,), or (B, N) whose column j is micro-batch j."""
+        config = self.config
+        return pipeline.step_rows(self.num_train, config.batch_size, config.grad_accum, config.seed, step)
+
+    def host(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step ``step``'s batch; with one process, a batch whose (source) rows have no
+        padding drops its attention mask."""
+        mine = pipeline.shard_for_process(self.step_rows(step), jax.process_index(), jax.process_count())
+        return pipeline.drop_full_mask(self.local(mine), jax.process_count())
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        return distributed.batch_to_global(self.host(step), self.sharding, self.config.batch_size)
+
+    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
+        """One batch of ``jax.ShapeDtypeStruct``s per train-step shape of ``total_steps`` steps (every
+        sequence's length, and whether the mask is dropped), found from the examples' lengths; no eval shapes
+        (these jobs' generation compiles its own programs)."""
+        config = self.config
+        if jax.process_count() > 1:  # every batch is padded to the maxima and keeps its mask
+            steps = range(min(total_steps, 1))
+        else:
+            lengths, buckets = self.shape_lengths()
+            rows = config.batch_size * config.grad_accum  # a step's examples, whatever their layout
+            steps = pipeline.steps_by_shapes(lengths, buckets, rows, config.seed, total_steps)
+        return pipeline.distinct_shapes((self.host(step) for step in steps), config.batch_size), []

@@ -32,6 +32,7 @@ from train.byte_tokenizer import make_byte_tokenizer
 from train.config import TrainConfig
 from train.errors import ConfigError, DataError, ModelError
 from train.llm_data import find_file, get_task, load_records, tokenize_records
+from train.tasks.base import MicroBatchedRows
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
@@ -69,7 +70,7 @@ def _data_dir(config: TrainConfig) -> str:
     return config.data_dir
 
 
-class LlmJob:
+class LlmJob(MicroBatchedRows):
     """An LLM task for the trainer's loop: training batches, calibration batches and evaluation by generation."""
 
     loss_kind = "causal-lm"
@@ -132,31 +133,8 @@ class LlmJob:
         length = pipeline.fit_bucket(self.buckets, longest) if self.buckets else self.config.cutoff
         return {k: v.reshape(*rows.shape, length) for k, v in self.examples.batch(flat, length).items()}
 
-    def step_rows(self, step: int) -> np.ndarray:
-        """Example indices of global step ``step``: (B,), or (B, N) whose column j is micro-batch j."""
-        config = self.config
-        return pipeline.step_rows(self.num_train, config.batch_size, config.grad_accum, config.seed, step)
-
-    def host(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of step ``step``'s batch; with one process, a batch without padding drops its mask."""
-        mine = pipeline.shard_for_process(self.step_rows(step), jax.process_index(), jax.process_count())
-        return pipeline.drop_full_mask(self.local(mine), jax.process_count())
-
-    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
-        """One batch of ``jax.ShapeDtypeStruct``s per train-step shape of ``total_steps`` steps (length, and
-        whether the mask is dropped), found from the examples' lengths; no eval shapes (generation compiles its
-        own programs)."""
-        config = self.config
-        if jax.process_count() > 1:  # every batch is padded to --cutoff and keeps its mask
-            steps = range(min(total_steps, 1))
-        else:
-            rows = config.batch_size * config.grad_accum  # a step's examples, whatever their layout
-            buckets = self.buckets or (config.cutoff,)
-            steps = pipeline.steps_by_shape(self.examples.lengths, rows, config.seed, total_steps, buckets)
-        return pipeline.distinct_shapes((self.host(step) for step in steps), config.batch_size), []
-
-    def train_batch(self, step: int) -> dict[str, jax.Array]:
-        return distributed.batch_to_global(self.host(step), self.sharding, self.config.batch_size)
+    def shape_lengths(self):
+        return [self.examples.lengths], [self.buckets or (self.config.cutoff,)]
 
     def calibration_batches(self):
         """Model inputs of the first --calibration-batches micro-batches, for Wanda-scored selection."""

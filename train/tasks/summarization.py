@@ -44,6 +44,7 @@ from train.config import TrainConfig
 from train.errors import ConfigError, ModelError
 from train.rouge import ROUGE_TYPES, rouge_scores
 from train.summarization_data import Seq2SeqLayout, encode, encode_pairs, get_task, load_split
+from train.tasks.base import MicroBatchedRows
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SEQ2SEQ_TYPES = families.model_types("seq2seq")
@@ -75,7 +76,7 @@ def dropout_overrides(base, rate: float) -> dict[str, float]:
     return {**models.dropout_overrides(base, rate), **extra}
 
 
-class SummarizationJob:
+class SummarizationJob(MicroBatchedRows):
     """XSum or CNN/DailyMail for the trainer's loop: seq2seq batches, and ROUGE of generated summaries."""
 
     loss_kind = "seq2seq-lm"
@@ -168,36 +169,13 @@ class SummarizationJob:
         batch = self.pairs.batch(flat, source_length, target_length, self.layout)
         return {k: v.reshape(*rows.shape, *v.shape[1:]) for k, v in batch.items()}
 
-    def step_rows(self, step: int) -> np.ndarray:
-        """Example indices of global step ``step``: (B,), or (B, N) whose column j is micro-batch j."""
+    def shape_lengths(self):
         config = self.config
-        return pipeline.step_rows(self.num_train, config.batch_size, config.grad_accum, config.seed, step)
-
-    def host(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of step ``step``'s batch; with one process, sources without padding drop their
-        mask."""
-        mine = pipeline.shard_for_process(self.step_rows(step), jax.process_index(), jax.process_count())
-        return pipeline.drop_full_mask(self.local(mine), jax.process_count())
-
-    def planned_batches(self, total_steps: int) -> tuple[list[dict], list[dict]]:
-        """One batch of ``jax.ShapeDtypeStruct``s per train-step shape of ``total_steps`` steps (source and target
-        lengths, and whether the source mask is dropped), found from the examples' lengths; no eval shapes
-        (generation compiles its own programs)."""
-        config = self.config
-        if jax.process_count() > 1:  # every batch is padded to the maxima and keeps its mask
-            steps = range(min(total_steps, 1))
-        else:
-            lengths = (self.pairs.sources.lengths, self.pairs.targets.lengths)
-            buckets = (
-                self.source_buckets or (config.max_source_length,),
-                self.target_buckets or (config.max_target_length,),
-            )
-            rows = config.batch_size * config.grad_accum  # a step's examples, whatever their layout
-            steps = pipeline.steps_by_shapes(lengths, buckets, rows, config.seed, total_steps)
-        return pipeline.distinct_shapes((self.host(step) for step in steps), config.batch_size), []
-
-    def train_batch(self, step: int) -> dict[str, jax.Array]:
-        return distributed.batch_to_global(self.host(step), self.sharding, self.config.batch_size)
+        lengths = [self.pairs.sources.lengths, self.pairs.targets.lengths]
+        return lengths, [
+            self.source_buckets or (config.max_source_length,),
+            self.target_buckets or (config.max_target_length,),
+        ]
 
     def calibration_batches(self):
         """Model inputs of the first --calibration-batches batches, for Wanda-scored selection.
