@@ -73,3 +73,4 @@ def test_mixed_adapter_benchmark_reports_both_throughputs(args):
     result = mixed_adapters.main([*args, *common])
     assert result["mixed_ms"] > 0 and result["merged_ms"] > 0
     assert result["mixed_over_merged_throughput"] > 0
+    assert result["pipelined_mixed_over_merged_throughput"] == result["pipelined_merged_ms"] / result["pipelined_mixed_ms"]
