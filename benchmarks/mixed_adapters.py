@@ -11,6 +11,7 @@ throughput a single-task deployment gets). Encoders time classification logits; 
 greedy decoding through HF's KV cache. Prints the medians and mixed/merged throughput two ways: one
 call at a time (each waits for its result: host dispatch is on the clock) and pipelined (``--steps``
 calls dispatched back to back, then one wait: what a serving loop that keeps the device busy gets).
+``--profile`` adds each side's kernel time, kernel count and host dispatch time per call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rocoft_jax
+from benchmarks import kernels
 from rocoft_jax import adapters as adapters_lib
 from rocoft_jax import mixed
 from train import models, strict_json
@@ -41,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("row", "column", "both"), default="both", help="both: alternate per adapter")
     p.add_argument("--dtype", choices=tuple(models.DTYPES), default="bf16", help="the base weights' dtype")
     p.add_argument("--steps", type=int, default=10, help="timed iterations after one warm-up")
+    p.add_argument("--profile", action="store_true", help="add each side's device kernels (benchmarks.kernels)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     return p.parse_args(argv)
 
@@ -137,6 +140,8 @@ def main(argv=None) -> dict:
         "pipelined_merged_ms": merged_p * 1e3,
         "pipelined_mixed_over_merged_throughput": merged_p / mixed_p,
     }
+    if args.profile:
+        result["mixed_profile"], result["merged_profile"] = kernels.profile(run_mixed), kernels.profile(run_merged)
     print(strict_json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return result
 

@@ -18,7 +18,7 @@ nvidia-smi -L | tee "$OUT/env.txt"
 python -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" | tee -a "$OUT/env.txt"
 # Each run writes its JSON when done; LIMIT bounds it so one slow shape cannot eat the slot.
 run() { local name=$1; shift; timeout "${LIMIT:-240}" python -m benchmarks.step "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err"; tail -c 2500 "$OUT/$name.json"; echo; }
-mixed() { local name=$1; shift; timeout "${LIMIT:-240}" python -m benchmarks.mixed_adapters "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err"; tail -c 2500 "$OUT/$name.json"; echo; tail -3 "$OUT/$name.err"; }
+mixed() { local name=$1; shift; timeout "${LIMIT:-240}" python -m benchmarks.mixed_adapters "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err"; tail -c 6000 "$OUT/$name.json"; echo; tail -3 "$OUT/$name.err"; }
 whole() { local name=$1; shift; timeout "${LIMIT:-300}" python -m benchmarks.run_time --shape "$1" --tokenizer .bench/minilm --output-dir "$OUT/$name" -- "${@:2}" > "$OUT/$name.txt" 2> "$OUT/$name.err"; cat "$OUT/$name.txt"; tail -3 "$OUT/$name.err"; }
 case "${1:-encoder}" in
   encoder)
@@ -35,8 +35,8 @@ case "${1:-encoder}" in
     CUDA_VISIBLE_DEVICES=0 LIMIT=100 run llama7b_1024_fullremat --model llama-2-7b --batch-size 4 --seq-len 1024 --methods rocoft --remat full --peers "" --steps 10
     ;;
   mixed)
-    LIMIT=150 mixed mixed_roberta_large --model roberta-large --batch-size 64 --seq-len 128 --adapters 8
-    LIMIT=300 mixed mixed_llama7b --model llama-2-7b --generate --batch-size 16 --seq-len 128 --new-tokens 64 --adapters 8
+    LIMIT=150 mixed mixed_roberta_large --model roberta-large --batch-size 64 --seq-len 128 --adapters 8 --profile
+    LIMIT=300 mixed mixed_llama7b --model llama-2-7b --generate --batch-size 16 --seq-len 128 --new-tokens 64 --adapters 8 --profile
     ;;
   stsb)
     LIMIT=240 whole stsb_minilm .bench/minilm --task stsb --data-dir .bench/glue --epochs 2

@@ -64,7 +64,9 @@ def test_peers_are_compiled_and_eager_and_ratios_name_the_fastest():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--model", "tiny"], ["--model", "tiny-llama", "--generate", "--new-tokens", "3"]])
+@pytest.mark.parametrize(
+    "args", [["--model", "tiny", "--profile"], ["--model", "tiny-llama", "--generate", "--new-tokens", "3"]]
+)
 def test_mixed_adapter_benchmark_reports_both_throughputs(args):
     """A CPU smoke run of `benchmarks.mixed_adapters` (the numbers that matter come from a GPU)."""
     from benchmarks import mixed_adapters
@@ -73,4 +75,8 @@ def test_mixed_adapter_benchmark_reports_both_throughputs(args):
     result = mixed_adapters.main([*args, *common])
     assert result["mixed_ms"] > 0 and result["merged_ms"] > 0
     assert result["mixed_over_merged_throughput"] > 0
-    assert result["pipelined_mixed_over_merged_throughput"] == result["pipelined_merged_ms"] / result["pipelined_mixed_ms"]
+    assert (
+        result["pipelined_mixed_over_merged_throughput"] == result["pipelined_merged_ms"] / result["pipelined_mixed_ms"]
+    )
+    if "--profile" in args:  # a CPU backend records no device kernels; the host dispatch is timed
+        assert result["mixed_profile"]["dispatch_ms"] > 0 and result["merged_profile"]["kernels"] == 0
