@@ -285,6 +285,18 @@ def select(columns: Mapping[str, Sequence], rows: np.ndarray) -> dict[str, list]
 BAR_ROWS = 10_000  # a split of at least this many rows is tokenized under a progress bar
 
 
+def chunked(items: Sequence, size: int, desc: str, progress: bool = False) -> Iterator[Sequence]:
+    """``items`` in consecutive slices of ``size``, with a tqdm bar (shown when ``progress``) that counts an item
+    once the caller is done with its slice: the tokenizing loops of the LLM and summarization jobs."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="ex", disable=not progress) as bar:
+        for first in range(0, len(items), size):
+            part = items[first : first + size]
+            yield part
+            bar.update(len(part))
+
+
 def ragged_rows(chunks: Iterable[Sequence[Sequence[int]]], key: str, pad: int, max_length: int) -> Encoded:
     """Token-id rows, given chunk by chunk, end to end as an `Encoded` of the one input ``key`` (padded with
     ``pad``) without labels. Each chunk's Python lists are dropped once flattened, so a large split never

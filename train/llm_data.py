@@ -41,10 +41,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from train.errors import DataError
-from train.input_pipeline import Encoded, ragged_rows
+from train.input_pipeline import Encoded, chunked, ragged_rows
 
 IGNORE_INDEX = -100  # label of tokens left out of the loss (PyTorch's cross-entropy default, as LLM-Adapters)
 MATH_TOLERANCE = 0.001  # evaluate.py's ``miss``
@@ -255,17 +254,14 @@ def tokenize_records(
     starts: list[np.ndarray] = []
 
     def chunks():
-        with tqdm(total=len(records), desc="tokenizing", unit="ex", disable=not progress) as bar:
-            for first in range(0, len(records), chunk_size):
-                part = records[first : first + chunk_size]
-                if train_on_inputs:
-                    starts.append(np.zeros(len(part), np.int32))
-                else:
-                    prompts = [format_train_prompt({**r, "output": ""}) for r in part]
-                    lengths = map(len, _tokenize_all(tokenizer, prompts, cutoff, add_eos=False))
-                    starts.append(np.fromiter(lengths, np.int32, len(part)))
-                yield _tokenize_all(tokenizer, [format_train_prompt(r) for r in part], cutoff, add_eos)
-                bar.update(len(part))
+        for part in chunked(records, chunk_size, "tokenizing", progress):
+            if train_on_inputs:
+                starts.append(np.zeros(len(part), np.int32))
+            else:
+                prompts = [format_train_prompt({**r, "output": ""}) for r in part]
+                lengths = map(len, _tokenize_all(tokenizer, prompts, cutoff, add_eos=False))
+                starts.append(np.fromiter(lengths, np.int32, len(part)))
+            yield _tokenize_all(tokenizer, [format_train_prompt(r) for r in part], cutoff, add_eos)
 
     encoded = ragged_rows(chunks(), "input_ids", pad_id, cutoff)
     return Examples(encoded, np.concatenate(starts) if starts else np.zeros(0, np.int32))

@@ -37,10 +37,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from train.errors import DataError
-from train.input_pipeline import Encoded, ragged_rows
+from train.input_pipeline import Encoded, chunked, ragged_rows
 
 IGNORE_INDEX = -100  # label of target padding, left out of the loss (as HF's seq2seq models)
 SPLITS = ("train", "validation", "test")
@@ -341,11 +340,8 @@ def encode_pairs(
     (a bar with ``progress``)."""
 
     def chunks(key: str, max_length: int, target: bool):
-        with tqdm(total=len(records), desc=f"tokenizing {key}", unit="ex", disable=not progress) as bar:
-            for first in range(0, len(records), chunk_size):
-                part = records[first : first + chunk_size]
-                yield encode(tokenizer, [r[key] for r in part], max_length, target=target)
-                bar.update(len(part))
+        for part in chunked(records, chunk_size, f"tokenizing {key}", progress):
+            yield encode(tokenizer, [r[key] for r in part], max_length, target=target)
 
     sources = ragged_rows(chunks("document", max_source_length, False), "input_ids", pad_id, max_source_length)
     targets = ragged_rows(chunks("summary", max_target_length, True), "labels", IGNORE_INDEX, max_target_length)

@@ -185,6 +185,18 @@ def test_ragged_rows_of_chunks_pad_as_encoded_without_labels():
     assert batch["labels"].dtype == batch["attention_mask"].dtype == np.int32
 
 
+def test_chunked_gives_consecutive_slices_and_counts_each_item_once(capsys):
+    """Every item once, in order, in slices of the size (the last one short); the bar ends at the item count."""
+    items = list(range(10))
+    assert [list(part) for part in ip.chunked(items, 4, "tokenizing", progress=True)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
+    assert "10/10" in capsys.readouterr().err
+    assert list(ip.chunked([], 4, "tokenizing")) == []
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(4, 40), st.integers(1, 4), st.integers(0, 60), st.integers(0, 3))
 def test_steps_by_shapes_finds_the_first_step_of_every_shape(n, batch_size, total_steps, seed):
