@@ -28,7 +28,19 @@ from pathlib import Path
 from train import strict_json
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("model_load", "data", "compile", "train_steps", "evaluation", "checkpointing", "reporting", "other", "total")
+ROWS = (
+    "setup",
+    "model_load",
+    "data",
+    "selection",
+    "compile",
+    "train_steps",
+    "evaluation",
+    "checkpointing",
+    "reporting",
+    "other",
+    "total",
+)
 
 
 def write_random_model(shape: str, tokenizer_dir: str, out: Path) -> Path:

@@ -20,7 +20,17 @@ from typing import Any
 import jax
 from jax import monitoring
 
-PHASES = ("model_load", "data", "compile", "train_steps", "evaluation", "checkpointing", "reporting")
+PHASES = (
+    "setup",
+    "model_load",
+    "data",
+    "selection",
+    "compile",
+    "train_steps",
+    "evaluation",
+    "checkpointing",
+    "reporting",
+)
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # an XLA compile or a persistent-cache load
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"  # compiled and written to the persistent cache

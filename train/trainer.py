@@ -118,19 +118,21 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     """Everything before the first step: compilation cache, job, output dir, mesh, model, method, compiled steps,
     restored state.
 
-    ``timing`` (a new `train.timing.Timing` if None) counts model and data loading and goes on in the `Run`.
+    ``timing`` (a new `train.timing.Timing` if None) counts each phase (`train.timing.PHASES`) and goes on in
+    the `Run`.
     """
     timing = timing if timing is not None else timing_lib.Timing()
     compile_cache.configure(config.compile_cache)
     main = distributed.is_main()
     if main:
         reporting.warm_up()
-    adapter = adapters.read(config.adapter) if config.adapter else None
-    if adapter is not None:  # the adapter's method and selection, so config.yaml and results.json tell them
-        config = adapters.with_selection(config, adapter)
-    job = tasks.make_job(config)
-    out = prepare_output_dir(config)
-    mesh = make_mesh(config)
+    with timing.phase("setup"):  # mostly importing the task's modules (transformers' Flax models)
+        adapter = adapters.read(config.adapter) if config.adapter else None
+        if adapter is not None:  # the adapter's method and selection, so config.yaml and results.json tell them
+            config = adapters.with_selection(config, adapter)
+        job = tasks.make_job(config)
+        out = prepare_output_dir(config)
+        mesh = make_mesh(config)
     model, method, remat, trainable, frozen = load_model_and_method(config, job, mesh, adapter, timing)
     fingerprint = ckpt.fingerprint(frozen)
     per_epoch = pipeline.steps_per_epoch(job.num_train, job.examples_per_step)
@@ -148,8 +150,9 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         "selection": {**method.describe(), "task": job.name},
         "process_count": jax.process_count(),
     }
-    checkpoints = ckpt.manager(out / "checkpoints")
-    state, resume_step = restore(config, checkpoints, meta, state)
+    with timing.phase("checkpointing"):
+        checkpoints = ckpt.manager(out / "checkpoints")
+        state, resume_step = restore(config, checkpoints, meta, state)
     compile_planned(job, state, frozen, train_fn, eval_fn, timing, total_steps)  # after every check of the input
     counts = ckpt.read_meta(checkpoints, resume_step).get("nonfinite") if resume_step is not None else None
     guard = nonfinite.Guard(config.on_nonfinite, config.max_nonfinite, checkpoints, counts)
@@ -190,23 +193,25 @@ def on_host(schedule):
 def load_model_and_method(config: TrainConfig, job: Job, mesh, adapter=None, timing: timing_lib.Timing | None = None):
     """``(model, method, remat, trainable, frozen)``: the job's model and data, split by the method;
     with an ``adapter`` (`rocoft_jax.adapters.Adapter`), its method and values on the checked base.
-    ``timing`` counts the model's load as ``model_load``, the data's load and tokenization as ``data``."""
+    ``timing`` counts the model's load as ``model_load``, the data's load and tokenization as ``data``, and the
+    method's selection and split as ``selection``."""
     timing = timing if timing is not None else timing_lib.Timing()
     with timing.phase("model_load"):
         model, params, tokenizer = job.load_model_and_tokenizer(config)
     with timing.phase("data"):
         job.prepare(tokenizer, NamedSharding(mesh, sharding.BATCH))
-    if adapter is not None:
-        method, start_values = adapters.start(adapter, params, config.model)
-    else:
-        method, start_values = build_method(config, model, params, job), None
-    if distributed.is_main():
-        print(f"{config.method}: {method.mask.summary()}")
-    with config_errors():
-        remat = methods_lib.resolve_remat(
-            config.remat, model.config.model_type, sum(x.size for x in jax.tree.leaves(params))
-        )
-    trainable, frozen = method.split(params)
+    with timing.phase("selection"):
+        if adapter is not None:
+            method, start_values = adapters.start(adapter, params, config.model)
+        else:
+            method, start_values = build_method(config, model, params, job), None
+        if distributed.is_main():
+            print(f"{config.method}: {method.mask.summary()}")
+        with config_errors():
+            remat = methods_lib.resolve_remat(
+                config.remat, model.config.model_type, sum(x.size for x in jax.tree.leaves(params))
+            )
+        trainable, frozen = method.split(params)
     return model, method, remat, start_values or trainable, frozen
 
 
@@ -215,9 +220,9 @@ def compile_steps(
 ):
     """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``, the steps as `train.timing.StepPrograms`
     (compiled per batch shape, timed; see `compile_planned`)."""
-    with config_errors(f"--mesh {config.mesh}"):
+    with timing.phase("selection"), config_errors(f"--mesh {config.mesh}"):
         state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
-    frozen = distributed.to_global(frozen, shardings.frozen)
+        frozen = distributed.to_global(frozen, shardings.frozen)
     with config_errors():
         attention = methods_lib.resolve_attention(config.attention)
     train_fn, eval_fn = step_lib.compile_steps(
