@@ -78,13 +78,14 @@ def python(*args: str, env_extra: dict | None = None, timeout: int = 600) -> sub
 
 # The fused cases take the GPU default path (cuDNN falls back to XLA on CPU, after the same layout
 # constraints): cuDNN's partitioner refuses q, k and v laid out differently, as fsdp gave them, and the
-# GELU kernel, which has no partitioning rule, runs per shard.
+# GELU kernel, which has no partitioning rule, runs per shard. The encoder on that path runs by default;
+# the plain path and the causal LM under -m slow.
 @pytest.mark.parametrize(
     "preset, loss, attention",
     [
-        ("tiny", "classification", "plain"),
+        pytest.param("tiny", "classification", "plain", marks=pytest.mark.slow),
         ("tiny", "classification", "cudnn-lengths"),
-        ("tiny-llama", "causal-lm", "cudnn-lengths"),
+        pytest.param("tiny-llama", "causal-lm", "cudnn-lengths", marks=pytest.mark.slow),
     ],
 )
 def test_sharded_mesh_matches_single_device(preset, loss, attention):
