@@ -26,21 +26,10 @@ import time
 from pathlib import Path
 
 from train import strict_json
+from train import timing as timing_lib
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = (
-    "setup",
-    "model_load",
-    "data",
-    "selection",
-    "compile",
-    "train_steps",
-    "evaluation",
-    "checkpointing",
-    "reporting",
-    "other",
-    "total",
-)
+ROWS = (*timing_lib.PHASES, "other", "total")  # results.json's timing, in its order
 
 
 def write_random_model(shape: str, tokenizer_dir: str, out: Path) -> Path:

@@ -220,8 +220,9 @@ def compile_steps(
 ):
     """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``, the steps as `train.timing.StepPrograms`
     (compiled per batch shape, timed; see `compile_planned`)."""
-    with timing.phase("selection"), config_errors(f"--mesh {config.mesh}"):
-        state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
+    with timing.phase("selection"):
+        with config_errors(f"--mesh {config.mesh}"):
+            state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
         frozen = distributed.to_global(frozen, shardings.frozen)
     with config_errors():
         attention = methods_lib.resolve_attention(config.attention)
