@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,31 @@ from train import strict_json
 METRICS_FILE = "metrics.jsonl"
 
 
+WARM_UP_THREAD = "reporting-warm-up"
+
+
+def _silent_in_warm_up(show):
+    """``warnings.showwarning`` that drops what the warm-up thread's imports warn of and shows the rest."""
+
+    def showwarning(*args, **kwargs):
+        if threading.current_thread().name != WARM_UP_THREAD:
+            show(*args, **kwargs)
+
+    showwarning.silences_warm_up = True
+    return showwarning
+
+
 def warm_up() -> threading.Thread:
     """Imports matplotlib's pyplot (which builds its font cache on a fresh machine: seconds to tens of
     seconds) and the TensorBoard writer (tensorboardX imports PyTorch when it is installed: 1-2 s) on a daemon
-    thread, so those costs overlap loading and compiling instead of the run's end."""
+    thread, so those costs overlap loading and compiling instead of the run's end.
+
+    The thread prints nothing: its exceptions are dropped, and so are its imports' warnings (tensorboardX's
+    requests warns on stderr when PySocks is missing), so a run refused meanwhile still prints one line.
+    Warnings filters are process-wide, so the thread's are dropped where they are shown instead.
+    """
+    if not getattr(warnings.showwarning, "silences_warm_up", False):
+        warnings.showwarning = _silent_in_warm_up(warnings.showwarning)
 
     def load():
         # Only a head start: the main thread's own imports report any real problem, and an import cut short
@@ -37,7 +59,7 @@ def warm_up() -> threading.Thread:
             with contextlib.suppress(ImportError):
                 import tensorboardX  # noqa: F401
 
-    thread = threading.Thread(target=load, name="reporting-warm-up", daemon=True)
+    thread = threading.Thread(target=load, name=WARM_UP_THREAD, daemon=True)
     thread.start()
     return thread
 

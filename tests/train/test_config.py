@@ -160,6 +160,28 @@ def test_cli_refusal_after_transformers_loads_is_one_line_and_skips_torch(tmp_pa
     assert not {name for name in imported if name.startswith(("torch._dynamo", "sklearn"))}
 
 
+WARNS_FROM_BOTH_THREADS = """
+import threading, warnings
+from train import reporting
+reporting.warm_up().join()
+warm = threading.Thread(target=lambda: warnings.warn("from the warm-up"), name=reporting.WARM_UP_THREAD)
+warm.start()
+warm.join()
+warnings.warn("from the main thread")
+"""
+
+
+def test_the_reporting_warm_up_thread_prints_no_warnings():
+    """The warm-up's imports may warn (tensorboardX's requests does, without PySocks): a run refused meanwhile
+    must still print one line. What other threads warn of is still shown."""
+    proc = subprocess.run(
+        [sys.executable, "-c", WARNS_FROM_BOTH_THREADS], cwd=REPO, env=cpu_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "from the main thread" in proc.stderr
+    assert "from the warm-up" not in proc.stderr and "DependencyWarning" not in proc.stderr
+
+
 @pytest.mark.parametrize("main, args, message", [
     (export.main, ["--out", "x"], "the following arguments are required: --checkpoint"),
     (export.main, ["--checkpoint", "/nonexistent", "--out", "x"], "no checkpoint in /nonexistent"),
