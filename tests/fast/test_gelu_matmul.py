@@ -78,7 +78,10 @@ def test_fused_op_lowers_one_kernel_where_available(monkeypatch):
     assert lowered(jnp.ones((2, 100, 256), jnp.bfloat16)).count(MOSAIC) == 0  # 200 tokens: XLA
 
 
-@pytest.mark.parametrize("mode, train", [("row", True), ("column", False)])
+@pytest.mark.parametrize(
+    "mode, train",
+    [pytest.param("row", True, marks=pytest.mark.slow), ("column", False)],  # row: -m slow
+)
 def test_model_keeps_logits_and_slice_gradients(monkeypatch, mode, train):
     """RoBERTa with every MLP fused (as on a Hopper GPU) against HF's own path, fp32; in training its
     dropout draws the same masks."""

@@ -46,7 +46,7 @@ def grad_flops(loss, trainable, policy) -> float:
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow), "dots"])  # full: -m slow
 def test_remat_layers_keeps_gradients_and_checkpoints_each_layer(setup, policy):
     loss, trainable = setup
     plain = jax.grad(loss)(trainable, None)

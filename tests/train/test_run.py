@@ -234,7 +234,10 @@ def test_export_loads_in_flax_and_pytorch_with_the_trained_logits(tmp_path, refe
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("weights", ["flax_model.msgpack", "pytorch_model.bin"])
+@pytest.mark.parametrize(
+    "weights",
+    ["flax_model.msgpack", pytest.param("pytorch_model.bin", marks=pytest.mark.slow)],  # .bin: -m slow
+)
 def test_trains_from_a_local_dir_of_either_weight_format(tmp_path, reference_run, weights):
     """A local --model dir may hold Flax msgpack weights, or PyTorch .bin weights (converted via from_pt); the
     .bin dir trains through the CLI, which tells transformers not to import PyTorch (`run.without_torch`)."""
