@@ -130,6 +130,8 @@ def _specs(t, d, keep):
     return whole, keep_spec, pl.BlockSpec((t, t), lambda i, j, _: (0, 0))
 
 
+# Jitted with its configuration static: the calls of every layer share one traced and lowered kernel.
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret"))
 def _forward(q, k, v, keep, drop, sm_scale, interpret):
     b, t, h, d = q.shape
     block = min(BLOCK, t)
@@ -167,6 +169,11 @@ def _fwd(q, k, v, keep, drop, sm_scale, interpret):
 
 def _bwd(sm_scale, interpret, residuals, do):
     q, k, v, keep, drop, out, lse = residuals
+    return (*_backward(q, k, v, keep, drop, out, lse, do, sm_scale, interpret), None, None)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret"))
+def _backward(q, k, v, keep, drop, out, lse, do, sm_scale, interpret):
     b, t, h, d = q.shape
     block = min(BLOCK, t)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
@@ -183,7 +190,7 @@ def _bwd(sm_scale, interpret, residuals, do):
         interpret=interpret,
         name="rocoft_dropout_attention_bwd",
     )(q, k, v, keep, drop, do, lse, delta)
-    return dq, dk, dv, None, None
+    return dq, dk, dv
 
 
 dropout_attention.defvjp(_fwd, _bwd)

@@ -73,6 +73,8 @@ def _value_and_slope(x, _, cdf_pdf):
     return (xf * cdf).astype(x.dtype), (cdf + xf * pdf).astype(x.dtype)
 
 
+# Jitted with its configuration static: the calls of every layer share one traced and lowered kernel.
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("outputs", "interpret"))
 def pallas_elementwise(fn, x, dy=None, *, outputs: int = 1, interpret: bool = False):
     """``fn(x, dy, _cdf_pdf_zs)`` as one Pallas kernel over the flattened arrays (size divisible by BLOCK).
 

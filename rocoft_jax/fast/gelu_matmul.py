@@ -156,6 +156,8 @@ def supported(dy, w, s, tiling: Tiling = Tiling()) -> bool:
     )
 
 
+# Jitted with its configuration static: the calls of every layer share one traced and lowered kernel.
+@functools.partial(jax.jit, static_argnames=("tiling",))
 def matmul_t_scale(dy, w, s, tiling: Tiling = Tiling()):
     """``(dy @ w.T) * s`` in one Hopper kernel: dy (M, K), w (N, K), s (M, N), all bf16."""
     if not supported(dy, w, s, tiling):

@@ -77,6 +77,8 @@ def _blocks(d):
     )
 
 
+# Jitted with its configuration static: the calls of every layer share one traced and lowered kernel.
+@functools.partial(jax.jit, static_argnames=("epsilon", "dtype", "interpret"))
 def _forward_pallas(x, residual, scale, bias, epsilon, dtype, interpret=False):
     n, d = x.shape
     row, vector, stat = _blocks(d)
@@ -98,6 +100,7 @@ def _forward_pallas(x, residual, scale, bias, epsilon, dtype, interpret=False):
     )(x, residual, scale, bias)
 
 
+@functools.partial(jax.jit, static_argnames=("interpret",))
 def _input_grad_pallas(dys, summed, mean, rstd, scale, interpret=False):
     n, d = summed.shape
     row, vector, stat = _blocks(d)
