@@ -274,11 +274,7 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
     naming it, where HF would initialise it randomly with only a log line. ``kwargs`` set config fields,
     except ``dtype``, ``from_pt`` and ``gradient_checkpointing``, which go to the model.
     """
-    from transformers import AutoConfig
-
-    config_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "from_pt", "gradient_checkpointing")}
-    load_kwargs = {k: v for k, v in kwargs.items() if k not in config_kwargs}
-    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    config, load_kwargs = _split_kwargs(name_or_path, kwargs)
     cls = _loadable(model_class_for(auto_class, config))
     index = Path(name_or_path, SHARDED_SAFETENSORS)
     if index.is_file():  # HF Flax raises NotImplementedError for these (Llama-2's hub layout)
@@ -303,6 +299,25 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
         params = unflatten_dict({**_draw(model, config, load_kwargs, wanted), **flatten_dict(params)})
     model._config = config if config.model_type != "qwen2" else model.config
     return model, params
+
+
+def unloaded_model(auto_class, name_or_path: str, **kwargs):
+    """The model `from_pretrained` returns for the same arguments, built without reading any weight:
+    its ``params_shape_tree`` gives the params' layout before they load."""
+    config, load_kwargs = _split_kwargs(name_or_path, kwargs)
+    load_kwargs.pop("from_pt", None)  # how to read the weights, which this does not
+    model = _loadable(model_class_for(auto_class, config))(flax_config(config), _do_init=False, **load_kwargs)
+    model._config = config if config.model_type != "qwen2" else model.config
+    return model
+
+
+def _split_kwargs(name_or_path: str, kwargs) -> tuple[Any, dict]:
+    """``(config, model kwargs)``: the checkpoint's config with ``kwargs``' config fields set, and the rest."""
+    from transformers import AutoConfig
+
+    config_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "from_pt", "gradient_checkpointing")}
+    load_kwargs = {k: v for k, v in kwargs.items() if k not in config_kwargs}
+    return AutoConfig.from_pretrained(name_or_path, **config_kwargs), load_kwargs
 
 
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")

@@ -8,10 +8,14 @@ reproduce the shapes of well-known checkpoints for benchmarks.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -304,25 +308,59 @@ def check_source(name_or_dir: str) -> Path | None:
     return None
 
 
-def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_overrides):
-    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels).
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A model, its tokenizer and the layout of its params, with the params read only by `load`.
 
-    Loads through `rocoft_jax.faithful.from_pretrained`: a config HF Flax would run wrong is fixed or
-    refused, and a checkpoint missing weights outside a new task head is refused.
+    ``abstract_params`` are ``jax.ShapeDtypeStruct`` leaves in the dtypes `load` returns, so a caller can
+    choose rows, lay out state and compile step programs before (and while) the weights are read.
     """
+
+    model: Any
+    abstract_params: Any
+    tokenizer: Any
+    load: Callable[[], Any]
+
+    @classmethod
+    def of(cls, model, params, tokenizer) -> ModelSource:
+        """The source of params already in hand (a random-init preset)."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        return cls(model, abstract, tokenizer, lambda: params)
+
+
+def pretrained_source(name_or_dir: str, head: str, dtype: str = "fp32", tokenizer=None, **config_overrides):
+    """The `ModelSource` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels): the model and
+    its params' layout at once, the weights when ``load`` is called (see `load_pretrained`)."""
     local = check_source(name_or_dir)
     _model_class(load_config(name_or_dir), head)  # a config error before any weights are looked for
     kwargs = dict(config_overrides)
     if local is not None:
         kwargs.update(_weights_kind(local))
+    path = str(local) if local else name_or_dir
+    with _load_errors(name_or_dir):
+        model = faithful.unloaded_model(_auto_class(head), path, dtype=DTYPES[dtype], **kwargs)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[dtype]), model.params_shape_tree)
+
+    def load():
+        with _load_errors(name_or_dir):
+            _, params = faithful.from_pretrained(
+                _auto_class(head),
+                path,
+                new_head=head not in ("causal-lm", "seq2seq-lm"),  # a language model's head is pretrained
+                dtype=DTYPES[dtype],
+                **kwargs,
+            )
+        # Cast on the host: a bf16 run never holds fp32 weights on the device.
+        return jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(DTYPES[dtype])), params)
+
+    return ModelSource(model, abstract, tokenizer, load)
+
+
+@contextlib.contextmanager
+def _load_errors(name_or_dir: str):
+    """`ModelError`s, one line each, for a checkpoint that cannot be read or does not fit its model."""
     try:
-        model, params = faithful.from_pretrained(
-            _auto_class(head),
-            str(local) if local else name_or_dir,
-            new_head=head not in ("causal-lm", "seq2seq-lm"),  # a language model's head is pretrained
-            dtype=DTYPES[dtype],
-            **kwargs,
-        )
+        yield
     except OSError as err:
         raise ModelError(
             f"cannot load model {name_or_dir!r} ({str(err).splitlines()[0]}); give a local model dir, "
@@ -330,6 +368,13 @@ def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_o
         ) from err
     except ValueError as err:  # a missing weight, a shape mismatch
         raise ModelError(f"--model {name_or_dir}: {str(err).splitlines()[0][:400]}") from err
-    # Cast on the host: a bf16 run never holds fp32 weights on the device.
-    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(DTYPES[dtype])), params)
-    return model, params
+
+
+def load_pretrained(name_or_dir: str, head: str, dtype: str = "fp32", **config_overrides):
+    """``(model, params)`` of a hub id or local dir, with ``config_overrides`` (e.g. num_labels).
+
+    Loads through `rocoft_jax.faithful.from_pretrained`: a config HF Flax would run wrong is fixed or
+    refused, and a checkpoint missing weights outside a new task head is refused.
+    """
+    source = pretrained_source(name_or_dir, head, dtype, **config_overrides)
+    return source.model, source.load()

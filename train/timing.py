@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import jax
@@ -175,13 +175,30 @@ class StepPrograms:
         return program(*args)
 
 
-def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, progress=None) -> int:
-    """Compiles each ``(programs, args)`` not compiled yet: each lowered in turn, each compiled as soon as lowered.
+class Compiles:
+    """Step programs lowered and compiling in the background (`start_compiles`); `wait` installs them."""
 
-    Tracing holds the GIL, so lowering runs on this thread; XLA's compiles release it and run on a thread pool
-    of up to one thread per core (a persistent-cache hit is a load) while the next program is lowered. The wall
-    time is one ``compile`` phase; each program's own compile seconds go under its label. ``progress`` (e.g.
-    a tqdm bar) is updated once per finished program. Returns how many programs were compiled.
+    def __init__(self, timing: Timing, todo: list, futures: list):
+        self.timing, self.todo, self.futures = timing, todo, futures
+
+    def wait(self, progress=None) -> int:
+        """Waits for every compile (the ``compile`` phase), installs the programs in their `StepPrograms`, and
+        returns how many there were; ``progress`` (e.g. a tqdm bar) is updated once per program."""
+        with self.timing.phase("compile"):
+            for (programs, args), future in zip(self.todo, self.futures):
+                programs.programs[_key(args[-1])] = future.result()
+                if progress is not None:
+                    progress.update(1)
+        return len(self.todo)
+
+
+def start_compiles(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing) -> Compiles:
+    """Lowers each ``(programs, args)`` not compiled yet and starts its compile; returns without waiting.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. Tracing holds the GIL, so lowering runs on this
+    thread (the ``compile`` phase); XLA's compiles release it and run on daemon threads, up to one per core
+    (a persistent-cache hit is a load), while this thread goes on, e.g. to read the weights. Daemon threads,
+    so a run refused meanwhile exits at once. Each program's own compile seconds go under its label.
     """
     todo, keys = [], set()
     for programs, args in work:
@@ -189,24 +206,32 @@ def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, pr
         if shape not in programs.programs and (id(programs), shape) not in keys:
             keys.add((id(programs), shape))
             todo.append((programs, args))
-    if not todo:
-        return 0
+    slots = threading.BoundedSemaphore(max(1, min(len(todo), os.cpu_count() or 1)))
 
-    def build(programs, args, lowered):
-        start = time.perf_counter()
-        compiled = lowered.compile()
-        timing.record_program(f"{programs.name} {describe(args[-1])}", time.perf_counter() - start)
-        if progress is not None:
-            progress.update(1)
-        return compiled
+    def build(future, label, lowered):
+        with slots:
+            start = time.perf_counter()
+            try:
+                future.set_result(lowered.compile())
+            except BaseException as err:  # re-raised by `Compiles.wait`
+                future.set_exception(err)
+            timing.record_program(label, time.perf_counter() - start)
 
+    futures = []
     with timing.phase("compile"):
-        workers = max(1, min(len(todo), os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
-            futures = [
-                (programs, _key(args[-1]), pool.submit(build, programs, args, programs.jitted.lower(*args)))
-                for programs, args in todo
-            ]
-            for programs, key, future in futures:
-                programs.programs[key] = future.result()
-    return len(todo)
+        for programs, args in todo:
+            future = Future()
+            label = f"{programs.name} {describe(args[-1])}"
+            lowered = programs.jitted.lower(*args)
+            threading.Thread(target=build, args=(future, label, lowered), name="compile", daemon=True).start()
+            futures.append(future)
+    return Compiles(timing, todo, futures)
+
+
+def compile_ahead(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing, progress=None) -> int:
+    """Compiles each ``(programs, args)`` not compiled yet, side by side (`start_compiles`), and waits for them.
+
+    The wall time is the ``compile`` phase; ``progress`` is updated once per finished program. Returns how
+    many programs were compiled.
+    """
+    return start_compiles(work, timing).wait(progress)

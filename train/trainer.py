@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import NamedSharding
@@ -34,7 +34,7 @@ from train import loop as loop_lib
 from train import methods as methods_lib
 from train import step as step_lib
 from train import timing as timing_lib
-from train.config import TrainConfig
+from train.config import WANDA_STRATEGIES, TrainConfig
 from train.config import save as save_config
 from train.errors import ConfigError, NonFiniteError, UserError
 from train.tasks.base import EvalContext, Job
@@ -93,31 +93,12 @@ def selection_rank(config: TrainConfig):
     return config.probability if random else config.rank
 
 
-def build_method(config: TrainConfig, model, params, job: Job) -> methods_lib.Method:
-    """The method of --method; Wanda strategies score rows/columns on the job's calibration batches."""
-
-    def calibrate(kernel_paths):
-        return rocoft_jax.activation_norms(model, params, job.calibration_batches(), kernel_paths)
-
-    with config_errors():
-        return methods_lib.build_method(
-            config.method,
-            params,
-            rank=selection_rank(config),
-            mode=config.mode,
-            strategy=config.strategy,
-            seed=config.seed,
-            train_bias=config.train_bias,
-            lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            calibrate=calibrate,
-        )
-
-
 def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_lib.Run:
     """Everything before the first step: compilation cache, job, output dir, mesh, model, method, compiled steps,
     restored state.
 
+    Where the selection needs no weight values (no Wanda strategy, no --adapter) and no checkpoint is resumed,
+    the step programs are lowered from the params' layout and compile while the weights load (`compile_early`).
     ``timing`` (a new `train.timing.Timing` if None) counts each phase (`train.timing.PHASES`) and goes on in
     the `Run`.
     """
@@ -133,16 +114,48 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         job = tasks.make_job(config)
         out = prepare_output_dir(config)
         mesh = make_mesh(config)
-    model, method, remat, trainable, frozen = load_model_and_method(config, job, mesh, adapter, timing)
-    fingerprint = ckpt.fingerprint(frozen)
+    with timing.phase("model_load"):  # the model and its params' layout; the weights load below
+        source = job.model_source(config)
+    with timing.phase("data"):
+        job.prepare(source.tokenizer, NamedSharding(mesh, sharding.BATCH))
     per_epoch = pipeline.steps_per_epoch(job.num_train, job.examples_per_step)
     total_steps = config.total_steps(per_epoch)
     tx, schedule = step_lib.make_optimizer(
         config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
     )
-    state, frozen, train_fn, eval_fn = compile_steps(
-        config, job, model, method, tx, mesh, remat, trainable, frozen, timing
-    )
+    early = None
+    if adapter is None and config.strategy not in WANDA_STRATEGIES and not config.resume:
+        early = compile_early(config, job, source, tx, mesh, timing, total_steps)
+    with timing.phase("model_load"):
+        params = source.load()
+    model = source.model
+    with timing.phase("selection"):
+        if early is not None:
+            method, remat = early.method, early.remat
+            start_values = None
+        elif adapter is not None:
+            method, start_values = adapters.start(adapter, params, config.model)
+            remat = resolve_remat(config, model, params)
+        else:
+            method, start_values = build_method(config, model, params, job), None
+            remat = resolve_remat(config, model, params)
+        if early is None and main:
+            print(f"{config.method}: {method.mask.summary()}")
+        trainable, frozen = method.split(params)
+        del params
+        trainable = start_values or trainable
+        with config_errors(f"--mesh {config.mesh}"):
+            state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
+        frozen = distributed.to_global(frozen, shardings.frozen)
+    if early is not None and not early.fits(state, frozen):  # never seen; the arrays are the truth
+        early = None
+    if early is not None:
+        train_fn, eval_fn = early.train_fn, early.eval_fn
+    else:
+        train_fn, eval_fn = compile_steps(config, job, model, method, tx, shardings, remat, timing)
+    if config.print_sharding and main:
+        print_sharding(state, frozen, shardings)
+    fingerprint = ckpt.fingerprint(frozen)
     meta = {
         "model": config.model,
         "fingerprint": fingerprint,
@@ -153,7 +166,8 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     with timing.phase("checkpointing"):
         checkpoints = ckpt.manager(out / "checkpoints")
         state, resume_step = restore(config, checkpoints, meta, state)
-    compile_planned(job, state, frozen, train_fn, eval_fn, timing, total_steps)  # after every check of the input
+    pending = early.compiles if early is not None else None
+    compile_planned(job, state, frozen, train_fn, eval_fn, timing, total_steps, pending)  # after every input check
     counts = ckpt.read_meta(checkpoints, resume_step).get("nonfinite") if resume_step is not None else None
     guard = nonfinite.Guard(config.on_nonfinite, config.max_nonfinite, checkpoints, counts)
     if main:
@@ -190,40 +204,78 @@ def on_host(schedule):
     return lr
 
 
-def load_model_and_method(config: TrainConfig, job: Job, mesh, adapter=None, timing: timing_lib.Timing | None = None):
-    """``(model, method, remat, trainable, frozen)``: the job's model and data, split by the method;
-    with an ``adapter`` (`rocoft_jax.adapters.Adapter`), its method and values on the checked base.
-    ``timing`` counts the model's load as ``model_load``, the data's load and tokenization as ``data``, and the
-    method's selection and split as ``selection``."""
-    timing = timing if timing is not None else timing_lib.Timing()
-    with timing.phase("model_load"):
-        model, params, tokenizer = job.load_model_and_tokenizer(config)
-    with timing.phase("data"):
-        job.prepare(tokenizer, NamedSharding(mesh, sharding.BATCH))
+def resolve_remat(config: TrainConfig, model, params):
+    """The `--remat` policy for ``model`` (its size read from ``params``, arrays or shapes)."""
+    with config_errors():
+        return methods_lib.resolve_remat(
+            config.remat, model.config.model_type, sum(x.size for x in jax.tree.leaves(params))
+        )
+
+
+class EarlyCompiles(NamedTuple):
+    """Step programs lowered from the params' layout before the weights load (`compile_early`)."""
+
+    method: methods_lib.Method
+    remat: str | None
+    train_fn: timing_lib.StepPrograms
+    eval_fn: Any
+    compiles: timing_lib.Compiles
+    abstract: Any  # (state, frozen) as jax.ShapeDtypeStructs with their shardings
+
+    def fits(self, state, frozen) -> bool:
+        """Whether the loaded ``(state, frozen)`` have the shapes, dtypes and shardings the programs were
+        lowered for (else the trainer compiles again, from the arrays)."""
+        layout = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+        return layout((state, frozen)) == layout(self.abstract)
+
+
+def compile_early(config: TrainConfig, job: Job, source, tx, mesh, timing: timing_lib.Timing, total_steps: int):
+    """Chooses the method's rows or columns from ``source``'s params layout (strategies that read no weight),
+    lays out the state, and starts compiling the step programs of `Job.planned_batches` in the background:
+    XLA compiles (or loads them from the persistent cache) while the weights load. Returns `EarlyCompiles`."""
     with timing.phase("selection"):
-        if adapter is not None:
-            method, start_values = adapters.start(adapter, params, config.model)
-        else:
-            method, start_values = build_method(config, model, params, job), None
+        abstract_params = source.abstract_params
+        method = build_method(config, source.model, abstract_params, job)
         if distributed.is_main():
             print(f"{config.method}: {method.mask.summary()}")
-        with config_errors():
-            remat = methods_lib.resolve_remat(
-                config.remat, model.config.model_type, sum(x.size for x in jax.tree.leaves(params))
-            )
-        trainable, frozen = method.split(params)
-    return model, method, remat, start_values or trainable, frozen
-
-
-def compile_steps(
-    config: TrainConfig, job: Job, model, method, tx, mesh, remat, trainable, frozen, timing: timing_lib.Timing
-):
-    """``(state, frozen, train_fn, eval_fn)`` laid out on ``mesh``, the steps as `train.timing.StepPrograms`
-    (compiled per batch shape, timed; see `compile_planned`)."""
-    with timing.phase("selection"):
+        remat = resolve_remat(config, source.model, abstract_params)
+        trainable, frozen = jax.eval_shape(method.split, abstract_params)
+        state = jax.eval_shape(lambda t: step_lib.init_state(t, tx, config.seed), trainable)
         with config_errors(f"--mesh {config.mesh}"):
-            state, shardings = step_lib.init_sharded_state(trainable, tx, config.seed, mesh, method.mask.family, frozen)
-        frozen = distributed.to_global(frozen, shardings.frozen)
+            shardings = step_lib.step_shardings(mesh, method.mask.family, state, frozen)
+        place = lambda tree, where: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, where
+        )
+        state, frozen = place(state, shardings.state), place(frozen, shardings.frozen)
+    train_fn, eval_fn = compile_steps(config, job, source.model, method, tx, shardings, remat, timing)
+    compiles = timing_lib.start_compiles(planned_work(job, state, frozen, train_fn, eval_fn, total_steps), timing)
+    return EarlyCompiles(method, remat, train_fn, eval_fn, compiles, (state, frozen))
+
+
+def build_method(config: TrainConfig, model, params, job: Job) -> methods_lib.Method:
+    """The method of --method; Wanda strategies score rows/columns on the job's calibration batches."""
+
+    def calibrate(kernel_paths):
+        return rocoft_jax.activation_norms(model, params, job.calibration_batches(), kernel_paths)
+
+    with config_errors():
+        return methods_lib.build_method(
+            config.method,
+            params,
+            rank=selection_rank(config),
+            mode=config.mode,
+            strategy=config.strategy,
+            seed=config.seed,
+            train_bias=config.train_bias,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            calibrate=calibrate,
+        )
+
+
+def compile_steps(config: TrainConfig, job: Job, model, method, tx, shardings, remat, timing: timing_lib.Timing):
+    """``(train_fn, eval_fn)`` for ``shardings``, as `train.timing.StepPrograms` (compiled per batch shape,
+    timed; see `compile_planned`)."""
     with config_errors():
         attention = methods_lib.resolve_attention(config.attention)
     train_fn, eval_fn = step_lib.compile_steps(
@@ -240,27 +292,41 @@ def compile_steps(
     train_fn = timing_lib.StepPrograms(train_fn, "train_step", timing)
     if job.compiles_eval_step:
         eval_fn = timing_lib.StepPrograms(eval_fn, "eval_step", timing)
-    if config.print_sharding and distributed.is_main():
-        print_sharding(state, frozen, shardings)
-    return state, frozen, train_fn, eval_fn
+    return train_fn, eval_fn
 
 
-def compile_planned(job: Job, state, frozen, train_fn, eval_fn, timing: timing_lib.Timing, total_steps: int) -> None:
-    """Compiles every batch shape the job plans for ``total_steps`` steps and its evaluations
-    (`Job.planned_batches`), concurrently (`train.timing.compile_ahead`), so the loop never stops to compile;
-    a job that cannot tell its shapes ahead compiles each at first use. Several processes compile the train
-    batches' one shape, then meet, so none enters a collective while another still compiles."""
+def planned_work(job: Job, state, frozen, train_fn, eval_fn, total_steps: int) -> list:
+    """``(programs, args)`` of every batch shape the job plans for ``total_steps`` steps and its evaluations
+    (`Job.planned_batches`); none for a job that cannot tell its shapes ahead (each compiles at first use),
+    except with several processes, which compile the train batches' one shape."""
     planned = job.planned_batches(total_steps)
     if planned is None and jax.process_count() > 1:  # every batch has one shape
         example = job.train_batch(0)
         planned = ([example] if total_steps else [], [example])
-    if planned is not None:
-        train_batches, eval_batches = planned
-        work = [(train_fn, (state, frozen, batch)) for batch in train_batches]
-        if job.compiles_eval_step:
-            work += [(eval_fn, (state.trainable, frozen, batch)) for batch in eval_batches]
-        with tqdm(total=len(work), desc="compiling step programs", disable=not distributed.is_main()) as bar:
-            timing_lib.compile_ahead(work, timing, bar)
+    if planned is None:
+        return []
+    train_batches, eval_batches = planned
+    work = [(train_fn, (state, frozen, batch)) for batch in train_batches]
+    if job.compiles_eval_step:
+        work += [(eval_fn, (state.trainable, frozen, batch)) for batch in eval_batches]
+    return work
+
+
+def compile_planned(
+    job: Job, state, frozen, train_fn, eval_fn, timing: timing_lib.Timing, total_steps: int, pending=None
+) -> None:
+    """Compiles every batch shape the job plans (`planned_work`) that ``pending`` (`train.timing.Compiles`
+    started early, if any) does not hold, concurrently, and waits for all, so the loop never stops to compile;
+    a job that cannot tell its shapes ahead compiles each at first use. Several processes then meet, so none
+    enters a collective while another still compiles."""
+    with tqdm(total=0, desc="compiling step programs", disable=not distributed.is_main()) as bar:
+        if pending is not None:  # its programs first: a shape it holds is compiled once
+            bar.total += len(pending.todo)
+            pending.wait(bar)
+        rest = timing_lib.start_compiles(planned_work(job, state, frozen, train_fn, eval_fn, total_steps), timing)
+        bar.total += len(rest.todo)
+        bar.refresh()
+        rest.wait(bar)
     if jax.process_count() > 1:
         distributed.barrier("compiled")
 

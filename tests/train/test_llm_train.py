@@ -22,7 +22,7 @@ from conftest import assert_one_line_error, cpu_env
 
 from rocoft_jax import sharding
 from train import checkpoint as ckpt
-from train import generate, methods, run, step, timing
+from train import generate, methods, run, step, tasks, timing
 from train.byte_tokenizer import BOS_ID, EOS_ID, make_byte_tokenizer
 from train.config import TrainConfig
 from train.llm_data import format_eval_prompt, format_train_prompt, get_task, load_records
@@ -67,7 +67,7 @@ def batch_sharding():
 
 def compiled(config: TrainConfig, tx, grad_accum: int = 1):
     """``(model, method, tokenizer, state, frozen, shardings, train_fn)`` as train.run builds them, one device."""
-    model, params, tokenizer = llm.LlmJob.load_model_and_tokenizer(config)
+    model, params, tokenizer = tasks.load_model_and_tokenizer(config)
     method = methods.build_method(
         "rocoft", params, rank=3, mode="row", strategy=config.strategy, train_bias=config.train_bias
     )
@@ -230,7 +230,7 @@ def test_eval_prompts_never_see_the_reference_output():
 def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset, tmp_path, family):
     """Left padding, the KV cache and the sliced layers against argmax over the plain model on merged weights."""
     config = llm_config(dataset, model=f"tiny-{family}")
-    model, params, tokenizer = llm.LlmJob.load_model_and_tokenizer(config)
+    model, params, tokenizer = tasks.load_model_and_tokenizer(config)
     params = jax.tree.map(lambda x: 10 * x if x.ndim == 2 else x, params)  # spread the logits: no near-ties
     method = methods.build_method("rocoft", params, rank=3, mode="row", strategy="random", train_bias=True)
     trainable, frozen = method.split(params)

@@ -113,14 +113,14 @@ def test_squad_v1_job_reports_exact_match_and_f1(records, tmp_path):
     from train import config as config_lib
     from train import step as step_lib
     from train.methods import build_method
-    from train.tasks import make_job
+    from train.tasks import load_model_and_tokenizer, make_job
     from train.tasks.base import EvalContext
 
     answerable = [r for r in records if r["answers"]["text"]]
     data = write_official(tmp_path / "v1", answerable, version=1)
     config = config_lib.parse(["--task", "squad", "--data-dir", str(data), *TINY])
     job = make_job(config)
-    model, params, tokenizer = job.load_model_and_tokenizer(config)
+    model, params, tokenizer = load_model_and_tokenizer(config)
     job.prepare(tokenizer, NamedSharding(sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}), sharding.BATCH))
     method = build_method("rocoft", params, rank=3, mode="row", strategy="random")
     trainable, frozen = method.split(params)

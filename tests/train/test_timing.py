@@ -174,3 +174,86 @@ def test_unwritable_compile_cache_is_one_line_and_exit_2(tmp_path, capsys):
     assert run.main(["--output-dir", str(out), "--compile-cache", str(blocker / "cache")]) == 2
     assert_one_line_error(capsys, "--compile-cache")
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The 'tiny' preset's random RoBERTa as a local HF dir (Flax weights, the demo tokenizer)."""
+    from train import models
+    from train.tasks.demo import make_demo_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    config = models.preset_config("tiny", num_labels=2)
+    model, params = models.random_model(config, "sequence-classification", "fp32", seed=0)
+    model.save_pretrained(directory, params=params)
+    make_demo_tokenizer(model_max_length=config.max_position_embeddings - 2).save_pretrained(directory)
+    return directory
+
+
+def record_order(monkeypatch) -> list[str]:
+    """ "compile" each time step programs start compiling, "load" when the checkpoint's weights are read."""
+    from rocoft_jax import faithful
+
+    events: list[str] = []
+    start, read = timing_lib.start_compiles, faithful.from_pretrained
+
+    def start_compiles(work, timing):
+        compiles = start(work, timing)
+        if compiles.todo:
+            events.append("compile")
+        return compiles
+
+    def from_pretrained(*args, **kwargs):
+        events.append("load")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(timing_lib, "start_compiles", start_compiles)
+    monkeypatch.setattr(faithful, "from_pretrained", from_pretrained)
+    return events
+
+
+def train_tiny_dir(tiny_dir, out, *extra) -> dict:
+    args = ["--model", str(tiny_dir), "--max-steps", "2", "--limit-eval", "32", "--compile-cache", "off"]
+    assert run.main([*args, "--output-dir", str(out), *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "strategy, order",
+    [("first", ["compile", "load"]), pytest.param("max", ["load", "compile"], marks=pytest.mark.slow)],  # max: -m slow
+)
+def test_step_programs_compile_while_the_weights_load(tiny_dir, tmp_path, monkeypatch, strategy, order):
+    """A selection that reads no weight (first, random) lets the step programs lower from the params' layout
+    and compile before the checkpoint is read; the loaded arrays fit them, so each compiles once. Wanda
+    scores (max) read the weights first. Both runs train the same way from the same rows."""
+    events = record_order(monkeypatch)
+    results = train_tiny_dir(tiny_dir, tmp_path / strategy, "--strategy", strategy)
+    assert events == order
+    assert {label: p["count"] for label, p in results["timing"]["compile"]["programs"].items()} == {
+        "train_step 32x32": 1,
+        "eval_step 32x32": 1,
+    }
+
+
+def test_programs_that_do_not_fit_the_loaded_weights_compile_again(tiny_dir, tmp_path, monkeypatch):
+    """If the loaded weights ever differed from their announced layout (here: announced bf16, loaded fp32), the
+    early programs are dropped and the arrays' own compile: the run trains as one without early compiles."""
+    from train import models
+
+    source = models.pretrained_source
+
+    def wrong_layout(*args, **kwargs):
+        real = source(*args, **kwargs)
+        bf16 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), real.abstract_params)
+        return models.ModelSource(real.model, bf16, real.tokenizer, real.load)
+
+    monkeypatch.setattr(models, "pretrained_source", wrong_layout)
+    dropped = train_tiny_dir(tiny_dir, tmp_path / "dropped")
+    monkeypatch.undo()
+    expected = train_tiny_dir(tiny_dir, tmp_path / "expected")
+    assert dropped["timing"]["compile"]["programs"]["train_step 32x32"]["count"] == 2
+    assert dropped["metrics"] == expected["metrics"]
+    lines = lambda name: (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("loss") for x in lines("dropped")] == [
+        json.loads(x).get("loss") for x in lines("expected")
+    ]

@@ -70,4 +70,5 @@ def make_job(config):
 
 def load_model_and_tokenizer(config):
     """``(model, params, tokenizer)`` for ``config.task`` without reading its data (used by `train.export`)."""
-    return job_class(config.task).load_model_and_tokenizer(config)
+    source = job_class(config.task).model_source(config)
+    return source.model, source.load(), source.tokenizer

@@ -1,7 +1,7 @@
 """The `Job` protocol: everything the trainer asks of a task, and nothing it may ask otherwise.
 
 A job is made from the run's config, which it checks at once (bad task options fail before any model loads).
-The trainer then calls, in order: `Job.load_model_and_tokenizer`, `Job.prepare` (read the data),
+The trainer then calls, in order: `Job.model_source` (the model; its weights load later), `Job.prepare` (read the data),
 `Job.planned_batches` (the shapes to compile ahead), and each step
 `Job.train_batch(step)`, whose result depends only on (seed, step) so a resumed run replays exactly. Wanda
 strategies draw `Job.calibration_batches`. `Job.evaluate` scores the trainable tree whenever the loop asks;
@@ -44,8 +44,9 @@ class Job(Protocol):
     # with several processes); False when the job compiles its own evaluation
 
     @classmethod
-    def load_model_and_tokenizer(cls, config) -> tuple[Any, Any, Any]:
-        """``(model, params, tokenizer)`` for this kind of task, without reading its data."""
+    def model_source(cls, config) -> Any:
+        """The `train.models.ModelSource` (model, tokenizer, params' layout, and their loader) for this kind of
+        task, without reading its data."""
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
         """Reads the data (cut to --limit-train / --limit-eval); batches are laid out by ``batch_sharding``."""

@@ -139,8 +139,8 @@ class GlueJob:
         self.examples_per_step = config.batch_size
 
     @classmethod
-    def load_model_and_tokenizer(cls, config: TrainConfig):
-        """``(model, params, tokenizer)``: a sequence classifier; 'tiny' is random-init with the demo tokenizer."""
+    def model_source(cls, config: TrainConfig) -> models.ModelSource:
+        """A sequence classifier; 'tiny' is random-init with the demo tokenizer."""
         spec = get_task(config.task)
         if config.model == "tiny":
             from train.tasks.demo import make_demo_tokenizer  # the demo module builds on this one
@@ -152,14 +152,15 @@ class GlueJob:
             }
             model_cfg = models.preset_config("tiny", **overrides)
             model, params = models.random_model(model_cfg, "sequence-classification", config.dtype, config.seed)
-            return model, params, make_demo_tokenizer(model_max_length=model_cfg.max_position_embeddings - 2)
+            tokenizer = make_demo_tokenizer(model_max_length=model_cfg.max_position_embeddings - 2)
+            return models.ModelSource.of(model, params, tokenizer)
         from transformers import AutoTokenizer
 
         dropout = models.dropout_overrides(models.load_config(config.model), config.dropout)
-        model, params = models.load_pretrained(
-            config.model, "sequence-classification", config.dtype, num_labels=spec.num_labels, **dropout
+        tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        return models.pretrained_source(
+            config.model, "sequence-classification", config.dtype, tokenizer, num_labels=spec.num_labels, **dropout
         )
-        return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
 
     def read_splits(self) -> dict[str, dict[str, list]]:
         """Raw columns of the train and eval splits."""

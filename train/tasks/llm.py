@@ -91,8 +91,8 @@ class LlmJob(MicroBatchedRows):
         self.generator = None
 
     @classmethod
-    def load_model_and_tokenizer(cls, config: TrainConfig):
-        """``(model, params, tokenizer)`` of a causal LM; presets are random-init with the byte tokenizer."""
+    def model_source(cls, config: TrainConfig) -> models.ModelSource:
+        """A causal LM; presets are random-init with the byte tokenizer."""
         if config.model in models.PRESETS:
             base = models.preset_config(config.model)
             if base.model_type not in models.CAUSAL_LM_TYPES:
@@ -105,12 +105,12 @@ class LlmJob(MicroBatchedRows):
                 )
             model_config = models.preset_config(config.model, **models.dropout_overrides(base, config.dropout))
             model, params = models.random_model_fast(model_config, "causal-lm", config.dtype, config.seed)
-            return model, params, make_byte_tokenizer()
+            return models.ModelSource.of(model, params, make_byte_tokenizer())
         from transformers import AutoTokenizer
 
         overrides = models.dropout_overrides(models.load_config(config.model), config.dropout)
-        model, params = models.load_pretrained(config.model, "causal-lm", config.dtype, **overrides)
-        return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        return models.pretrained_source(config.model, "causal-lm", config.dtype, tokenizer, **overrides)
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
         """Reads the training and test records (cut to --limit-train / --limit-eval) and tokenizes the training

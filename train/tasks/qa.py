@@ -79,9 +79,9 @@ class QaJob:
         self.eval_examples = splits["validation"][: config.limit_eval or None]
 
     @classmethod
-    def load_model_and_tokenizer(cls, config: TrainConfig):
-        """``(model, params, tokenizer)``: an HF Flax ``*ForQuestionAnswering``; 'tiny' is random-init with the
-        demo tokenizer. A model type without a Flax QA class (or a family record) is a `ModelError`."""
+    def model_source(cls, config: TrainConfig) -> models.ModelSource:
+        """An HF Flax ``*ForQuestionAnswering``; 'tiny' is random-init with the demo tokenizer. A model type
+        without a Flax QA class (or a family record) is a `ModelError`."""
         if config.model in models.PRESETS:
             check_qa_model(models.preset_config(config.model), config.model)
         if config.model == "tiny":
@@ -90,14 +90,15 @@ class QaJob:
             overrides = {"hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.dropout}
             model_cfg = models.preset_config("tiny", **overrides)
             model, params = models.random_model(model_cfg, "question-answering", config.dtype, config.seed)
-            return model, params, make_demo_tokenizer(model_max_length=model_cfg.max_position_embeddings - 2)
+            tokenizer = make_demo_tokenizer(model_max_length=model_cfg.max_position_embeddings - 2)
+            return models.ModelSource.of(model, params, tokenizer)
         from transformers import AutoTokenizer
 
         model_config = models.load_config(config.model)
         check_qa_model(model_config, config.model)
         dropout = models.dropout_overrides(model_config, config.dropout)
-        model, params = models.load_pretrained(config.model, "question-answering", config.dtype, **dropout)
-        return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        return models.pretrained_source(config.model, "question-answering", config.dtype, tokenizer, **dropout)
 
     def prepare(self, tokenizer, batch_sharding: NamedSharding) -> None:
         """Cuts the questions of both splits (read by the constructor, cut to --limit-train / --limit-eval)

@@ -116,18 +116,19 @@ class SummarizationJob(MicroBatchedRows):
         self.generation_stats: dict[str, Any] = {}
 
     @classmethod
-    def load_model_and_tokenizer(cls, config: TrainConfig):
-        """``(model, params, tokenizer)`` of a seq2seq LM; presets are random-init with the byte tokenizer."""
+    def model_source(cls, config: TrainConfig) -> models.ModelSource:
+        """A seq2seq LM; presets are random-init with the byte tokenizer."""
         base = model_config(config)
         overrides = dropout_overrides(base, config.dropout)
         if config.model in models.PRESETS:
             model_config_ = models.preset_config(config.model, **overrides)
             model, params = models.random_model_fast(model_config_, "seq2seq-lm", config.dtype, config.seed)
-            return model, params, make_byte_tokenizer(model_max_length=model_config_.max_position_embeddings)
+            tokenizer = make_byte_tokenizer(model_max_length=model_config_.max_position_embeddings)
+            return models.ModelSource.of(model, params, tokenizer)
         from transformers import AutoTokenizer
 
-        model, params = models.load_pretrained(config.model, "seq2seq-lm", config.dtype, **overrides)
-        return model, params, AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(config.model, use_fast=True)
+        return models.pretrained_source(config.model, "seq2seq-lm", config.dtype, tokenizer, **overrides)
 
     def read_splits(self) -> tuple[list[dict], list[dict]]:
         """The train and --eval-split examples, cut to --limit-train / --limit-eval."""
