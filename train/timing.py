@@ -181,6 +181,10 @@ class Compiles:
     def __init__(self, timing: Timing, todo: list, futures: list):
         self.timing, self.todo, self.futures = timing, todo, futures
 
+    def holds(self, programs: StepPrograms, args) -> bool:
+        """Whether one of these compiles is ``programs``' for the batch shape of ``args``."""
+        return any(p is programs and _key(a[-1]) == _key(args[-1]) for p, a in self.todo)
+
     def wait(self, progress=None) -> int:
         """Waits for every compile (the ``compile`` phase), installs the programs in their `StepPrograms`, and
         returns how many there were; ``progress`` (e.g. a tqdm bar) is updated once per program."""

@@ -319,14 +319,13 @@ def compile_planned(
     started early, if any) does not hold, concurrently, and waits for all, so the loop never stops to compile;
     a job that cannot tell its shapes ahead compiles each at first use. Several processes then meet, so none
     enters a collective while another still compiles."""
-    with tqdm(total=0, desc="compiling step programs", disable=not distributed.is_main()) as bar:
-        if pending is not None:  # its programs first: a shape it holds is compiled once
-            bar.total += len(pending.todo)
-            pending.wait(bar)
-        rest = timing_lib.start_compiles(planned_work(job, state, frozen, train_fn, eval_fn, total_steps), timing)
-        bar.total += len(rest.todo)
-        bar.refresh()
-        rest.wait(bar)
+    work = planned_work(job, state, frozen, train_fn, eval_fn, total_steps)
+    started = [pending] if pending is not None else []
+    started.append(timing_lib.start_compiles([w for w in work if not any(c.holds(*w) for c in started)], timing))
+    total = sum(len(c.todo) for c in started)
+    with tqdm(total=total, desc="compiling step programs", disable=not distributed.is_main() or not total) as bar:
+        for compiles in started:
+            compiles.wait(bar)
     if jax.process_count() > 1:
         distributed.barrier("compiled")
 
