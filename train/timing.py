@@ -200,9 +200,10 @@ def start_compiles(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing) -
     """Lowers each ``(programs, args)`` not compiled yet and starts its compile; returns without waiting.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. Tracing holds the GIL, so lowering runs on this
-    thread (the ``compile`` phase); XLA's compiles release it and run on daemon threads, up to one per core
-    (a persistent-cache hit is a load), while this thread goes on, e.g. to read the weights. Daemon threads,
-    so a run refused meanwhile exits at once. Each program's own compile seconds go under its label.
+    thread (the ``compile`` phase); XLA's compiles release it and run on threads of their own, up to one per
+    core (a persistent-cache hit is a load), while this thread goes on, e.g. to read the weights. A run
+    refused meanwhile prints its error at once, and the interpreter exits once they end: XLA aborts the
+    process if it exits under a running compile. Each program's own compile seconds go under its label.
     """
     todo, keys = [], set()
     for programs, args in work:
@@ -227,7 +228,7 @@ def start_compiles(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing) -
             future = Future()
             label = f"{programs.name} {describe(args[-1])}"
             lowered = programs.jitted.lower(*args)
-            threading.Thread(target=build, args=(future, label, lowered), name="compile", daemon=True).start()
+            threading.Thread(target=build, args=(future, label, lowered), name="compile").start()
             futures.append(future)
     return Compiles(timing, todo, futures)
 

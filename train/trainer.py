@@ -97,8 +97,9 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     """Everything before the first step: compilation cache, job, output dir, mesh, model, method, compiled steps,
     restored state.
 
-    Where the selection needs no weight values (no Wanda strategy, no --adapter) and no checkpoint is resumed,
-    the step programs are lowered from the params' layout and compile while the weights load (`compile_early`).
+    Where the selection needs no weight values (no Wanda strategy, no --adapter), the step programs are lowered
+    from the params' layout and compile while the weights load (`compile_early`); an input refused meanwhile
+    (a damaged checkpoint, a resume that does not match) is reported at once.
     ``timing`` (a new `train.timing.Timing` if None) counts each phase (`train.timing.PHASES`) and goes on in
     the `Run`.
     """
@@ -124,7 +125,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         config.lr, total_steps, config.warmup_steps, config.weight_decay, config.lr_schedule, config.max_grad_norm
     )
     early = None
-    if adapter is None and config.strategy not in WANDA_STRATEGIES and not config.resume:
+    if adapter is None and config.strategy not in WANDA_STRATEGIES:
         early = compile_early(config, job, source, tx, mesh, timing, total_steps)
     with timing.phase("model_load"):
         params = source.load()

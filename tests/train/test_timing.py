@@ -257,3 +257,39 @@ def test_programs_that_do_not_fit_the_loaded_weights_compile_again(tiny_dir, tmp
     assert [json.loads(x).get("loss") for x in lines("dropped")] == [
         json.loads(x).get("loss") for x in lines("expected")
     ]
+
+
+def test_a_damaged_checkpoint_found_while_programs_compile_is_one_line_and_exit_2(tiny_dir, tmp_path):
+    """The weights are read after the early compiles start: a file that cannot be read is reported as one line
+    with exit code 2, and the process ends cleanly once the compiles do (XLA aborts one that exits under a
+    running compile)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import cpu_env
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_dir, damaged)
+    weights = damaged / "flax_model.msgpack"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = [
+        "--model",
+        str(damaged),
+        "--max-steps",
+        "2",
+        "--compile-cache",
+        "off",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.run", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("TensorFlow and JAX classes")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: --model") and "damaged" in lines[0], lines
