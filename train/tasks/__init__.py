@@ -69,6 +69,7 @@ def make_job(config):
 
 
 def load_model_and_tokenizer(config):
-    """``(model, params, tokenizer)`` for ``config.task`` without reading its data (used by `train.export`)."""
+    """``(model, params, tokenizer)`` for ``config.task``, weights loaded, without reading its data (for
+    `train.export` and `train.serve`)."""
     source = job_class(config.task).model_source(config)
     return source.model, source.load(), source.tokenizer

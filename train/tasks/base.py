@@ -1,9 +1,9 @@
 """The `Job` protocol: everything the trainer asks of a task, and nothing it may ask otherwise.
 
 A job is made from the run's config, which it checks at once (bad task options fail before any model loads).
-The trainer then calls, in order: `Job.model_source` (the model; its weights load later), `Job.prepare` (read the data),
-`Job.planned_batches` (the shapes to compile ahead), and each step
-`Job.train_batch(step)`, whose result depends only on (seed, step) so a resumed run replays exactly. Wanda
+The trainer then calls, in order: `Job.model_source` (the model; its weights load later), `Job.prepare` (read
+the data), `Job.planned_batches` (the shapes to compile ahead), and each step `Job.train_batch(step)`, whose
+result depends only on (seed, step) so a resumed run replays exactly. Wanda
 strategies draw `Job.calibration_batches`. `Job.evaluate` scores the trainable tree whenever the loop asks;
 `Job.results` adds the job's own keys to results.json.
 """
