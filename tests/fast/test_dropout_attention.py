@@ -145,6 +145,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI time on 2 cores; test_sharding trains under a mesh by default
 def test_kernels_run_per_shard_under_a_data_and_tensor_mesh():
     """data=2 x tensor=2 on 4 CPU devices: each device's rows and heads, same loss and gradients as HF."""
     proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, capture_output=True, text=True)

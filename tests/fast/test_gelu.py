@@ -62,10 +62,10 @@ def test_bf16_error_is_no_larger_than_hf_gelu_in_bf16():
 
 
 @pytest.mark.parametrize(
-    "name",  # XLM-R is RoBERTa's code and ELECTRA BERT's layers: under -m slow
+    "name",  # RoBERTa, XLM-R (RoBERTa's code) and ELECTRA (BERT's layers): under -m slow
     [
         "bert",
-        "roberta",
+        pytest.param("roberta", marks=pytest.mark.slow),
         pytest.param("xlm-roberta", marks=pytest.mark.slow),
         pytest.param("electra", marks=pytest.mark.slow),
     ],

@@ -68,6 +68,7 @@ def test_auto_pooling_follows_a_sentence_transformers_pooling_config(tmp_path):
     assert checkpoint_pooling("roberta-base") == "pooler"  # a hub id
 
 
+@pytest.mark.slow  # CI time on 2 cores; tests/ntk checks the kernels by default
 def test_demo_run_with_a_prompt_writes_results_consistent_with_its_kernels(tmp_path):
     out = tmp_path / "ntk"
     args = [

@@ -62,7 +62,9 @@ def test_flags_override_the_task_config(tmp_path):
     assert events and events[0].stat().st_size > 200  # the scalars were flushed, not just the file header
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+@pytest.mark.parametrize(
+    "method", [pytest.param("full", marks=pytest.mark.slow), "lora", pytest.param("bitfit", marks=pytest.mark.slow)]
+)  # full, bitfit: -m slow
 def test_baselines_run_in_the_same_harness(tmp_path, method):
     out = run_ok(tmp_path, "--method", method)
     results = json.loads((out / "results.json").read_text())

@@ -181,6 +181,7 @@ def test_two_processes_equal_one_process(tmp_path, two_process_run):
     assert "eval @ step 6" in outputs[0][0] and "eval @ step" not in outputs[1][0]  # only process 0 prints
 
 
+@pytest.mark.slow  # CI time on 2 cores; two processes train by default
 def test_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_run):
     import shutil
 

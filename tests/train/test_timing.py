@@ -235,6 +235,7 @@ def test_step_programs_compile_while_the_weights_load(tiny_dir, tmp_path, monkey
     }
 
 
+@pytest.mark.slow  # CI time on 2 cores; the order and single-compile test runs by default
 def test_programs_that_do_not_fit_the_loaded_weights_compile_again(tiny_dir, tmp_path, monkeypatch):
     """If the loaded weights ever differed from their announced layout (here: announced bf16, loaded fp32), the
     early programs are dropped and the arrays' own compile: the run trains as one without early compiles."""

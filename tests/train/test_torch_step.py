@@ -55,6 +55,7 @@ def results():
     return out
 
 
+@pytest.mark.slow  # CI time on 2 cores; a benchmark's smoke test
 @pytest.mark.parametrize("name", list(RUNS))
 def test_json_line(results, name):
     res = results[name]
