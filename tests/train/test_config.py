@@ -6,6 +6,7 @@ and what is valid, whether it came from a flag or a YAML file.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -180,6 +181,36 @@ def test_the_reporting_warm_up_thread_prints_no_warnings():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "from the main thread" in proc.stderr
     assert "from the warm-up" not in proc.stderr and "DependencyWarning" not in proc.stderr
+
+
+# A run refused just after its main thread imported urllib3's SOCKS support, as requests does on first import.
+SOCKS_ON_THE_MAIN_THREAD = """
+import sys
+from train import run, trainer
+from train.errors import ConfigError
+
+def refuse(config):
+    try:
+        import urllib3.contrib.socks  # noqa: F401  (warns without PySocks, then fails)
+    except ImportError:
+        pass
+    raise ConfigError("refused")
+
+trainer.train_and_evaluate = refuse
+sys.exit(run.main(["--max-steps", "1"]))
+"""
+
+
+def test_urllib3_socks_warning_on_the_main_thread_stays_off_a_refused_run():
+    """Whichever thread imports requests first shows urllib3's PySocks warning: `train.run` ignores it, so a
+    refused run prints its one line. (The check needs PySocks absent, as in the test extra.)"""
+    if importlib.util.find_spec("socks") is not None:
+        pytest.skip("PySocks is installed: urllib3 has nothing to warn of")
+    proc = subprocess.run(
+        [sys.executable, "-c", SOCKS_ON_THE_MAIN_THREAD], cwd=REPO, env=cpu_env(), capture_output=True, text=True
+    )
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("TensorFlow and JAX classes")]
+    assert proc.returncode == 2 and lines == ["error: refused"], proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("main, args, message", [

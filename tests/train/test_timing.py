@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, write_tiny_model_dir
 
 from benchmarks import run_time
 from train import compile_cache, run
@@ -179,14 +179,8 @@ def test_unwritable_compile_cache_is_one_line_and_exit_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """The 'tiny' preset's random RoBERTa as a local HF dir (Flax weights, the demo tokenizer)."""
-    from train import models
-    from train.tasks.demo import make_demo_tokenizer
-
     directory = tmp_path_factory.mktemp("tiny") / "model"
-    config = models.preset_config("tiny", num_labels=2)
-    model, params = models.random_model(config, "sequence-classification", "fp32", seed=0)
-    model.save_pretrained(directory, params=params)
-    make_demo_tokenizer(model_max_length=config.max_position_embeddings - 2).save_pretrained(directory)
+    write_tiny_model_dir(directory)
     return directory
 
 
