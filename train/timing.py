@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -200,8 +200,8 @@ def start_compiles(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing) -
     """Lowers each ``(programs, args)`` not compiled yet and starts its compile; returns without waiting.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. Tracing holds the GIL, so lowering runs on this
-    thread (the ``compile`` phase); XLA's compiles release it and run on threads of their own, up to one per
-    core (a persistent-cache hit is a load), while this thread goes on, e.g. to read the weights. A run
+    thread (the ``compile`` phase); XLA's compiles release it and run on a pool of up to one thread per core
+    (a persistent-cache hit is a load), while this thread goes on, e.g. to read the weights. A run
     refused meanwhile prints its error at once, and the interpreter exits once they end: XLA aborts the
     process if it exits under a running compile. Each program's own compile seconds go under its label.
     """
@@ -211,25 +211,23 @@ def start_compiles(work: Sequence[tuple[StepPrograms, tuple]], timing: Timing) -
         if shape not in programs.programs and (id(programs), shape) not in keys:
             keys.add((id(programs), shape))
             todo.append((programs, args))
-    slots = threading.BoundedSemaphore(max(1, min(len(todo), os.cpu_count() or 1)))
 
-    def build(future, label, lowered):
-        with slots:
-            start = time.perf_counter()
-            try:
-                future.set_result(lowered.compile())
-            except BaseException as err:  # re-raised by `Compiles.wait`
-                future.set_exception(err)
+    def build(label, lowered):
+        start = time.perf_counter()
+        try:
+            return lowered.compile()
+        finally:
             timing.record_program(label, time.perf_counter() - start)
 
-    futures = []
+    # The pool's threads are joined when the interpreter exits, as XLA needs; shutdown(wait=False) lets this
+    # thread go on while they work.
+    pool = ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1)), thread_name_prefix="compile")
     with timing.phase("compile"):
-        for programs, args in todo:
-            future = Future()
-            label = f"{programs.name} {describe(args[-1])}"
-            lowered = programs.jitted.lower(*args)
-            threading.Thread(target=build, args=(future, label, lowered), name="compile").start()
-            futures.append(future)
+        futures = [
+            pool.submit(build, f"{programs.name} {describe(args[-1])}", programs.jitted.lower(*args))
+            for programs, args in todo
+        ]
+    pool.shutdown(wait=False)
     return Compiles(timing, todo, futures)
 
 

@@ -132,16 +132,15 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     model = source.model
     with timing.phase("selection"):
         if early is not None:
-            method, remat = early.method, early.remat
-            start_values = None
-        elif adapter is not None:
-            method, start_values = adapters.start(adapter, params, config.model)
-            remat = resolve_remat(config, model, params)
+            method, remat, start_values = early.method, early.remat, None
         else:
-            method, start_values = build_method(config, model, params, job), None
+            if adapter is not None:
+                method, start_values = adapters.start(adapter, params, config.model)
+            else:
+                method, start_values = build_method(config, model, params, job), None
             remat = resolve_remat(config, model, params)
-        if early is None and main:
-            print(f"{config.method}: {method.mask.summary()}")
+            if main:
+                print(f"{config.method}: {method.mask.summary()}")
         trainable, frozen = method.split(params)
         del params
         trainable = start_values or trainable
@@ -168,7 +167,7 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         checkpoints = ckpt.manager(out / "checkpoints")
         state, resume_step = restore(config, checkpoints, meta, state)
     pending = early.compiles if early is not None else None
-    compile_planned(job, state, frozen, train_fn, eval_fn, timing, total_steps, pending)  # after every input check
+    compile_planned(job, state, frozen, train_fn, eval_fn, timing, total_steps, pending)  # waits past every check
     counts = ckpt.read_meta(checkpoints, resume_step).get("nonfinite") if resume_step is not None else None
     guard = nonfinite.Guard(config.on_nonfinite, config.max_nonfinite, checkpoints, counts)
     if main:
