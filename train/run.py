@@ -16,6 +16,7 @@ input, 3 when training diverged (a non-finite loss or gradient; see --on-nonfini
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -52,13 +53,22 @@ def main(argv=None) -> int:
 
 
 def quiet_third_party_warnings() -> None:
-    """Keeps a refused run to its one ``error:`` line: ignores urllib3's warning that SOCKS proxies need PySocks.
+    """Keeps a refused run to its one ``error:`` line: drops two warnings about things no run can act on.
 
-    requests imports urllib3's SOCKS support on whichever thread imports it first (transformers' hub code, or
-    tensorboardX on the reporting warm-up thread), and without PySocks urllib3 warns to stderr, about a proxy
-    kind no run uses.
+    - urllib3's warning that SOCKS proxies need PySocks. requests imports urllib3's SOCKS support on whichever
+      thread imports it first (transformers' hub code, or tensorboardX on the reporting warm-up thread), and
+      without PySocks urllib3 warns to stderr, about a proxy kind no run uses.
+    - transformers' notice that its Flax classes go away in v5: the project pins transformers below 5 for them.
+      The filter sits on the emitting logger, so it holds whichever handler would print the record
+      (transformers' own, or the root logger's too when the environment sets ``CI``).
     """
     warnings.filterwarnings("ignore", message="SOCKS support in urllib3 requires", module="urllib3")
+    logging.getLogger("transformers.modeling_flax_utils").addFilter(_FlaxDeprecationFilter())
+
+
+class _FlaxDeprecationFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("TensorFlow and JAX classes are deprecated")
 
 
 def without_torch() -> None:
