@@ -45,6 +45,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("ROCOFT_COMPILE_CACHE", "off")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker a core, at most 4. Most tests wait on XLA's compiles, which
+    use one core each; every worker holds its own JAX, transformers and torch (about 2 GB)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def cpu_env(devices: int | None = None) -> dict[str, str]:
     """The environment of a subprocess that runs JAX on ``devices`` CPU devices, on any machine.
 
