@@ -9,8 +9,11 @@ strict JSON: a non-finite value is ``null`` with ``<key>_nonfinite`` beside it
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.abc
 import json
 import math
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -37,8 +40,8 @@ def _silent_in_warm_up(show):
 
 def warm_up() -> threading.Thread:
     """Imports matplotlib's pyplot (which builds its font cache on a fresh machine: seconds to tens of
-    seconds) and the TensorBoard writer (tensorboardX imports PyTorch when it is installed: 1-2 s) on a daemon
-    thread, so those costs overlap loading and compiling instead of the run's end.
+    seconds) and the TensorBoard writer (`import_tensorboardx`) on a daemon thread, so those costs overlap
+    loading and compiling instead of the run's end.
 
     The thread prints nothing: its exceptions are dropped, and so are its imports' warnings (tensorboardX's
     requests warns on stderr when PySocks is missing), so a run refused meanwhile still prints one line.
@@ -57,7 +60,7 @@ def warm_up() -> threading.Thread:
             import matplotlib.pyplot  # noqa: F401
 
             with contextlib.suppress(ImportError):
-                import tensorboardX  # noqa: F401
+                import_tensorboardx()
 
     thread = threading.Thread(target=load, name=WARM_UP_THREAD, daemon=True)
     thread.start()
@@ -102,11 +105,42 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+class _TorchRefused(importlib.abc.MetaPathFinder):
+    """Refuses ``torch`` to the imports of a thread inside `import_tensorboardx`; other threads import it."""
+
+    refusing = threading.local()
+
+    def find_spec(self, name, path=None, target=None):
+        if getattr(self.refusing, "on", False) and name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r} (train.reporting imports tensorboardX alone)")
+        return None
+
+
+_TORCH_REFUSED = _TorchRefused()
+
+
+def import_tensorboardx():
+    """``tensorboardX``, imported without PyTorch where PyTorch is not loaded yet.
+
+    tensorboardX imports torch, when installed, only to accept torch tensors, which runs never pass: 2 s of
+    imports on 2 CPU cores (more with CUDA's libraries), and on the warm-up thread they hold the GIL against the
+    main thread's imports. The refusal is this thread's alone and lasts for this import, so a torch import
+    elsewhere (HF's conversion of a ``pytorch_model.bin``) proceeds; a torch already loaded is used as it is.
+    """
+    if _TORCH_REFUSED not in sys.meta_path:
+        sys.meta_path.insert(0, _TORCH_REFUSED)
+    _TORCH_REFUSED.refusing.on = True
+    try:
+        return importlib.import_module("tensorboardX")
+    finally:
+        _TORCH_REFUSED.refusing.on = False
+
+
 def _tensorboard_writer(logdir: Path):
-    """A SummaryWriter if tensorboard or tensorboardX is installed, else None."""
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
+    """A SummaryWriter if tensorboardX or PyTorch's tensorboard is installed, else None."""
+    for load in (import_tensorboardx, lambda: importlib.import_module("torch.utils.tensorboard")):
         try:
-            writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
+            writer_cls = load().SummaryWriter
             return writer_cls(str(logdir), flush_secs=10)  # its thread writes; the loop never waits on it
         except ImportError:
             continue
