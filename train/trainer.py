@@ -172,7 +172,8 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
     guard = nonfinite.Guard(config.on_nonfinite, config.max_nonfinite, checkpoints, counts)
     if main:
         save_config(config, out / "config.yaml")
-    log = reporting.MetricsLog(out, resume_step, enabled=main)
+    with timing.phase("reporting"):  # the TensorBoard writer: waits for the warm-up thread's import of it
+        log = reporting.MetricsLog(out, resume_step, enabled=main)
     return loop_lib.Run(
         config,
         job,
