@@ -213,6 +213,32 @@ def test_urllib3_socks_warning_on_the_main_thread_stays_off_a_refused_run():
     assert proc.returncode == 2 and lines == ["error: refused"], proc.stderr[-2000:]
 
 
+# The loggers a run meets: absl's first call (orbax's import logs one) configures the root logger; transformers and
+# huggingface_hub print with handlers of their own and propagate to the root; JAX's loggers have no handler.
+LOGS_FROM_EACH_LIBRARY = """
+import logging
+from train import run
+run.quiet_third_party_warnings()
+import orbax.checkpoint, transformers, huggingface_hub
+from transformers.utils import logging as tf_logging
+from huggingface_hub.utils import logging as hub_logging
+tf_logging.get_logger("transformers.models.bert").warning("from transformers")
+hub_logging.get_logger("huggingface_hub.file_download").warning("from huggingface_hub")
+logging.getLogger("jax._src.xla_bridge").warning("from jax")
+"""
+
+
+def test_each_library_warning_prints_once():
+    """Under CI (where transformers propagates too), each of these warnings reaches stderr exactly once."""
+    env = {**cpu_env(), "CI": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOGS_FROM_EACH_LIBRARY], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for library in ("transformers", "huggingface_hub", "jax"):
+        assert sum(f"from {library}" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
 @pytest.mark.parametrize("main, args, message", [
     (export.main, ["--out", "x"], "the following arguments are required: --checkpoint"),
     (export.main, ["--checkpoint", "/nonexistent", "--out", "x"], "no checkpoint in /nonexistent"),
