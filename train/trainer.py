@@ -155,7 +155,8 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         train_fn, eval_fn = compile_steps(config, job, model, method, tx, shardings, remat, timing)
     if config.print_sharding and main:
         print_sharding(state, frozen, shardings)
-    fingerprint = ckpt.fingerprint(frozen)
+    with timing.phase("checkpointing"):  # the base weights' identity in every checkpoint (a small program)
+        fingerprint = ckpt.fingerprint(frozen)
     meta = {
         "model": config.model,
         "fingerprint": fingerprint,
