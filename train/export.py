@@ -33,7 +33,7 @@ import safetensors.numpy
 import rocoft_jax
 from rocoft_jax import adapters as adapters_lib
 from rocoft_jax.tree import flatten
-from train import adapters, strict_json
+from train import adapters, strict_json, third_party
 from train import checkpoint as ckpt
 from train import methods as methods_lib
 from train import options as opt
@@ -105,6 +105,7 @@ def export(path: Path, out: Path, fmt: str = "merged") -> Path:
 
 
 def main(argv=None) -> int:
+    third_party.quiet()
     parser = opt.new_parser("python -m train.export", __doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a train.run output dir or its checkpoints/")
     parser.add_argument("--out", required=True, type=Path, help="directory for the export")

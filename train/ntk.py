@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train import ntk_report, strict_json
+from train import ntk_report, strict_json, third_party
 from train import options as opt
 from train.errors import ConfigError, UserError
 from train.ntk_config import GROUPS, NTKConfig, check
@@ -161,6 +161,7 @@ def run(config: NTKConfig) -> dict:
 
 
 def main(argv=None) -> int:
+    third_party.quiet()
     try:
         run(parse_args(argv))
     except UserError as err:

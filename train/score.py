@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from train import options as opt
-from train import strict_json
+from train import strict_json, third_party
 from train.errors import DataError, UserError
 from train.llm_data import LlmTask, extract_answer, get_task, is_correct
 
@@ -121,6 +121,7 @@ def score_log(path: str | Path, task: str) -> tuple[dict, list[tuple[int, str, s
 
 
 def main(argv=None) -> int:
+    third_party.quiet()
     parser = opt.new_parser("python -m train.score", __doc__)
     parser.add_argument("--log", required=True, type=Path, help="an LLM-Adapters evaluation log (.txt)")
     parser.add_argument("--task", required=True, help="the task the log evaluates, e.g. boolq, arc-c, addsub, aqua")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from train import options as opt
-from train import strict_json
+from train import strict_json, third_party
 from train.errors import ConfigError, DataError, UserError
 
 
@@ -177,6 +177,7 @@ def serve(args) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> int:
+    third_party.quiet()
     parser = opt.new_parser("python -m train.serve", __doc__)
     parser.add_argument("--adapter", action="append", required=True, help="NAME=DIR of an adapter (repeat for each)")
     parser.add_argument("--input", required=True, type=Path, help="JSON lines, each naming its adapter in 'task'")

@@ -217,8 +217,8 @@ def test_urllib3_socks_warning_on_the_main_thread_stays_off_a_refused_run():
 # huggingface_hub print with handlers of their own and propagate to the root; JAX's loggers have no handler.
 LOGS_FROM_EACH_LIBRARY = """
 import logging
-from train import run
-run.quiet_third_party_warnings()
+from train import third_party
+third_party.quiet()
 import orbax.checkpoint, transformers, huggingface_hub
 from transformers.utils import logging as tf_logging
 from huggingface_hub.utils import logging as hub_logging
