@@ -7,6 +7,7 @@ the paper's Algorithm 1. Then `train.run` on BoolQ with the model's own tokenize
 a weak model: the point is real weights, a real tokenizer and a real rotary base.
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -44,9 +45,12 @@ def smollm2() -> Path:
     """The HF dir of SmolLM2-135M-Instruct, converted from the GGUF once per cache."""
     cache = Path(os.environ.get("ROCOFT_TEST_CACHE", Path.home() / ".cache" / "rocoft_jax"))
     out = cache / "smollm2-135m-instruct"
-    if not (out / "model.safetensors").is_file():
-        script = ROOT / "scripts" / "gguf_to_hf.py"
-        subprocess.run([sys.executable, str(script), "--out", str(out)], check=True, capture_output=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "smollm2-135m-instruct.lock", "w") as lock:  # pytest-xdist's workers convert it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            script = ROOT / "scripts" / "gguf_to_hf.py"
+            subprocess.run([sys.executable, str(script), "--out", str(out)], check=True, capture_output=True)
     return out
 
 
