@@ -46,10 +46,13 @@ def _print_each_record_once() -> None:
 
 
 class _NotPrintedYet(logging.Filter):
+    """Passes a record unless a logger between its own and the root has a handler that prints (a
+    ``NullHandler``, which libraries such as urllib3 add, does not)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         logger = logging.getLogger(record.name)
         while logger is not logging.root:
-            if logger.handlers:
+            if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
                 return False
             if not logger.propagate:
                 break

@@ -214,7 +214,8 @@ def test_urllib3_socks_warning_on_the_main_thread_stays_off_a_refused_run():
 
 
 # The loggers a run meets: absl's first call (orbax's import logs one) configures the root logger; transformers and
-# huggingface_hub print with handlers of their own and propagate to the root; JAX's loggers have no handler.
+# huggingface_hub print with handlers of their own and propagate to the root; JAX's loggers have no handler, and
+# urllib3's a NullHandler.
 LOGS_FROM_EACH_LIBRARY = """
 import logging
 from train import third_party
@@ -225,6 +226,8 @@ from huggingface_hub.utils import logging as hub_logging
 tf_logging.get_logger("transformers.models.bert").warning("from transformers")
 hub_logging.get_logger("huggingface_hub.file_download").warning("from huggingface_hub")
 logging.getLogger("jax._src.xla_bridge").warning("from jax")
+import urllib3  # its logger has only a NullHandler
+logging.getLogger("urllib3.connectionpool").warning("from urllib3")
 """
 
 
@@ -235,7 +238,7 @@ def test_each_library_warning_prints_once():
         [sys.executable, "-c", LOGS_FROM_EACH_LIBRARY], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for library in ("transformers", "huggingface_hub", "jax"):
+    for library in ("transformers", "huggingface_hub", "jax", "urllib3"):
         assert sum(f"from {library}" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
 
 
