@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import assert_one_line_error, write_tiny_model_dir
+from conftest import assert_one_line_error, cpu_env, write_tiny_model_dir
 
 from benchmarks import run_time
 from train import compile_cache, run
@@ -258,12 +261,6 @@ def test_a_damaged_checkpoint_found_while_programs_compile_is_one_line_and_exit_
     """The weights are read after the early compiles start: a file that cannot be read is reported as one line
     with exit code 2, and the process ends cleanly once the compiles do (XLA aborts one that exits under a
     running compile)."""
-    import shutil
-    import subprocess
-    import sys
-
-    from conftest import cpu_env
-
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_dir, damaged)
     weights = damaged / "flax_model.msgpack"
