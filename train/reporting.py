@@ -40,8 +40,8 @@ def _silent_in_warm_up(show):
 
 def warm_up() -> threading.Thread:
     """Imports matplotlib's pyplot (which builds its font cache on a fresh machine: seconds to tens of
-    seconds) and the TensorBoard writer (`import_tensorboardx`) on a daemon thread, so those costs overlap
-    loading and compiling instead of the run's end.
+    seconds) and the TensorBoard writer (`summary_writer_class`) on a daemon thread, so those costs overlap
+    loading and compiling instead of the first step or the run's end.
 
     The thread prints nothing: its exceptions are dropped, and so are its imports' warnings (tensorboardX's
     requests warns on stderr when PySocks is missing), so a run refused meanwhile still prints one line.
@@ -59,8 +59,7 @@ def warm_up() -> threading.Thread:
             matplotlib.use("Agg")
             import matplotlib.pyplot  # noqa: F401
 
-            with contextlib.suppress(ImportError):
-                import_tensorboardx()
+            summary_writer_class()
 
     thread = threading.Thread(target=load, name=WARM_UP_THREAD, daemon=True)
     thread.start()
@@ -136,15 +135,24 @@ def import_tensorboardx():
         _TORCH_REFUSED.refusing.on = False
 
 
-def _tensorboard_writer(logdir: Path):
-    """A SummaryWriter if tensorboardX or PyTorch's tensorboard is installed, else None."""
+def summary_writer_class():
+    """tensorboardX's ``SummaryWriter`` (a dependency; imported without PyTorch), else PyTorch's, else None.
+
+    PyTorch's writer imports torch (2-3 s with CUDA's libraries), so the warm-up thread imports whichever
+    this returns, not only tensorboardX.
+    """
     for load in (import_tensorboardx, lambda: importlib.import_module("torch.utils.tensorboard")):
         try:
-            writer_cls = load().SummaryWriter
-            return writer_cls(str(logdir), flush_secs=10)  # its thread writes; the loop never waits on it
+            return load().SummaryWriter
         except ImportError:
             continue
     return None
+
+
+def _tensorboard_writer(logdir: Path):
+    """A SummaryWriter if tensorboardX or PyTorch's tensorboard is installed, else None."""
+    writer_cls = summary_writer_class()
+    return None if writer_cls is None else writer_cls(str(logdir), flush_secs=10)  # its thread writes
 
 
 def eval_table(step: int, metrics: dict[str, float]) -> str:

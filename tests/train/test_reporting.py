@@ -1,4 +1,4 @@
-"""`train.reporting`: the TensorBoard writer loads without PyTorch, and PyTorch stays importable."""
+"""`train.reporting`: the TensorBoard writer loads without PyTorch (or, lacking tensorboardX, ahead of the run)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,39 @@ def test_tensorboard_writer_loads_without_pytorch_which_stays_importable(tmp_pat
     assert json.loads(proc.stdout.splitlines()[-1]) == {"tensorboardX": True, "torch": False, "torch_works": True}
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 80  # the header and the scalar
+
+
+WARM_UP_WITHOUT_TENSORBOARDX = """
+import importlib.abc, json, sys
+from pathlib import Path
+
+class NoTensorboardX(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorboardX":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTensorboardX())
+from train import reporting
+reporting.warm_up().join()
+warmed = "torch.utils.tensorboard" in sys.modules
+log = reporting.MetricsLog(Path(sys.argv[1]))
+log.write({"step": 1, "loss": 0.5})
+log.close()
+print(json.dumps({"warmed": warmed, "writer": type(log.tb).__module__ if log.tb else None}))
+"""
+
+
+def test_without_tensorboardx_the_warm_up_imports_pytorchs_writer_instead(tmp_path):
+    """PyTorch's writer imports torch (2-3 s with CUDA's libraries): where it is the one there is, the warm-up
+    thread imports it, so the first step does not wait for it; the events still reach disk."""
+    pytest.importorskip("torch.utils.tensorboard")
+    proc = subprocess.run(
+        [sys.executable, "-c", WARM_UP_WITHOUT_TENSORBOARDX, str(tmp_path)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"warmed": True, "writer": "torch.utils.tensorboard.writer"}
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
