@@ -47,9 +47,9 @@ case "${1:-encoder}" in
     ;;
   compile)
     # The RTE recipe cut to 400 steps (enough for a steady step time), each variant cold in its own fresh cache:
-    # XLA's single-threaded LLVM compile (train.run's default splits it over the cores), cuBLAS-only GEMMs,
-    # XLA's own attention instead of cuDNN's, no CUDA graphs (cold, then warm: the executable's load); the train
-    # step's compile seconds and the stepping time.
+    # XLA's single-threaded LLVM compile against train.run's default (split over the cores; cold, then warm),
+    # cuBLAS-only GEMMs, no CUDA graphs (cold, then warm: the executable's load); the train step's compile
+    # seconds and the stepping time.
     python -c "from pathlib import Path; from benchmarks.run_time import write_random_model as w
 w('bert-large-uncased', '.bench/minilm', Path('/tmp/bertl'))" > /dev/null 2>&1
     args="--model /tmp/bertl --task rte --data-dir .bench/glue --dtype bf16 --max-steps 400 --limit-eval 64"
@@ -65,10 +65,9 @@ print(json.dumps(t))"
     }
     XLA_FLAGS="--xla_gpu_force_compilation_parallelism=0" one single_thread 120
     one parallel 100
+    CACHE=/tmp/cache_parallel one parallel_warm 60
     XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" one parallel_cublas 100
-    one parallel_xla_attention 100 --attention xla
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" one no_command_buffers 100
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" CACHE=/tmp/cache_no_command_buffers one no_command_buffers_warm 60
-    CACHE=/tmp/cache_parallel one parallel_warm 60
     ;;
 esac
