@@ -12,6 +12,16 @@ from conftest import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+def last_line(script: str, out: Path):
+    """The JSON last line that ``script`` prints, run in a fresh interpreter with ``out`` as its argument."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(out)], cwd=REPO, env=cpu_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 WARM_UP_THEN_TORCH = """
 import json, sys
 from pathlib import Path
@@ -32,15 +42,7 @@ def test_tensorboard_writer_loads_without_pytorch_which_stays_importable(tmp_pat
     reach disk, and the main thread imports PyTorch as usual afterwards."""
     pytest.importorskip("tensorboardX")
     pytest.importorskip("torch")
-    proc = subprocess.run(
-        [sys.executable, "-c", WARM_UP_THEN_TORCH, str(tmp_path)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"tensorboardX": True, "torch": False, "torch_works": True}
+    assert last_line(WARM_UP_THEN_TORCH, tmp_path) == {"tensorboardX": True, "torch": False, "torch_works": True}
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 80  # the header and the scalar
 
@@ -69,13 +71,8 @@ def test_without_tensorboardx_the_warm_up_imports_pytorchs_writer_instead(tmp_pa
     """PyTorch's writer imports torch (2-3 s with CUDA's libraries): where it is the one there is, the warm-up
     thread imports it, so the first step does not wait for it; the events still reach disk."""
     pytest.importorskip("torch.utils.tensorboard")
-    proc = subprocess.run(
-        [sys.executable, "-c", WARM_UP_WITHOUT_TENSORBOARDX, str(tmp_path)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"warmed": True, "writer": "torch.utils.tensorboard.writer"}
+    assert last_line(WARM_UP_WITHOUT_TENSORBOARDX, tmp_path) == {
+        "warmed": True,
+        "writer": "torch.utils.tensorboard.writer",
+    }
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
