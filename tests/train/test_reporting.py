@@ -61,9 +61,10 @@ from train import reporting
 reporting.warm_up().join()
 warmed = "torch.utils.tensorboard" in sys.modules
 log = reporting.MetricsLog(Path(sys.argv[1]))
+writer = type(log.tb).__module__ if log.tb else None
 log.write({"step": 1, "loss": 0.5})
 log.close()
-print(json.dumps({"warmed": warmed, "writer": type(log.tb).__module__ if log.tb else None}))
+print(json.dumps({"warmed": warmed, "writer": writer}))
 """
 
 
