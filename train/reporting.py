@@ -138,8 +138,8 @@ def import_tensorboardx():
 def summary_writer_class():
     """tensorboardX's ``SummaryWriter`` (a dependency; imported without PyTorch), else PyTorch's, else None.
 
-    PyTorch's writer imports torch (2-3 s with CUDA's libraries), so the warm-up thread imports whichever
-    this returns, not only tensorboardX.
+    PyTorch's writer imports torch, seconds with CUDA's libraries, so the warm-up thread imports whichever
+    this returns, not only tensorboardX: the first step must not wait for it.
     """
     for load in (import_tensorboardx, lambda: importlib.import_module("torch.utils.tensorboard")):
         try:
