@@ -19,6 +19,8 @@ from benchmarks import run_time
 from train import compile_cache, run
 from train import timing as timing_lib
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # the first bytes of every zstd frame (RFC 8878)
+
 
 class Clock:
     """A perf_counter that advances only when told."""
@@ -155,6 +157,8 @@ def test_a_rerun_loads_every_program_from_the_compile_cache(tmp_path, capsys, mo
         assert row["total"] == run_results["timing"]["total"] and row["steps"] == 2
         assert row["total_over_steps"] == row["total"] / row["train_steps"]
     assert printed["warm"]["cache_misses"] == 0 and printed["train_args"] == train_args
+    entries = list((tmp_path / "cache").glob("*-cache"))  # zstd (a dependency), not JAX's slower zlib fallback
+    assert entries and all(e.read_bytes()[:4] == ZSTD_MAGIC for e in entries)
 
 
 def test_compile_cache_dirs(monkeypatch, tmp_path):
