@@ -155,16 +155,14 @@ def setup(config: TrainConfig, timing: timing_lib.Timing | None = None) -> loop_
         train_fn, eval_fn = compile_steps(config, job, model, method, tx, shardings, remat, timing)
     if config.print_sharding and main:
         print_sharding(state, frozen, shardings)
-    with timing.phase("checkpointing"):  # the base weights' identity in every checkpoint (a small program)
-        fingerprint = ckpt.fingerprint(frozen)
-    meta = {
-        "model": config.model,
-        "fingerprint": fingerprint,
-        "config": config.to_dict(),
-        "selection": {**method.describe(), "task": job.name},
-        "process_count": jax.process_count(),
-    }
-    with timing.phase("checkpointing"):
+    with timing.phase("checkpointing"):  # the fingerprint (the base weights' identity) is a small program
+        meta = {
+            "model": config.model,
+            "fingerprint": ckpt.fingerprint(frozen),
+            "config": config.to_dict(),
+            "selection": {**method.describe(), "task": job.name},
+            "process_count": jax.process_count(),
+        }
         checkpoints = ckpt.manager(out / "checkpoints")
         state, resume_step = restore(config, checkpoints, meta, state)
     pending = early.compiles if early is not None else None
