@@ -20,6 +20,8 @@ from typing import Any
 import jax
 from jax import monitoring
 
+from train.compile_prefetch import USED_EVENT as PREFETCH_EVENT  # a cache hit loaded ahead of its lowering
+
 PHASES = (
     "setup",
     "model_load",
@@ -47,7 +49,7 @@ class Timing:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.programs: dict[str, dict[str, float]] = {}
         self.backend = {"count": 0, "seconds": 0.0}
-        self.cache = {"hits": 0, "misses": 0}
+        self.cache = {"hits": 0, "misses": 0, "prefetched": 0}
         self.on_compile: Callable[[str | None], None] | None = None  # told a program's label, then None
         self._stack: list[float] = []  # time spent in nested phases, one entry per open phase
         self._lock = threading.Lock()  # compiles and JAX's events may come from several threads
@@ -67,6 +69,8 @@ class Timing:
                 self.cache["hits"] += 1
             elif event == CACHE_MISS_EVENT:
                 self.cache["misses"] += 1
+            elif event == PREFETCH_EVENT:
+                self.cache["prefetched"] += 1
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -123,6 +127,7 @@ class Timing:
             "backend_compiles": {"count": self.backend["count"], "seconds": round(self.backend["seconds"], 3)},
             "cache_hits": self.cache["hits"],
             "cache_misses": self.cache["misses"],
+            "cache_prefetched": self.cache["prefetched"],
         }
         other = total - sum(self.seconds.values())
         return {**phases, "compile": compile_info, "other": round(max(other, 0.0), 3), "total": round(total, 3)}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import rocoft_jax
 from rocoft_jax import sharding
-from train import adapters, compile_cache, distributed, nonfinite, reporting, strict_json, tasks
+from train import adapters, compile_cache, compile_prefetch, distributed, nonfinite, reporting, strict_json, tasks
 from train import checkpoint as ckpt
 from train import input_pipeline as pipeline
 from train import loop as loop_lib
@@ -392,14 +392,22 @@ def finish(run: loop_lib.Run) -> dict[str, Any]:
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     """Runs the whole job and returns what results.json holds (on every process)."""
     timing = timing_lib.Timing()
+    prefetch = None
     try:
+        with timing.phase("setup"):  # a rerun starts loading its cached programs now (`train.compile_prefetch`)
+            prefetch = compile_prefetch.begin(compile_cache.configure(config.compile_cache), config.to_dict())
         run = setup(config, timing)
         try:
             loop_lib.loop(run)
-            return finish(run)
+            results = finish(run)
         except NonFiniteError:
             if distributed.is_main():
                 (run.out / "results.json").unlink(missing_ok=True)
             raise
+        if prefetch is not None:
+            prefetch.save()
+        return results
     finally:
+        if prefetch is not None:
+            prefetch.close()
         timing.close()

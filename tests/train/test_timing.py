@@ -149,6 +149,9 @@ def test_a_rerun_loads_every_program_from_the_compile_cache(tmp_path, capsys, mo
     assert cold["timing"]["compile"]["cache_misses"] > 0 and cold["timing"]["compile"]["cache_hits"] == 0
     assert warm["timing"]["compile"]["cache_misses"] == 0
     assert warm["timing"]["compile"]["cache_hits"] == cold["timing"]["compile"]["cache_misses"]
+    # Every program of the rerun was loaded ahead of its lowering (train.compile_prefetch).
+    assert cold["timing"]["compile"]["cache_prefetched"] == 0
+    assert warm["timing"]["compile"]["cache_prefetched"] == warm["timing"]["compile"]["cache_hits"]
     assert warm["timing"]["compile"]["programs"].keys() == cold["timing"]["compile"]["programs"].keys()
     assert (tmp_path / "warm" / "metrics.jsonl").read_text() == (tmp_path / "cold" / "metrics.jsonl").read_text()
     assert {k: v for k, v in warm.items() if k != "timing"} == {k: v for k, v in cold.items() if k != "timing"}
