@@ -74,6 +74,7 @@ def summary(run: dict) -> dict:
         "programs": timing["compile"]["count"],
         "cache_hits": timing["compile"]["cache_hits"],
         "cache_misses": timing["compile"]["cache_misses"],
+        "cache_prefetched": timing["compile"]["cache_prefetched"],
         "total_over_steps": timing["total"] / steps_time if steps_time > 0 else None,
     }
 
@@ -82,7 +83,7 @@ def table(cold: dict, warm: dict) -> str:
     lines = [f"{'seconds':<14}{'cold':>10}{'warm':>10}"]
     for row in (*ROWS, "wall"):
         lines.append(f"{row:<14}{cold[row]:>10.2f}{warm[row]:>10.2f}")
-    for row in ("steps", "programs", "cache_hits", "cache_misses"):
+    for row in ("steps", "programs", "cache_hits", "cache_misses", "cache_prefetched"):
         lines.append(f"{row:<14}{cold[row]:>10}{warm[row]:>10}")
     ratio = lambda r: "-" if r is None else f"{r:.2f}"  # noqa: E731
     lines.append(f"{'total/steps':<14}{ratio(cold['total_over_steps']):>10}{ratio(warm['total_over_steps']):>10}")

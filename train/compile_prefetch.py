@@ -84,7 +84,7 @@ class Prefetch:
         if entries:
             backend = jax.devices()[0].client
             by_id = {d.id: d for d in backend.local_devices()}
-            entries = [e for e in entries if all(i in by_id for i in e["devices"])]
+            entries = [e for e in entries if all(i in by_id for i in e["devices"] or ())]
             self._pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="prefetch")
             for entry in entries:
                 future = self._pool.submit(self._load, entry, backend, by_id)
@@ -99,8 +99,10 @@ class Prefetch:
         from jax._src.lib import xla_client
 
         options = xla_client.CompileOptions.ParseFromString(base64.b64decode(entry["options"]))
-        devices = xla_client.DeviceList(tuple(by_id[i] for i in entry["devices"]))
-        executable, seconds = compilation_cache.get_executable_and_time(entry["key"], options, backend, devices)
+        extra = {}
+        if "executable_devices" in inspect.signature(compilation_cache.get_executable_and_time).parameters:
+            extra["executable_devices"] = xla_client.DeviceList(tuple(by_id[i] for i in entry["devices"] or ()))
+        executable, seconds = compilation_cache.get_executable_and_time(entry["key"], options, backend, **extra)
         if executable is not None:
             with _lock:
                 self.loaded += 1
@@ -112,7 +114,7 @@ class Prefetch:
         record = {
             "key": cache_key,
             "options": base64.b64encode(compile_options.SerializeAsString()).decode(),
-            "devices": [d.id for d in executable_devices],
+            "devices": None if executable_devices is None else [d.id for d in executable_devices],
         }
         with _lock:
             if len(self._seen) < MAX_PROGRAMS:
@@ -172,28 +174,42 @@ def _read_index(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _install() -> bool:
-    """Wraps JAX's persistent-cache read so that the active `Prefetch` can answer it; False where it cannot."""
+    """Wraps JAX's persistent-cache read so that the active `Prefetch` can answer it; False where it cannot.
+
+    The wrapper binds the call to the original's signature (JAX has added parameters over versions) and leaves
+    a call with host callbacks, which JAX never caches, to the original.
+    """
     global _installed
     with _lock:
         if _installed is not None:
             return _installed
         try:
-            from jax._src import compiler
+            from jax._src import compilation_cache, compiler
 
             original = compiler._cache_read
-            _installed = tuple(inspect.signature(original).parameters) == _CACHE_READ_PARAMS
+            signature = inspect.signature(original)
+            loader = inspect.signature(compilation_cache.get_executable_and_time).parameters
+            _installed = {"cache_key", "compile_options", "backend"} <= signature.parameters.keys() and (
+                "executable_devices" in signature.parameters or "executable_devices" not in loader
+            )
         except (ImportError, AttributeError, TypeError, ValueError):
             _installed = False
         if not _installed:
+            logger.debug("this JAX has no persistent-cache read to hook: nothing is prefetched")
             return False
 
-        def _cache_read(module_name, cache_key, compile_options, backend, executable_devices):
+        def _cache_read(*args, **kwargs):
             prefetch = _active
             if prefetch is not None:
-                hit = prefetch.take(cache_key, compile_options, executable_devices)
-                if hit is not None:
-                    return hit
-            return original(module_name, cache_key, compile_options, backend, executable_devices)
+                try:
+                    call = signature.bind(*args, **kwargs).arguments
+                except TypeError:
+                    call = None
+                if call is not None and not call.get("host_callbacks"):
+                    hit = prefetch.take(call["cache_key"], call["compile_options"], call.get("executable_devices"))
+                    if hit is not None:
+                        return hit
+            return original(*args, **kwargs)
 
         compiler._cache_read = _cache_read
         return True
