@@ -48,6 +48,16 @@ def write_random_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
     return out
 
 
+def write_in_child(shape: str, tokenizer_dir: str, out: Path) -> Path:
+    """`write_random_model` in a process of its own: on a GPU, JAX holds most of the memory until its process
+    exits, so a model drawn in this process would leave the runs too little (XLA's autotuner then fails with
+    CUDA out-of-memory errors)."""
+    code = "import sys; from pathlib import Path; from benchmarks.run_time import write_random_model as w; "
+    code += "w(sys.argv[1], sys.argv[2], Path(sys.argv[3]))"
+    subprocess.run([sys.executable, "-c", code, shape, tokenizer_dir, str(out)], cwd=REPO, check=True)
+    return out
+
+
 def run_once(train_args: list[str], cache_dir: Path, output_dir: Path) -> dict:
     """One ``train.run`` process: ``{"wall", "timing", "steps", "metrics"}`` of its results.json; its stdout and
     stderr are kept in ``output_dir/run.log``."""
@@ -106,7 +116,7 @@ def main(argv=None) -> int:
         parser.error("--shape and --tokenizer go together")
     with tempfile.TemporaryDirectory(prefix="run_time.") as tmp:
         if args.shape:
-            model_dir = write_random_model(args.shape, args.tokenizer, Path(tmp) / "model")
+            model_dir = write_in_child(args.shape, args.tokenizer, Path(tmp) / "model")
             train_args = [*train_args, "--model", str(model_dir)]
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
         out = Path(args.output_dir) if args.output_dir else Path(tmp)
