@@ -281,7 +281,8 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
         model = cls(flax_config(config), _do_init=False, **load_kwargs)
         params = _read_sharded_safetensors(model, index)
     else:
-        model, params = cls.from_pretrained(name_or_path, config=flax_config(config), _do_init=False, **load_kwargs)
+        with _safetensors_on_host():
+            model, params = cls.from_pretrained(name_or_path, config=flax_config(config), _do_init=False, **load_kwargs)
     if config.model_type == "qwen2":  # the Llama view's o_proj bias, which Qwen2 does not have
         params = _zero_missing(model, params, lambda path: path[-2:] == ("o_proj", "bias"))
     missing = missing_weights(model, params)
@@ -299,6 +300,25 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
         params = unflatten_dict({**_draw(model, config, load_kwargs, wanted), **flatten_dict(params)})
     model._config = config if config.model_type != "qwen2" else model.config
     return model, params
+
+
+@contextlib.contextmanager
+def _safetensors_on_host():
+    """HF reads a Flax-format ``model.safetensors`` with ``safetensors.flax``, which puts every tensor on the
+    default device, and then (``_do_init=False``) copies each back to the host: on a GPU the whole checkpoint
+    crossed PCIe twice before the caller cast and placed it. Inside, HF reads it as numpy arrays instead."""
+    from safetensors.numpy import load_file
+    from transformers import modeling_flax_utils as hf
+
+    original = getattr(hf, "safe_load_file", None)
+    if original is None:  # transformers without safetensors support: nothing to redirect
+        yield
+        return
+    hf.safe_load_file = load_file
+    try:
+        yield
+    finally:
+        hf.safe_load_file = original
 
 
 def unloaded_model(auto_class, name_or_path: str, **kwargs):
