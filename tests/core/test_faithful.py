@@ -235,3 +235,28 @@ def test_modern_llms_are_fixed_or_refused(name, supported):
     else:
         with pytest.raises(faithful.UnsupportedConfig, match="head_dim=128"):
             faithful.check_config(config)
+
+
+def test_a_rebuild_reuses_the_traced_layout_only_for_the_same_config():
+    """A second ``_do_init=False`` build of the same config and arguments takes the first one's layout; any
+    other config (here a wider MLP, then a cast) traces its own. Each equals HF's own class's layout."""
+    auto = tf.FlaxAutoModelForCausalLM
+    config = tf.LlamaConfig(**{k: v for k, v in SMALL.items() if k != "attn_implementation"})
+    wider = tf.LlamaConfig(**{**config.to_dict(), "intermediate_size": 128})
+
+    def layout(config, **kwargs):
+        model = faithful._loadable(faithful.model_class_for(auto, config))(config, _do_init=False, **kwargs)
+        return {k: (v.shape, v.dtype) for k, v in flatten_dict(model.params_shape_tree).items()}, model
+
+    def hf_layout(config, **kwargs):
+        model = tf.FlaxLlamaForCausalLM(config, _do_init=False, **kwargs)
+        return {k: (v.shape, v.dtype) for k, v in flatten_dict(model.params_shape_tree).items()}
+
+    first, _ = layout(config)
+    again, model = layout(config)
+    assert again == first == hf_layout(config)
+    assert model.required_params == set(first)
+    mlp = ("model", "layers", "0", "mlp", "up_proj", "kernel")
+    other, _ = layout(wider)
+    assert other == hf_layout(wider) and other[mlp][0] == (64, 128) and first[mlp][0] == (64, 96)
+    assert layout(config, dtype=jax.numpy.bfloat16)[0] == hf_layout(config, dtype=jax.numpy.bfloat16)
