@@ -80,11 +80,12 @@ class Prefetch:
         global _active
         if not _install():
             return self
-        entries = _read_index(self.index_path).get(self.recipe, [])
-        if entries:
-            backend = jax.devices()[0].client
-            by_id = {d.id: d for d in backend.local_devices()}
-            entries = [e for e in entries if all(i in by_id for i in e["devices"] or ())]
+        backend = jax.devices()[0].client
+        by_id = {d.id: d for d in backend.local_devices()}
+        entries = [
+            e for e in _read_index(self.index_path).get(self.recipe, []) if all(i in by_id for i in e["devices"] or ())
+        ]
+        if entries:  # entries for devices this process lacks (another machine's, say) are skipped
             self._pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="prefetch")
             for entry in entries:
                 future = self._pool.submit(self._load, entry, backend, by_id)
@@ -154,7 +155,8 @@ class Prefetch:
             logger.debug("prefetch index not written: %s", err)
 
     def close(self) -> None:
-        """Unhooks this run; prefetches still loading finish on their threads and are dropped."""
+        """Unhooks this run and drops the prefetched executables never handed over (they hold device memory
+        until then); loads still running finish on their threads and are dropped."""
         global _active
         with _lock:
             if _active is self:
