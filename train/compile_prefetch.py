@@ -171,7 +171,13 @@ def _read_index(path: Path) -> dict[str, list[dict[str, Any]]]:
         return {}
     if not isinstance(index, dict):
         return {}
-    valid = lambda e: isinstance(e, dict) and {"key", "options", "devices"} <= e.keys()  # noqa: E731
+
+    def valid(e) -> bool:
+        if not (isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("options"), str)):
+            return False
+        devices = e.get("devices")
+        return devices is None or (isinstance(devices, list) and all(isinstance(i, int) for i in devices))
+
     return {k: v for k, v in index.items() if isinstance(v, list) and all(valid(e) for e in v)}
 
 

@@ -83,6 +83,11 @@ def test_a_damaged_index_or_a_missing_entry_falls_back_to_compiling(cache):
     value, prefetch = compiled_value(product, x, "recipe", cache)
     assert prefetch.loaded == 0 and prefetch.used == 0
     np.testing.assert_array_equal(value, expected)
+    index["recipe"][0]["devices"] = 7  # hand-edited into nonsense: the recipe's entries are ignored
+    (cache / compile_prefetch.INDEX_NAME).write_text(json.dumps(index))
+    value, prefetch = compiled_value(product, x, "recipe", cache)
+    assert prefetch.loaded == 0
+    np.testing.assert_array_equal(value, expected)
     (cache / compile_prefetch.INDEX_NAME).write_text("{not json")
     value, prefetch = compiled_value(product, x, "recipe", cache)
     assert prefetch.used == 0
