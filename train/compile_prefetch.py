@@ -4,7 +4,7 @@ JAX finds a program in its persistent compilation cache (`train.compile_cache`) 
 program, so a rerun first traces and lowers each step program (seconds, for a large model) and only then starts
 loading its executable from the cache (more seconds, inside XLA). `Prefetch` remembers, per recipe (`recipe_key`),
 the cache entries its programs used; a rerun of the recipe starts loading those entries on threads of their own
-as soon as its setup is done, while it reads the weights and lowers the steps. When JAX's compile path then asks
+as soon as it starts, while it sets up, reads the weights and lowers the steps. When JAX's compile path then asks
 its cache for a key, an executable prefetched under that exact key, with the same compile options and devices,
 is handed over; anything else (a changed recipe or JAX, an evicted entry, an unreadable index) falls through to
 JAX's own read. A guess can cost time, never change a program: the key JAX computes from the real lowering
@@ -12,7 +12,7 @@ decides.
 
 The index is a JSON file in the cache directory (`INDEX_NAME`), at most `MAX_RECIPES` recipes of at most
 `MAX_PROGRAMS` entries each. Multi-process runs do not prefetch. The hook sits on a private JAX function
-(``jax._src.compiler._cache_read``); where it is missing or its signature differs, nothing is prefetched.
+(``jax._src.compiler._cache_read``); where it is missing or lacks the parameters it needs, nothing is prefetched.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ MAX_RECIPES = 128
 MAX_PROGRAMS = 64
 # Options that never change a compiled program: where outputs go, how often to log, and this machinery's own.
 RUN_ONLY = ("output_dir", "compile_cache", "print_sharding", "log_every", "heartbeat_timeout")
-_CACHE_READ_PARAMS = ("module_name", "cache_key", "compile_options", "backend", "executable_devices")
 USED_EVENT = "/rocoft_jax/compile_prefetch/used"  # a JAX monitoring event per program handed over
 
 logger = logging.getLogger(__name__)
