@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from rocoft_jax.adapters import fingerprint as fingerprint  # the base check that adapters repeat
@@ -77,9 +76,8 @@ def _on_host(tree):
     half the time of jax.Arrays (876 float32 arrays of 3x1024 on 2 CPU cores: 0.6 s against 1.3 s). A restore
     lays them out from its target as before; a state spread over processes stays as it is.
     """
-    leaves = jax.tree.leaves(tree)
-    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
-        return jax.tree.map(np.asarray, jax.device_get(tree))
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)  # numpy arrays, 0-d ones included
     return tree
 
 

@@ -72,7 +72,6 @@ class Prefetch:
         self.loaded = 0
         self._pending: dict[str, tuple[dict[str, Any], Future]] = {}
         self._seen: dict[str, dict[str, Any]] = {}
-        self._pool: ThreadPoolExecutor | None = None
 
     def start(self) -> Prefetch:
         """Starts loading the recipe's remembered entries (if any) and hooks JAX's cache reads; returns self."""
@@ -85,11 +84,10 @@ class Prefetch:
             e for e in _read_index(self.index_path).get(self.recipe, []) if all(i in by_id for i in e["devices"] or ())
         ]
         if entries:  # entries for devices this process lacks (another machine's, say) are skipped
-            self._pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="prefetch")
+            pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="prefetch")
             for entry in entries:
-                future = self._pool.submit(self._load, entry, backend, by_id)
-                self._pending[entry["key"]] = (entry, future)
-            self._pool.shutdown(wait=False)
+                self._pending[entry["key"]] = (entry, pool.submit(self._load, entry, backend, by_id))
+            pool.shutdown(wait=False)  # its threads finish their loads; the interpreter joins them at exit
         with _lock:
             _active = self
         return self
