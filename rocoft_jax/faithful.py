@@ -278,11 +278,12 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
     config, load_kwargs = _split_kwargs(name_or_path, kwargs)
     cls = _loadable(model_class_for(auto_class, config))
     index = Path(name_or_path, SHARDED_SAFETENSORS)
-    if index.is_file():  # HF Flax raises NotImplementedError for these (Llama-2's hub layout)
-        model = cls(flax_config(config), _do_init=False, **load_kwargs)
-        params = _read_sharded_safetensors(model, index)
-    else:
-        with _safetensors_on_host():
+    with _read_on_host():
+        if index.is_file():  # HF Flax raises NotImplementedError for these (Llama-2's hub layout)
+            model_kwargs = {k: v for k, v in load_kwargs.items() if k != "from_pt"}  # the index says how to read
+            model = cls(flax_config(config), _do_init=False, **model_kwargs)
+            params = _read_sharded_safetensors(model, index)
+        else:
             model, params = cls.from_pretrained(name_or_path, config=flax_config(config), _do_init=False, **load_kwargs)
     if config.model_type == "qwen2":  # the Llama view's o_proj bias, which Qwen2 does not have
         params = _zero_missing(model, params, lambda path: path[-2:] == ("o_proj", "bias"))
@@ -304,22 +305,21 @@ def from_pretrained(auto_class, name_or_path: str, *, new_head: bool = False, **
 
 
 @contextlib.contextmanager
-def _safetensors_on_host():
-    """HF reads a Flax-format ``model.safetensors`` with ``safetensors.flax``, which puts every tensor on the
-    default device, and then (``_do_init=False``) copies each back to the host: on a GPU the whole checkpoint
-    crossed PCIe twice before the caller cast and placed it. Inside, HF reads it as numpy arrays instead."""
-    from safetensors.numpy import load_file
-    from transformers import modeling_flax_utils as hf
+def _read_on_host():
+    """Inside, arrays JAX creates go to the host (jax's CPU device) rather than the default device.
 
-    original = getattr(hf, "safe_load_file", None)
-    if original is None:  # transformers without safetensors support: nothing to redirect
+    HF reads safetensors through ``safetensors.flax`` and converts PyTorch checkpoints with ``jnp`` (transposes,
+    ``jnp.asarray``), all on the default device: on a GPU a checkpoint crossed PCIe to the device, back to the
+    host (``_do_init=False`` keeps params there) and again when the caller cast and placed it. Without a CPU
+    backend (``JAX_PLATFORMS`` naming only an accelerator) the reads stay where JAX puts them.
+    """
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
         yield
         return
-    hf.safe_load_file = load_file
-    try:
+    with jax.default_device(host):
         yield
-    finally:
-        hf.safe_load_file = original
 
 
 def unloaded_model(auto_class, name_or_path: str, **kwargs):

@@ -260,3 +260,47 @@ def test_a_rebuild_reuses_the_traced_layout_only_for_the_same_config():
     other, _ = layout(wider)
     assert other == hf_layout(wider) and other[mlp][0] == (64, 128) and first[mlp][0] == (64, 96)
     assert layout(config, dtype=jax.numpy.bfloat16)[0] == hf_layout(config, dtype=jax.numpy.bfloat16)
+
+
+_READ_ON_HOST = """
+import sys
+import jax
+import transformers as tf
+from flax.traverse_util import flatten_dict
+from rocoft_jax import faithful
+
+host, other = jax.devices()  # two CPU devices: the second stands in for an accelerator
+with jax.default_device(other):
+    for path in sys.argv[1:]:
+        kwargs = {"from_pt": True} if path.endswith("bin") else {}
+        _, params = faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, path, **kwargs)
+        where = {device for leaf in flatten_dict(params).values() for device in jax.devices() if leaf.devices() == {device}}
+        print(path.rsplit("/", 1)[-1], sorted(str(d) for d in where))
+"""
+
+
+def test_every_checkpoint_format_is_read_on_the_host(tmp_path):
+    """Whatever the default device, a checkpoint's arrays are read and converted on the host (jax's CPU device):
+    on a GPU each crossing to the device and back costs a copy of the whole model."""
+    import subprocess
+    import sys
+
+    from conftest import cpu_env
+
+    config = CASES["llama-tied"]()
+    torch_model = tf.AutoModelForCausalLM.from_config(config).eval()
+    torch_model.save_pretrained(tmp_path / "pt-safetensors")
+    torch_model.save_pretrained(tmp_path / "pt-sharded", max_shard_size="100KB")
+    torch_model.save_pretrained(tmp_path / "pt-bin", safe_serialization=False)
+    flax_model = tf.FlaxLlamaForCausalLM(config, seed=0)
+    flax_model.save_pretrained(tmp_path / "flax-msgpack")
+    flax_model.save_pretrained(tmp_path / "flax-safetensors", safe_serialization=True)
+    dirs = [
+        str(tmp_path / name) for name in ("pt-safetensors", "pt-sharded", "pt-bin", "flax-msgpack", "flax-safetensors")
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", _READ_ON_HOST, *dirs], env=cpu_env(2), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    assert lines == {Path(d).name: "['cpu:0']" for d in dirs}, run.stdout
