@@ -274,7 +274,7 @@ with jax.default_device(other):
     for path in sys.argv[1:]:
         kwargs = {"from_pt": True} if path.endswith("bin") else {}
         _, params = faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, path, **kwargs)
-        where = {device for leaf in flatten_dict(params).values() for device in jax.devices() if leaf.devices() == {device}}
+        where = set().union(*(leaf.devices() for leaf in flatten_dict(params).values()))
         print(path.rsplit("/", 1)[-1], sorted(str(d) for d in where))
 """
 
