@@ -80,3 +80,18 @@ def test_mixed_adapter_benchmark_reports_both_throughputs(args):
     )
     if "--profile" in args:  # a CPU backend records no device kernels; the host dispatch is timed
         assert result["mixed_profile"]["dispatch_ms"] > 0 and result["merged_profile"]["kernels"] == 0
+
+
+def test_load_benchmark_writes_a_checkpoint_that_loads_whole(capsys):
+    """The random checkpoint is in the hub's PyTorch layout: the load refuses a missing weight or a wrong shape,
+    so a finished load of every byte of the model's bf16 params means the layout is the model's."""
+    import jax
+    import numpy as np
+
+    from benchmarks import load_time
+
+    assert load_time.main(["--shape", "tiny-llama", "--repeat", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    layout = models._unbound_model(models.preset_config("tiny-llama"), "causal-lm", "bf16", remat=False)
+    assert report["bytes"] == sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(layout.params_shape_tree))
+    assert len(report["seconds"]) == 1 and report["seconds"][0] > 0 and "cpu" in report["device"].lower()
