@@ -20,6 +20,8 @@ def quiet() -> None:
     - transformers' notice that its Flax classes go away in v5: the project pins transformers below 5 for them.
     - huggingface_hub's line for each failed hub request: a model that cannot be fetched is refused with the
       cause in its error line, and one fetched after a retry needs no warning.
+    - transformers' advice to upcast a checkpoint stored in float16 or bfloat16 (Llama-2's hub weights), which
+      lists every weight: a run casts the weights to its ``--dtype`` itself.
 
     The log filters sit on the emitting loggers, so they hold whichever handler would print the record
     (the library's own, or the root logger's too: transformers propagates there when the environment sets CI).
@@ -27,6 +29,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message="SOCKS support in urllib3 requires", module="urllib3")
     _print_each_record_once()
     logging.getLogger("transformers.modeling_flax_utils").addFilter(_FLAX_NOTICE)  # the same filter: added once
+    logging.getLogger("transformers.modeling_flax_utils").addFilter(_HALF_PRECISION_ADVICE)
     logging.getLogger("huggingface_hub.utils._http").addFilter(_HUB_REQUEST_ERROR)
 
 
@@ -73,3 +76,4 @@ class _DropMessages(logging.Filter):
 
 _FLAX_NOTICE = _DropMessages("TensorFlow and JAX classes are deprecated")
 _HUB_REQUEST_ERROR = _DropMessages("thrown while requesting")
+_HALF_PRECISION_ADVICE = _DropMessages("You should probably UPCAST the model weights")

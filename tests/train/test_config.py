@@ -415,3 +415,33 @@ def test_every_config_file_resolves_and_passes_the_checks():
         if "ntk" not in path.parts:  # configs/ntk holds train.ntk's prompts
             values, where = config_files.load_file(path, config_lib.TrainConfig)
             config_lib.TrainConfig(**config_lib.opt.validate(config_lib.TrainConfig, values, where))
+
+
+HALF_PRECISION_CHECKPOINT = """
+import sys
+import transformers as tf
+from rocoft_jax import faithful
+from train import third_party
+faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, sys.argv[1])
+print("-- quiet --", file=sys.stderr, flush=True)
+third_party.quiet()
+faithful.from_pretrained(tf.FlaxAutoModelForCausalLM, sys.argv[1])
+"""
+
+
+def test_the_advice_to_upcast_a_half_precision_checkpoint_stays_off_a_run(tmp_path):
+    """HF's advice for an fp16 checkpoint lists every weight; a run casts the weights to its --dtype itself."""
+    from benchmarks import load_time
+
+    model = load_time.write_checkpoint("tiny-llama", tmp_path / "fp16")
+    proc = subprocess.run(
+        [sys.executable, "-c", HALF_PRECISION_CHECKPOINT, str(model)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = proc.stderr.split("-- quiet --")
+    assert "UPCAST" in before and "float16 precision" in before  # HF's own, so the check can fail
+    assert "UPCAST" not in after and "float16 precision" not in after, after[-2000:]
