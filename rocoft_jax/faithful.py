@@ -29,6 +29,7 @@ import copy
 import functools
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -311,29 +312,32 @@ def _read_on_host():
     HF reads safetensors through ``safetensors.flax`` and converts PyTorch checkpoints with ``jnp`` (transposes,
     ``jnp.asarray``), all on the default device: on a GPU a checkpoint crossed PCIe to the device, back to the
     host (``_do_init=False`` keeps params there) and again when the caller cast and placed it. Inside, jax's CPU
-    device is the default, and HF's PyTorch conversion reads numpy and keeps it: its transposes are views, which
-    the caller's cast copies once (`_HostNumpy`; a 1.9 GB Llama checkpoint converted in 3.3-3.6 s instead of
-    4.9-5.6 s on 2 CPU cores). Without a CPU backend (``JAX_PLATFORMS`` naming only an accelerator) JAX's
-    arrays stay where JAX puts them.
+    device is the default, and HF's PyTorch conversion reads numpy and keeps it (`_HostNumpy`): its transposes
+    stay views, which the caller's cast copies once. Without a CPU backend (``JAX_PLATFORMS`` naming only an
+    accelerator) JAX's arrays stay where JAX puts them. The swap of HF's module globals is process-wide, so
+    reads take `_READ_LOCK` one at a time.
     """
     from transformers import modeling_flax_pytorch_utils as hf_pt
 
-    original = hf_pt.jnp, getattr(hf_pt, "safe_open", None)
-    hf_pt.jnp = _HostNumpy()
-    if original[1] is not None:
-        hf_pt.safe_open = _numpy_safe_open
     try:
-        try:
-            host = jax.local_devices(backend="cpu")[0]
-        except RuntimeError:
-            yield
-            return
-        with jax.default_device(host):
-            yield
-    finally:
-        hf_pt.jnp = original[0]
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        host = None
+    with _READ_LOCK:
+        original = hf_pt.jnp, getattr(hf_pt, "safe_open", None)
+        hf_pt.jnp = _HostNumpy()
         if original[1] is not None:
-            hf_pt.safe_open = original[1]
+            hf_pt.safe_open = _numpy_safe_open
+        try:
+            with jax.default_device(host) if host is not None else contextlib.nullcontext():
+                yield
+        finally:
+            hf_pt.jnp = original[0]
+            if original[1] is not None:
+                hf_pt.safe_open = original[1]
+
+
+_READ_LOCK = threading.Lock()
 
 
 class _HostNumpy:

@@ -360,8 +360,7 @@ def on_device(params, dtype):
     """``params`` (host arrays) cast to ``dtype`` on the host and placed on the default device.
 
     Casting on the host keeps a bf16 run from ever holding fp32 weights on the device. numpy's cast releases
-    the GIL, so the leaves are cast and placed on a few threads: one thread took about half a second for a
-    BERT-large checkpoint.
+    the GIL, so the leaves are cast and placed on a few threads.
     """
     leaves, treedef = jax.tree.flatten(params)
     cast = lambda x: jax.device_put(np.asarray(x).astype(dtype, copy=False))
