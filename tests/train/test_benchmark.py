@@ -95,3 +95,24 @@ def test_load_benchmark_writes_a_checkpoint_that_loads_whole(capsys):
     layout = models._unbound_model(models.preset_config("tiny-llama"), "causal-lm", "bf16", remat=False)
     assert report["bytes"] == sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(layout.params_shape_tree))
     assert len(report["seconds"]) == 1 and report["seconds"][0] > 0 and "cpu" in report["device"].lower()
+
+
+def test_trace_run_summarizes_the_compiles_of_a_whole_run(tmp_path):
+    """The traced run finishes as train.run does, and the summary names XLA's compile of its train step."""
+    from conftest import cpu_env
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.trace_run", "--trace-dir", str(tmp_path / "trace"), "--top", "50", "--"]
+        + ["--max-steps", "1", "--output-dir", str(out), "--compile-cache", "off"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "results.json").is_file()
+    summary = proc.stdout[proc.stdout.index("host events") :]
+    assert "backend_compile" in summary and "jit_train_step" in summary, summary[:3000]
+    assert list((tmp_path / "trace").glob("**/*.trace.json.gz"))
