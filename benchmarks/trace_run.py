@@ -69,14 +69,13 @@ def summarize(trace_dir: Path, top: int = 40, longer_than: float = 0.2) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    run_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    ours = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_run", description=__doc__.splitlines()[0])
     parser.add_argument("--trace-dir", required=True, type=Path, help="where the profiler writes the trace")
     parser.add_argument("--top", type=int, default=40, help="how many (thread, event) totals to print")
     parser.add_argument("--longer-than", type=float, default=0.2, help="seconds: the timeline's threshold")
-    args = parser.parse_args(ours)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.run's arguments")
+    args = parser.parse_args(argv)
+    run_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     code = trace(args.trace_dir, run_args)
     print(summarize(args.trace_dir, args.top, args.longer_than))
     return code
