@@ -341,16 +341,13 @@ _READ_LOCK = threading.Lock()
 
 
 class _HostNumpy:
-    """What HF's PyTorch-to-Flax conversion uses of ``jax.numpy`` (``asarray``, ``bfloat16``), in numpy."""
-
-    bfloat16 = jnp.bfloat16
-    ndarray = np.ndarray
+    """``jax.numpy`` for HF's PyTorch-to-Flax conversion, whose ``asarray`` keeps numpy arrays as they are."""
 
     @staticmethod
     def asarray(x, dtype=None):
         return np.asarray(x, dtype)
 
-    def __getattr__(self, name):  # anything else HF may use stays jax's
+    def __getattr__(self, name):  # anything else HF uses (``bfloat16``) stays jax's
         return getattr(jnp, name)
 
 
