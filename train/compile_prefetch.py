@@ -71,6 +71,7 @@ class Prefetch:
         self.used = 0
         self.loaded = 0
         self._pending: dict[str, tuple[dict[str, Any], Future]] = {}
+        self._loads: list[Future] = []
         self._seen: dict[str, dict[str, Any]] = {}
 
     def start(self) -> Prefetch:
@@ -86,7 +87,9 @@ class Prefetch:
         if entries:  # entries for devices this process lacks (another machine's, say) are skipped
             pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="prefetch")
             for entry in entries:
-                self._pending[entry["key"]] = (entry, pool.submit(self._load, entry, backend, by_id))
+                future = pool.submit(self._load, entry, backend, by_id)
+                self._pending[entry["key"]] = (entry, future)
+                self._loads.append(future)
             pool.shutdown(wait=False)  # its threads finish their loads; the interpreter joins them at exit
         with _lock:
             _active = self
@@ -150,6 +153,13 @@ class Prefetch:
             os.replace(tmp, self.index_path)
         except OSError as err:
             logger.debug("prefetch index not written: %s", err)
+
+    def wait(self) -> Prefetch:
+        """Blocks until every load `start` began has finished (failed loads included), so that ``loaded`` is
+        final; returns self. A run never needs this: a load nobody asks for runs on in the background."""
+        for future in list(self._loads):
+            future.exception()
+        return self
 
     def close(self) -> None:
         """Unhooks this run and drops the prefetched executables never handed over (they hold device memory

@@ -33,13 +33,14 @@ def difference(x):
 
 def compiled_value(fn, x, recipe, cache_dir):
     """``fn(x)`` compiled under a `Prefetch` of ``recipe``, the in-memory caches cleared first (as a new process
-    starts); returns the value and the prefetch, after saving its index."""
+    starts); returns the value and the prefetch, after saving its index and waiting for its loads (they run on
+    in the background, so its counts are final only then)."""
     jax.clear_caches()
     prefetch = compile_prefetch.Prefetch(cache_dir, recipe).start()
     try:
         value = np.asarray(jax.jit(fn).lower(x).compile()(x))
         prefetch.save()
-        return value, prefetch
+        return value, prefetch.wait()
     finally:
         prefetch.close()
 
