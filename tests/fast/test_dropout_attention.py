@@ -51,7 +51,7 @@ def test_both_passes_lower_to_one_triton_kernel_each_for_cuda():
     assert step.trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 2
 
 
-@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("mode", ["row", pytest.param("column", marks=pytest.mark.slow)])  # column: -m slow
 def test_bert_training_draws_hf_dropout_in_the_kernels(monkeypatch, mode):
     """Every layer's attention dropout runs in the kernels (as on a GPU) with the mask HF draws: same
     logits and slice gradients as HF's own attention, padded rows included."""

@@ -112,9 +112,13 @@ CASES = [
     ("mlp-3class", mlp_3class, ("row2", "lora1"), MLP_TARGETS, ("lora1",)),
     ("roberta-3class", roberta_setup, ("full", "row1", "column1", "lora1", "bitfit"), None, ()),
 ]
+SLOW_CASES = ("roberta-3class",)  # -m slow (CI time on 2 cores); the cross-kernel tests keep RoBERTa by default
 
 
-@pytest.mark.parametrize("setup, names, targets, chunked", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "setup, names, targets, chunked",
+    [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES],
+)
 def test_chunked_kernel_equals_the_stacked_jacobian_product(setup, names, targets, chunked):
     params, forward, x = setup()
     n = ntk.num_examples(x)

@@ -82,6 +82,7 @@ def test_mixed_adapter_benchmark_reports_both_throughputs(args):
         assert result["mixed_profile"]["dispatch_ms"] > 0 and result["merged_profile"]["kernels"] == 0
 
 
+@pytest.mark.slow  # CI time on 2 cores; a benchmark's own test
 def test_load_benchmark_writes_a_checkpoint_that_loads_whole(capsys):
     """The random checkpoint is in the hub's PyTorch layout: the load refuses a missing weight or a wrong shape,
     so a finished load of every byte of the model's bf16 params means the layout is the model's."""
@@ -97,6 +98,7 @@ def test_load_benchmark_writes_a_checkpoint_that_loads_whole(capsys):
     assert len(report["seconds"]) == 1 and report["seconds"][0] > 0 and "cpu" in report["device"].lower()
 
 
+@pytest.mark.slow  # CI time on 2 cores; a benchmark's own test
 def test_trace_run_summarizes_the_compiles_of_a_whole_run(tmp_path):
     """The traced run finishes as train.run does, and the summary names XLA's compile of its train step."""
     from conftest import cpu_env

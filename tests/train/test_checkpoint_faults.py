@@ -72,7 +72,11 @@ def damaged_copy(tmp_path: Path, reference: Path, damage, steps=(40,)) -> Path:
         (unfinished_save, "a save that never finished"),
         pytest.param(missing_metadata, "is corrupt or incomplete", marks=pytest.mark.slow),  # as truncated-arrays
         (truncated_arrays, "is corrupt or incomplete"),
-        (lambda step: edit_meta(step, lambda m: m.pop("fingerprint")), "metadata without a valid fingerprint"),
+        pytest.param(  # -m slow: CI time on 2 cores
+            lambda step: edit_meta(step, lambda m: m.pop("fingerprint")),
+            "metadata without a valid fingerprint",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["unfinished-save", "missing-metadata", "truncated-arrays", "metadata-without-field"],
 )

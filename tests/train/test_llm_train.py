@@ -226,7 +226,10 @@ def test_eval_prompts_never_see_the_reference_output():
 
 
 # rotary + GQA, learned positions, ALiBi, and a rocoft_jax.faithful class (Mistral)
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "mistral"])
+@pytest.mark.parametrize(  # bloom (ALiBi) and mistral (sliding window) under -m slow: CI time on 2 cores
+    "family",
+    ["llama", "gpt2", pytest.param("bloom", marks=pytest.mark.slow), pytest.param("mistral", marks=pytest.mark.slow)],
+)
 def test_greedy_generation_equals_uncached_decoding_of_the_trained_model(dataset, tmp_path, family):
     """Left padding, the KV cache and the sliced layers against argmax over the plain model on merged weights."""
     config = llm_config(dataset, model=f"tiny-{family}")

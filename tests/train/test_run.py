@@ -53,10 +53,16 @@ def test_offline_default_reaches_well_above_chance(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_flags_override_the_task_config(tmp_path):
+def test_flags_override_the_task_config_and_a_finished_run_needs_resume(tmp_path, capsys):
     out = run_ok(tmp_path, "--rank", "2", "--mode", "column", "--lr", "1e-3")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["rank"], config["mode"], config["lr"], config["max_length"]) == (2, "column", 1e-3, 32)
+    # The same output dir again, without --resume: refused before anything in it is touched.
+    results = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert run.main([*SHORT, "--output-dir", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == results
     pytest.importorskip("tensorboardX")
     events = list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard logs beside metrics.jsonl
     assert events and events[0].stat().st_size > 200  # the scalars were flushed, not just the file header
@@ -103,12 +109,6 @@ def test_batch_not_divisible_by_devices(tmp_path):
     )
     assert proc.returncode == 2
     assert "not divisible by the 3 devices" in proc.stderr
-
-
-def test_existing_run_needs_resume(tmp_path, capsys):
-    out = run_ok(tmp_path)
-    assert run.main([*SHORT, "--output-dir", str(out)]) == 2
-    assert "--resume" in capsys.readouterr().err
 
 
 def final_trainable(out: Path):

@@ -294,6 +294,7 @@ def test_a_damaged_checkpoint_found_while_programs_compile_is_one_line_and_exit_
     assert len(lines) == 1 and lines[0].startswith("error: --model") and "damaged" in lines[0], lines
 
 
+@pytest.mark.slow  # CI time on 2 cores; a benchmark's own test
 def test_the_benchmark_writes_its_random_model_from_a_child_process(tmp_path, monkeypatch):
     """``--shape``'s model is drawn in a process of its own (on a GPU, the drawing process keeps JAX's memory
     pool): a headless fp32 safetensors checkpoint of the shape, with the real tokenizer beside it."""
