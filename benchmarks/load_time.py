@@ -48,7 +48,7 @@ def write_checkpoint(shape: str, out: Path) -> Path:
     config = models.preset_config(shape)
     if config.model_type != "llama":
         raise SystemExit(f"--shape {shape}: not a Llama-family preset; give a Llama preset or --model DIR")
-    layout = models._unbound_model(config, "causal-lm", "fp32", remat=False).params_shape_tree
+    layout = models.unbound_model(config, "causal-lm", "fp32", remat=False).params_shape_tree
     tensors = {}
     for path, leaf in tree_lib.flatten(layout).items():
         *prefix, name = path.split("/")

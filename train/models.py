@@ -202,8 +202,8 @@ def preset_config(name: str, **overrides):
     return config
 
 
-def _unbound_model(config, head: str, dtype: str, remat: bool):
-    """The HF Flax model class of ``config`` and ``head``, without params.
+def unbound_model(config, head: str, dtype: str, remat: bool):
+    """The HF Flax model of ``config`` and ``head``, without params (``.params_shape_tree`` is their layout).
 
     ``remat`` is HF's gradient checkpointing, which not every family has.
     """
@@ -231,7 +231,7 @@ def random_model(config, head: str, dtype: str = "fp32", seed: int = 0):
     Params are created by a jitted init, so large shapes go straight to the
     device; with ``dtype="bf16"`` they are cast inside the same program.
     """
-    model = _unbound_model(config, head, dtype, remat=False)
+    model = unbound_model(config, head, dtype, remat=False)
     shape = (1, min(16, config.max_position_embeddings - 2))
     init = jax.jit(lambda rng: jax.tree.map(lambda x: x.astype(DTYPES[dtype]), model.init_weights(rng, shape)))
     return model, init(jax.random.PRNGKey(seed))
@@ -245,7 +245,7 @@ def random_model_fast(config, head: str, dtype: str = "bf16", seed: int = 0, rem
     HF's own init compiles the whole model (minutes for 24+ layers on a GPU);
     a benchmark needs only the shapes and plausible magnitudes.
     """
-    model = _unbound_model(config, head, dtype, remat)
+    model = unbound_model(config, head, dtype, remat)
     shapes = jax.eval_shape(lambda rng: model.init_weights(rng, (1, 8)), jax.random.PRNGKey(0))
     target = DTYPES[dtype]
 

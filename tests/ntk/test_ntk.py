@@ -179,7 +179,7 @@ def test_group_kernels_add_up_to_the_kernel_of_their_union():
         ntk.restrict(subset, ["roberta/nope"])
 
 
-@pytest.mark.parametrize("name", ["full", "row1"])
+@pytest.mark.parametrize("name", ["full", pytest.param("row1", marks=pytest.mark.slow)])  # row1: -m slow
 def test_cross_kernels_and_predictions(name):
     """The cross kernel is a block of the joint one; both prediction routes give K(new, x) @ alpha."""
     params, forward, x = roberta_setup(n=6)

@@ -93,7 +93,7 @@ def test_load_benchmark_writes_a_checkpoint_that_loads_whole(capsys):
 
     assert load_time.main(["--shape", "tiny-llama", "--repeat", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    layout = models._unbound_model(models.preset_config("tiny-llama"), "causal-lm", "bf16", remat=False)
+    layout = models.unbound_model(models.preset_config("tiny-llama"), "causal-lm", "bf16", remat=False)
     assert report["bytes"] == sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(layout.params_shape_tree))
     assert len(report["seconds"]) == 1 and report["seconds"][0] > 0 and "cpu" in report["device"].lower()
 

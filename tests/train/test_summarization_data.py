@@ -333,7 +333,7 @@ def test_every_leaf_of_a_seq2seq_bart_has_a_partition_rule():
     from rocoft_jax.tree import flat_paths
     from train import models
 
-    model = models._unbound_model(models.preset_config("tiny-bart"), "seq2seq-lm", "fp32", remat=False)
+    model = models.unbound_model(models.preset_config("tiny-bart"), "seq2seq-lm", "fp32", remat=False)
     shapes = jax.eval_shape(lambda rng: model.init_weights(rng, (1, 8)), jax.random.PRNGKey(0))
     mesh = AbstractMesh((1, 2, 2), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
     specs = flat_paths(sharding.partition_specs(shapes, "bart", mesh))

@@ -1,7 +1,7 @@
 """`benchmarks.torch_step` on the tiny presets, on CPU: JSON shape, exact trainable counts, learning.
 
-All runs start at once in subprocesses (each pays ~5 s importing torch and transformers), so
-the module stays well under 30 s.
+All runs start at once in subprocesses (each pays ~5 s importing torch and transformers); about 30 s on
+2 cores, so the module runs under -m slow.
 """
 
 import importlib.util
@@ -66,6 +66,7 @@ def test_json_line(results, name):
     assert math.isfinite(res["loss"]) and res["num_trainable"] > 0
 
 
+@pytest.mark.slow  # CI time on 2 cores; a benchmark's own test
 def test_trainable_counts_and_learning(results):
     """One test, so that the module's subprocesses run once per suite (xdist would split separate tests over
     workers, each starting them all)."""
