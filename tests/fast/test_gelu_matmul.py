@@ -102,8 +102,9 @@ def test_model_keeps_logits_and_slice_gradients(monkeypatch, mode, train):
             assert counts["gelu+dense"] == counts["gelu"] == model.config.num_hidden_layers
             return out
 
+    logits = jax.jit(logits, static_argnums=1)  # one program each: op by op is slow on a CPU
     fused = logits(trainable, True)
     assert np.isfinite(fused).all()
     np.testing.assert_allclose(fused, logits(trainable, False), atol=1e-5)
-    grads = [jax.grad(lambda t, f=f: jnp.sum(jnp.sin(logits(t, f))))(trainable) for f in (True, False)]
+    grads = [jax.jit(jax.grad(lambda t, f=f: jnp.sum(jnp.sin(logits(t, f)))))(trainable) for f in (True, False)]
     assert_trees_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
