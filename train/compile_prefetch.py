@@ -71,7 +71,7 @@ class Prefetch:
         self.used = 0
         self.loaded = 0
         self._pending: dict[str, tuple[dict[str, Any], Future]] = {}
-        self._loads: list[Future] = []
+        self._pool: ThreadPoolExecutor | None = None
         self._seen: dict[str, dict[str, Any]] = {}
 
     def start(self) -> Prefetch:
@@ -87,10 +87,9 @@ class Prefetch:
         if entries:  # entries for devices this process lacks (another machine's, say) are skipped
             pool = ThreadPoolExecutor(min(len(entries), os.cpu_count() or 1), thread_name_prefix="prefetch")
             for entry in entries:
-                future = pool.submit(self._load, entry, backend, by_id)
-                self._pending[entry["key"]] = (entry, future)
-                self._loads.append(future)
+                self._pending[entry["key"]] = (entry, pool.submit(self._load, entry, backend, by_id))
             pool.shutdown(wait=False)  # its threads finish their loads; the interpreter joins them at exit
+            self._pool = pool
         with _lock:
             _active = self
         return self
@@ -157,8 +156,8 @@ class Prefetch:
     def wait(self) -> Prefetch:
         """Blocks until every load `start` began has finished (failed loads included), so that ``loaded`` is
         final; returns self. A run never needs this: a load nobody asks for runs on in the background."""
-        for future in list(self._loads):
-            future.exception()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         return self
 
     def close(self) -> None:
