@@ -48,13 +48,17 @@ def summarize(trace_dir: Path, top: int = 40, longer_than: float = 0.2) -> str:
     threads = {
         (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
     }
+
+    def thread_of(e) -> str:
+        return threads.get((e["pid"], e["tid"]), str(e["tid"]))
+
     spans = [e for e in events if e.get("ph") == "X"]
     if not spans:
         return f"{paths[-1]}: no host events"
     start = min(e["ts"] for e in spans)
     seconds, counts, first = collections.Counter(), collections.Counter(), {}
     for e in spans:
-        key = (threads.get((e["pid"], e["tid"]), str(e["tid"])), e["name"][:100])
+        key = (thread_of(e), e["name"][:100])
         seconds[key] += e["dur"] / 1e6
         counts[key] += 1
         first.setdefault(key, (e["ts"] - start) / 1e6)
@@ -63,8 +67,7 @@ def summarize(trace_dir: Path, top: int = 40, longer_than: float = 0.2) -> str:
         lines.append(f"{total:8.3f}  {counts[key]:6d}  {first[key]:9.2f} s  {key[0][:24]} | {key[1]}")
     lines.append(f"events longer than {longer_than} s, in time order (start, +seconds):")
     for e in sorted((e for e in spans if e["dur"] > longer_than * 1e6), key=lambda e: e["ts"]):
-        thread = threads.get((e["pid"], e["tid"]), str(e["tid"]))
-        lines.append(f"{(e['ts'] - start) / 1e6:8.2f} +{e['dur'] / 1e6:8.3f}  {thread[:24]} | {e['name'][:100]}")
+        lines.append(f"{(e['ts'] - start) / 1e6:8.2f} +{e['dur'] / 1e6:8.3f}  {thread_of(e)[:24]} | {e['name'][:100]}")
     return "\n".join(lines)
 
 
