@@ -1,7 +1,7 @@
 """`benchmarks.torch_step` on the tiny presets, on CPU: JSON shape, exact trainable counts, learning.
 
 All runs start at once in subprocesses (each pays ~5 s importing torch and transformers); about 30 s on
-2 cores, so the module runs under -m slow.
+2 cores, so the module runs under -m slow (a benchmark's own tests).
 """
 
 import importlib.util
@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # CI time on 2 cores
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -55,7 +57,6 @@ def results():
     return out
 
 
-@pytest.mark.slow  # CI time on 2 cores; a benchmark's smoke test
 @pytest.mark.parametrize("name", list(RUNS))
 def test_json_line(results, name):
     res = results[name]
@@ -66,20 +67,30 @@ def test_json_line(results, name):
     assert math.isfinite(res["loss"]) and res["num_trainable"] > 0
 
 
-@pytest.mark.slow  # CI time on 2 cores; a benchmark's own test
-def test_trainable_counts_and_learning(results):
-    """One test, so that the module's subprocesses run once per suite (xdist would split separate tests over
-    workers, each starting them all)."""
-    # Algorithm 1: r rows of W (out, in) hold r * in_features: q, k, v, attention.output (in H),
+def test_algorithm1_counts_rows_and_classifier(results):
+    # r rows of W (out, in) hold r * in_features: q, k, v, attention.output (in H),
     # intermediate (in H), output (in I); plus the full classifier head.
     per_layer = 4 * R * H + R * H + R * I
     assert results["algorithm1"]["num_trainable"] == L * per_layer + CLASSIFIER
-    # Llama: q, k, v, o, gate, up take H inputs; down takes I. No head is trained.
+
+
+def test_algorithm1_llama_counts_rows(results):
+    # q, k, v, o, gate, up take H inputs; down takes I. No head is trained.
     assert results["algorithm1-llama"]["num_trainable"] == L * (6 * R * H + R * I)
+
+
+def test_algorithm1_learns_fixed_batch(results):
     res = results["algorithm1"]  # 4 AdamW steps at lr 1e-2 on one batch, fp32
     assert res["loss"] < 0.8 * res["first_loss"]
+
+
+def test_full_counts_everything(results):
     embeddings = 128 * H + 514 * H + 1 * H + 2 * H  # word (vocab 128), position, token type, LayerNorm
     layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H  # attention, LN, MLP, LN
     assert results["full"]["num_trainable"] == embeddings + L * layer + CLASSIFIER
-    if HAS_PEFT:  # LoRA: A (r x in) + B (out x r) on query and value, both H -> H; classifier via modules_to_save
-        assert results["lora"]["num_trainable"] == L * 2 * (LORA_R * H + H * LORA_R) + CLASSIFIER
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft not installed")
+def test_lora_counts_adapters_and_classifier(results):
+    # A (r x in) + B (out x r) on query and value, both H -> H; classifier via modules_to_save.
+    assert results["lora"]["num_trainable"] == L * 2 * (LORA_R * H + H * LORA_R) + CLASSIFIER
